@@ -1,0 +1,34 @@
+"""What augmentation produces for one unit, and the PRAG training set built from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class QAPair:
+    question: str
+    answer: str  # short answer
+    full_answer: str = ""  # answer as a sentence, when the augmenter gives one
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """1 paraphrase + 3 QA pairs of one unit (DESIGN.md step 2), and how they were made."""
+
+    paraphrase: str
+    qa: tuple[QAPair, ...]
+    source: str = ""  # e.g. "self", "self->extractive" (fallback), "openai:MODEL", "extractive"
+    meta: dict[str, str] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    """One supervised sequence: ``prompt`` (context) followed by ``target`` (what is learned).
+
+    The trainer tokenizes ``prompt + target``; the loss covers the target tokens (answer-only) or
+    the whole sequence, by configuration.
+    """
+
+    prompt: str
+    target: str

@@ -1,0 +1,39 @@
+"""Prompt formatting shared by training, every method and every benchmark.
+
+One function turns (question, optional passages) into the model's input text, through the
+tokenizer's chat template when it has one (instruct models) or a plain "Question:/Answer:" frame
+otherwise (base models). Training and inference must use the same frame, so nothing else in dmoe
+formats prompts by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+INSTRUCTION = "Answer the question with a short answer."
+
+
+def user_message(question: str, passages: Sequence[str] = ()) -> str:
+    """The user turn: optional numbered context passages, then the question."""
+    parts = []
+    if passages:
+        ctx = "\n\n".join(f"Passage {i + 1}: {p.strip()}" for i, p in enumerate(passages))
+        parts.append(f"Context:\n{ctx}\n")
+    parts.append(f"{INSTRUCTION}\nQuestion: {question.strip()}")
+    return "\n".join(parts)
+
+
+def format_prompt(tokenizer: Any, question: str, passages: Sequence[str] = ()) -> str:
+    """Full prompt text ending where the model's answer begins."""
+    message = user_message(question, passages)
+    if getattr(tokenizer, "chat_template", None):
+        return str(tokenizer.apply_chat_template([{"role": "user", "content": message}],
+                                                 tokenize=False, add_generation_prompt=True))
+    return f"{message}\nAnswer:"
+
+
+def encode_prompt(tokenizer: Any, question: str, passages: Sequence[str] = ()) -> list[int]:
+    """Token ids of ``format_prompt`` (the chat template already carries special tokens)."""
+    text = format_prompt(tokenizer, question, passages)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
