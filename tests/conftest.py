@@ -32,7 +32,8 @@ def tiny_model(arch: str = "llama", layers: int = 2, seed: int = 0):
     torch.manual_seed(seed)
     common = dict(vocab_size=257, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  eos_token_id=256, bos_token_id=None, pad_token_id=None)
+                  eos_token_id=256, bos_token_id=None, pad_token_id=None,
+                  initializer_range=0.1)  # large enough that attention over the cache matters
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
     elif arch == "qwen2":

@@ -149,9 +149,10 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, task_input: str = "",
-                 config: DecodeConfig | None = None,
-                 initial_experts: Sequence[str] = ()) -> Generation:
-        """Greedy-decode from ``input_ids`` (1, T). ``task_input`` seeds router queries."""
+                 config: DecodeConfig | None = None, initial_experts: Sequence[str] = (),
+                 on_token: Callable[[TokenRecord], None] | None = None) -> Generation:
+        """Greedy-decode from ``input_ids`` (1, T). ``task_input`` seeds router queries;
+        ``on_token`` is called with each committed token's record (streaming)."""
         cfg = config or DecodeConfig()
         if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must have shape (1, T>0), got {tuple(input_ids.shape)}")
@@ -188,7 +189,7 @@ class Engine:
                     logits = self._forward(seq, cache)
                     out.prefill_tokens += seq.shape[1]
                 else:  # "stale": keep the old K/V of earlier positions, redo position t only
-                    cache.crop(seq.shape[1] - 1)
+                    cache.crop(-1)  # drop position t from every layer
                     logits = self._forward(seq[:, -1:], cache)
                 self._sync(cfg.profile)
                 out.trigger_s.append(time.perf_counter() - t0)
@@ -197,8 +198,11 @@ class Engine:
             token = int(logits[0].argmax())
             if cfg.record_logits:
                 out.logits.append(logits[0].float().cpu())
-            out.records.append(TokenRecord(token, tu, triggered, self.adapter.active_ids))
+            record = TokenRecord(token, tu, triggered, self.adapter.active_ids)
+            out.records.append(record)
             out.token_ids.append(token)
+            if on_token is not None:
+                on_token(record)
             if token in self.eos_ids and not cfg.ignore_eos:
                 out.finish_reason = "eos"
                 break

@@ -1,0 +1,157 @@
+"""The decode loop against a no-cache reference, HF generate, and its trigger bookkeeping."""
+
+import itertools
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from dmoe.engine.decode import DecodeConfig, Engine
+from dmoe.engine.triggers import (
+    AlwaysTrigger,
+    EntropyTrigger,
+    NeverTrigger,
+    RandomTrigger,
+    ScheduleTrigger,
+    make_trigger,
+    token_entropy,
+)
+from dmoe.experts.cache import ExpertCache
+from dmoe.experts.lora import ExpertAdapter, LoraSpec, random_expert
+from dmoe.routing.base import FunctionRouter
+
+PROMPT = torch.tensor([[5, 17, 99, 3, 42, 7, 8, 120, 33, 64]])
+
+
+def setup(arch="llama", layers=2, n_layers=1, n_experts=6, schedule=(0, 3, 7), std=0.3):
+    model = tiny_model(arch, layers=layers)
+    spec = LoraSpec(rank=4, alpha=16, n_layers=n_layers)
+    adapter = ExpertAdapter(model, spec)
+    g = torch.Generator().manual_seed(1)
+    bank = {f"e{i}": random_expert(f"e{i}", adapter.mlp_shapes, spec, g, std=std)
+            for i in range(n_experts)}
+    sets = itertools.cycle([["e0", "e1", "e2"], ["e3"], ["e4", "e5"]])
+    router = FunctionRouter(lambda q, k: next(sets))
+    cache = ExpertCache(bank.__getitem__, capacity=4)
+    return model, adapter, bank, router, cache, ScheduleTrigger.at(schedule)
+
+
+def reference_logits(model, adapter, bank, prompt, gen):
+    """Full no-cache forward for every generated position under the experts active there."""
+    out = []
+    for t, rec in enumerate(gen.records):
+        adapter.activate([bank[i] for i in rec.active])
+        seq = torch.cat([prompt, torch.tensor([gen.token_ids[:t]], dtype=torch.long)], dim=1)
+        with torch.no_grad():
+            out.append(model(seq).logits[0, -1])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_cached_engine_equals_no_cache_recompute(tokenizer, arch):
+    model, adapter, bank, router, cache, trigger = setup(arch)
+    engine = Engine(model, tokenizer, adapter, cache, router, trigger)
+    gen = engine.generate(PROMPT, "task", DecodeConfig(max_new_tokens=12, record_logits=True,
+                                                       ignore_eos=True))
+    assert [r.triggered for r in gen.records].count(True) == 3
+    assert {r.active for r in gen.records} == {("e0", "e1", "e2"), ("e3",), ("e4", "e5")}
+    assert gen.prefill_tokens == PROMPT.shape[1], "last-layer experts must never re-prefill"
+    ref = reference_logits(model, adapter, bank, PROMPT, gen)
+    diff = (torch.stack(gen.logits) - ref).abs().max().item()
+    assert diff <= 1e-4, diff
+    # The experts matter: without swapping, position logits differ from the reference.
+    adapter.activate([])
+    plain = reference_logits(model, adapter, {}, PROMPT, type(gen)(
+        gen.token_ids, "", [type(r)(r.token_id, r.entropy, False, ()) for r in gen.records],
+        "length", 0))
+    assert (plain - ref).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("policy,should_agree", [("recompute", True), ("stale", False)])
+def test_multi_layer_experts_need_recompute(tokenizer, policy, should_agree):
+    model, adapter, bank, router, cache, trigger = setup(layers=3, n_layers=2, schedule=(2, 6))
+    engine = Engine(model, tokenizer, adapter, cache, router, trigger)
+    cfg = DecodeConfig(max_new_tokens=10, record_logits=True, ignore_eos=True, kv_policy=policy)
+    gen = engine.generate(PROMPT, "task", cfg)
+    diff = (torch.stack(gen.logits) - reference_logits(model, adapter, bank, PROMPT, gen)).abs().max()
+    if should_agree:
+        assert diff <= 1e-4, diff
+        assert gen.prefill_tokens > PROMPT.shape[1]  # it re-prefilled on each trigger
+    else:
+        assert diff > 1e-3, f"stale cache should be visible, max diff {diff}"
+        assert gen.prefill_tokens == PROMPT.shape[1]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_no_experts_equals_hf_generate(tokenizer, arch):
+    model = tiny_model(arch)
+    adapter = ExpertAdapter(model, LoraSpec())
+    engine = Engine(model, tokenizer, adapter)
+    gen = engine.generate(PROMPT, config=DecodeConfig(max_new_tokens=20))
+    hf = model.generate(PROMPT, max_new_tokens=20, do_sample=False)[0, PROMPT.shape[1]:].tolist()
+    assert gen.token_ids == hf
+    assert gen.n_triggers == 0
+
+
+def test_trigger_records_query_and_active_set(tokenizer):
+    model, adapter, bank, router, cache, _ = setup()
+    engine = Engine(model, tokenizer, adapter, cache, router, AlwaysTrigger())
+    gen = engine.generate(PROMPT, "what is x?", DecodeConfig(max_new_tokens=4, ignore_eos=True,
+                                                              query_max_tokens=12))
+    assert gen.n_triggers == 4 and len(gen.trigger_s) == 4
+    assert router.queries[0] == "what is x?"
+    assert all(len(tokenizer.encode(q)) <= 12 for q in router.queries)
+    assert gen.records[0].active == ("e0", "e1", "e2") and gen.records[1].active == ("e3",)
+    # LRU of 4: e0 e1 e2 | e3 | e4 e5 (evicts e0 e1) | e0 e1 e2 (all evicted by then) = 9 loads.
+    assert cache.misses == 9 and len(cache) == 4  # bounded by capacity, not by the bank
+
+
+def test_active_set_persists_between_triggers(tokenizer):
+    model, adapter, bank, router, cache, _ = setup()
+    engine = Engine(model, tokenizer, adapter, cache, router, ScheduleTrigger.at([2]))
+    gen = engine.generate(PROMPT, "q", DecodeConfig(max_new_tokens=6, ignore_eos=True))
+    assert [r.active for r in gen.records] == [(), ()] + [("e0", "e1", "e2")] * 4
+
+
+def test_stop_conditions(tokenizer):
+    model = tiny_model()
+    engine = Engine(model, tokenizer, ExpertAdapter(model, LoraSpec()))
+    full = engine.generate(PROMPT, config=DecodeConfig(max_new_tokens=30, ignore_eos=True))
+    assert full.finish_reason == "length" and len(full.token_ids) == 30
+    # EOS: make the model's own 3rd token the EOS id.
+    engine.eos_ids = {full.token_ids[2]}
+    assert engine.generate(PROMPT, config=DecodeConfig(max_new_tokens=30)).finish_reason == "eos"
+    engine.eos_ids = {256}
+    text = full.text
+    printable = next((c for c in text[3:] if c.strip()), None)
+    if printable is not None:
+        gen = engine.generate(PROMPT, config=DecodeConfig(max_new_tokens=30, stop_strings=(printable,)))
+        assert gen.finish_reason == "stop" and printable not in gen.text
+
+
+def test_bad_input_rejected(tokenizer):
+    model = tiny_model()
+    engine = Engine(model, tokenizer, ExpertAdapter(model, LoraSpec()))
+    with pytest.raises(ValueError, match="input_ids"):
+        engine.generate(torch.tensor([[]], dtype=torch.long))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        DecodeConfig(max_new_tokens=0)
+    with pytest.raises(ValueError, match="kv_policy"):
+        DecodeConfig(kv_policy="maybe")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="router needs"):
+        Engine(model, tokenizer, ExpertAdapter(model, LoraSpec()), router=FunctionRouter(list))
+
+
+def test_trigger_policies():
+    logits = torch.zeros(1, 1000)
+    assert abs(token_entropy(logits).item() - torch.log(torch.tensor(1000.0)).item()) < 1e-4
+    assert token_entropy(torch.tensor([[0.0, -1e9]])).item() < 1e-6
+    assert EntropyTrigger(2.0)(0, 2.1) and not EntropyTrigger(2.0)(0, 1.9)
+    assert AlwaysTrigger()(5, 0.0) and not NeverTrigger()(5, 99.0)
+    r = RandomTrigger(rate=0.3, seed=7)
+    first = [r(s, 0.0) for s in range(200)]
+    again = [r(s, 0.0) for s in range(200)]
+    assert first == again and 30 < sum(first) < 90
+    assert isinstance(make_trigger("entropy", tau=1.5), EntropyTrigger)
+    with pytest.raises(ValueError, match="unknown trigger"):
+        make_trigger("sometimes")
