@@ -4,8 +4,8 @@ import itertools
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from dmoe.engine.decode import DecodeConfig, Engine
 from dmoe.engine.triggers import (
     AlwaysTrigger,

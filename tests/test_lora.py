@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from dmoe.errors import ExpertFormatError, UnsupportedModelError
 from dmoe.experts.format import load_expert, read_expert_metadata, save_expert
 from dmoe.experts.lora import (

@@ -176,24 +176,28 @@ def load_base_model(spec: str | None = None, device: str | None = None,
     source = resolve_model(spec)
     dev = pick_device(device)
     path = _dequantised_cache(source) if source.is_gguf else source.path
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a ~2 s weight load needs no bar
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype, dev))
-    model.to(dev).eval().requires_grad_(False)
+    model.to(dev)  # type: ignore[arg-type]  # transformers' stub is narrower than nn.Module.to
+    model.eval().requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tok, source=source, device=dev)
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
+def model_fingerprint(model: Any) -> str:
     """Identity of a base model for expert compatibility: config + last layer + output weights.
 
     Experts live on the last layers, so a bank is tied to exactly those weights (and the config
     that shapes them); hashing them is cheap (~10 MB) and catches a swapped or re-tuned model.
     """
-    config = getattr(model, "config").to_dict()
+    config = model.config.to_dict()
     for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
         config.pop(volatile, None)
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     state = model.state_dict()
-    last = getattr(model, "config").num_hidden_layers - 1
+    last = model.config.num_hidden_layers - 1
     for key in sorted(state):
         if f"layers.{last}." in key or key.startswith(("lm_head", "model.norm")):
             # Rounded to bf16 so the same weights loaded as fp32 or bf16 share one fingerprint.

@@ -112,12 +112,12 @@ class Engine:
         self.load_experts = load_experts
         self.router = router
         self.trigger: TriggerPolicy = trigger or NeverTrigger()
-        self.layers = decoder_layers(model)
+        self.layers: Any = decoder_layers(model)
         self.final_norm = model.model.norm
         self.lm_head = model.get_output_embeddings()
         self.eos_ids = eos_token_ids(model, tokenizer)
         self._h_mid: torch.Tensor | None = None  # (B, 1, d) residual after the last attention
-        norm = self.layers[-1].post_attention_layernorm
+        norm: Any = self.layers[-1].post_attention_layernorm
         self._hook = norm.register_forward_pre_hook(self._capture_h_mid)
 
     def _capture_h_mid(self, module: Any, args: tuple[torch.Tensor, ...]) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -109,7 +110,7 @@ class ExpertMLP(nn.Module):
 
     def __init__(self, base: nn.Module, layer_idx: int) -> None:
         super().__init__()
-        self.base = base
+        self.base: Any = base  # the stock MLP (gate_proj, up_proj, down_proj, act_fn)
         self.layer_idx = layer_idx
         # proj -> (A_cat (Σr, in) or (B, Σr, in), B_cat (out, Σr) or (B, out, Σr)), scale folded in.
         self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -128,7 +129,7 @@ class ExpertMLP(nn.Module):
                           * self._proj("up_proj", x))
 
 
-def merged_mlp_forward(mlp: nn.Module, x: torch.Tensor, experts: Sequence[Expert],
+def merged_mlp_forward(mlp: Any, x: torch.Tensor, experts: Sequence[Expert],
                        layer: int) -> torch.Tensor:
     """Reference: W_eff = W + Σ_i s_i B_i A_i for each projection, then the plain MLP formula."""
     def linear(proj: str, h: torch.Tensor) -> torch.Tensor:
@@ -187,7 +188,7 @@ class ExpertAdapter:
         self.model = model
         self.spec = spec
         self.layer_ids = check_supported(model, spec.n_layers)
-        layers = decoder_layers(model)
+        layers: Any = decoder_layers(model)
         self.mlps: dict[int, ExpertMLP] = {}
         for i in self.layer_ids:
             mlp = layers[i].mlp

@@ -1,0 +1,28 @@
+"""Argument groups shared by several commands (model selection, decoding knobs)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("base model")
+    g.add_argument("--model", default=None, metavar="SPEC",
+                   help="packaged alias (default: smollm2), a local Hugging Face model directory, "
+                        "or a .gguf file")
+    g.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, "
+                                                     "cuda:1 …")
+    g.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, "
+                                                    "float16, bfloat16")
+
+
+def add_decode_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="generation cap (default 64)")
+    g.add_argument("--trigger", default="entropy", choices=["entropy", "always", "never", "random"],
+                   help="when to re-route experts (default: entropy > tau)")
+    g.add_argument("--tau", type=float, default=2.0, help="entropy threshold in nats (default 2.0)")
+    g.add_argument("--trigger-rate", type=float, default=0.1,
+                   help="probability per step for --trigger random (default 0.1)")
+    g.add_argument("--top-k", type=int, default=3, help="experts per trigger (default 3)")
+    g.add_argument("--seed", type=int, default=0, help="seed for random trigger/router")
