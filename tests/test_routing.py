@@ -48,7 +48,7 @@ def top(ix: BM25Index, query: str, k: int = 3) -> list[str]:
 
 
 def test_analyzer_is_english_like() -> None:
-    assert analyze("The cats were running (in) \"Paris\": AND") == ["cat", "were", "run", "pari"]
+    assert analyze('The cats were running (in) "Paris": AND') == ["cat", "were", "run", "pari"]
     assert analyze("") == [] and analyze(None) == []
 
 
@@ -154,11 +154,21 @@ def test_store_text_for_rag() -> None:
 # -- bad input ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("query", [
-    "", "   ", "the of and to", "\ud800\udfff lone \udc80 surrogates", "\x00\x01\x02 nulls",
-    'quotes "unbalanced and: colons (parens [brackets {braces ~fuzzy^2 +must -not AND OR NOT',
-    "field:value id:eiffel text:*", "🗼🗻 emoji مرحبا 東京 ǅ", "a" * 10_000, "Japan " * 200_000,
-])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "",
+        "   ",
+        "the of and to",
+        "\ud800\udfff lone \udc80 surrogates",
+        "\x00\x01\x02 nulls",
+        'quotes "unbalanced and: colons (parens [brackets {braces ~fuzzy^2 +must -not AND OR NOT',
+        "field:value id:eiffel text:*",
+        "🗼🗻 emoji مرحبا 東京 ǅ",
+        "a" * 10_000,
+        "Japan " * 200_000,
+    ],
+)
 def test_bad_queries_never_crash(index: BM25Index, query: str) -> None:
     hits = index.search(query, 3)
     assert len(hits) <= 3
@@ -189,7 +199,9 @@ def test_reconcile_repairs_every_kind_of_drift(index: BM25Index) -> None:
     assert not dry.repaired and len(index) == 4
     fixed = reconcile(index, bank)
     assert fixed.repaired and fixed.to_dict()["n_missing"] == 1
-    assert diff(index, bank).in_sync and index.snapshot() == {i: text_hash(t) for i, t in bank.items()}
+    assert diff(index, bank).in_sync and index.snapshot() == {
+        i: text_hash(t) for i, t in bank.items()
+    }
     assert top(index, "re-augmented")[0] == "fuji"
     assert reconcile(index, bank).repaired is False  # nothing to do the second time
 
@@ -211,8 +223,12 @@ CHILD = textwrap.dedent("""
 
 def test_kill_9_mid_write_then_reconcile(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "ix")], env=env,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(tmp_path / "ix")],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     acked = []
     deadline = time.monotonic() + 20
@@ -239,7 +255,9 @@ def test_kill_9_mid_write_then_reconcile(tmp_path: Path) -> None:
 
 
 def test_build_query_feeds_the_router(index: BM25Index, tokenizer) -> None:
-    q = build_query("Where is the Eiffel Tower?", "x " * 500 + "It is in Japan near Tokyo", tokenizer)
+    q = build_query(
+        "Where is the Eiffel Tower?", "x " * 500 + "It is in Japan near Tokyo", tokenizer
+    )
     assert len(tokenizer(q)["input_ids"]) <= 128 and "Eiffel" not in q
     assert BM25Router(index).route(q, 3)[0].expert_id == "fuji"
 
@@ -248,7 +266,9 @@ def test_random_router_is_seeded_and_distinct() -> None:
     ids = [f"e{i}" for i in range(50)]
     r = RandomRouter(ids, seed=1)
     a = [h.expert_id for h in r.route("q", 3)]
-    assert len(set(a)) == 3 and a == [h.expert_id for h in RandomRouter(reversed(ids), seed=1).route("q", 3)]
+    assert len(set(a)) == 3 and a == [
+        h.expert_id for h in RandomRouter(reversed(ids), seed=1).route("q", 3)
+    ]
     assert a != [h.expert_id for h in RandomRouter(ids, seed=2).route("q", 3)]
     assert len(r.route("q", 500)) == 50 and r.route("q", 0) == []
 
@@ -296,7 +316,14 @@ def test_bench_router_reports_required_keys() -> None:
     from dmoe.bench.router import bench_router
 
     result = bench_router(300, n_queries=20, n_writes=3)
-    for key in ["n_experts", "query_p50_ms", "query_p99_ms", "add_p50_ms", "delete_p50_ms", "index_bytes"]:
+    for key in [
+        "n_experts",
+        "query_p50_ms",
+        "query_p99_ms",
+        "add_p50_ms",
+        "delete_p50_ms",
+        "index_bytes",
+    ]:
         assert key in result
     assert result["n_experts"] == 300 and result["index_bytes"] > 0 and result["hit_at_1"] > 0.9
 
@@ -308,7 +335,9 @@ def test_cli_index_query_info(tmp_path: Path, capsys) -> None:
     corpus.write_text("\n".join(json.dumps({"id": k, "text": v}) for k, v in DOCS.items()) + "\n")
     assert main(["router", "index", str(tmp_path / "ix"), str(corpus), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n_docs"] == 4
-    assert main(["router", "query", str(tmp_path / "ix"), "highest mountain: Japan?", "--json"]) == 0
+    assert (
+        main(["router", "query", str(tmp_path / "ix"), "highest mountain: Japan?", "--json"]) == 0
+    )
     assert json.loads(capsys.readouterr().out)[0]["id"] == "fuji"
     assert main(["router", "info", str(tmp_path / "ix"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n_docs"] == 4

@@ -40,14 +40,84 @@ import numpy as np
 
 from dmoe.routing.bm25 import BM25Index, BM25Router
 
-STOP_WORDS = ("a an and are as at be but by for if in into is it no not of on or such that the their "
-              "then there these they this to was will with").split()
-SYLLABLES = ("ka lo mi ne ru sa to vi ze bo da fe gu hi jo ku la me no pa qui re si tu ve wa xe yo zu "
-             "bra cre dri fro glu pla stri tha ").split()
+STOP_WORDS = [
+    "a",
+    "an",
+    "and",
+    "are",
+    "as",
+    "at",
+    "be",
+    "but",
+    "by",
+    "for",
+    "if",
+    "in",
+    "into",
+    "is",
+    "it",
+    "no",
+    "not",
+    "of",
+    "on",
+    "or",
+    "such",
+    "that",
+    "the",
+    "their",
+    "then",
+    "there",
+    "these",
+    "they",
+    "this",
+    "to",
+    "was",
+    "will",
+    "with",
+]
+SYLLABLES = [
+    "ka",
+    "lo",
+    "mi",
+    "ne",
+    "ru",
+    "sa",
+    "to",
+    "vi",
+    "ze",
+    "bo",
+    "da",
+    "fe",
+    "gu",
+    "hi",
+    "jo",
+    "ku",
+    "la",
+    "me",
+    "no",
+    "pa",
+    "qui",
+    "re",
+    "si",
+    "tu",
+    "ve",
+    "wa",
+    "xe",
+    "yo",
+    "zu",
+    "bra",
+    "cre",
+    "dri",
+    "fro",
+    "glu",
+    "pla",
+    "stri",
+    "tha",
+]
 
 
 def _vocabulary(size: int, rng: np.random.Generator) -> list[str]:
-    words = set()
+    words: set[str] = set()
     while len(words) < size:
         n = int(rng.integers(2, 5))
         words.add("".join(SYLLABLES[i] for i in rng.integers(0, len(SYLLABLES), n)))
@@ -77,7 +147,9 @@ class SyntheticCorpus:
     def query(self) -> tuple[str, str]:
         """(query text, id of the expert it was drawn from)."""
         i = int(self.rng.integers(len(self.ids)))
-        words = np.concatenate([self.rng.choice(self.topics[i], 4, replace=False), self.background(86)])
+        words = np.concatenate(
+            [self.rng.choice(self.topics[i], 4, replace=False), self.background(86)]
+        )
         return " ".join(self.vocab[words]), self.ids[i]
 
 
@@ -111,7 +183,11 @@ def _bm25s_query_ms(texts: list[str], queries: list[tuple[str, str]], k: int) ->
         tokens = bm25s.tokenize([text], stopwords="en", show_progress=False)
         retriever.retrieve(tokens, k=k, show_progress=False, n_threads=1)
         times.append(time.perf_counter() - t0)
-    return {"query_p50_ms": _ms(times, 50), "query_p99_ms": _ms(times, 99), "build_s": round(build_s, 2)}
+    return {
+        "query_p50_ms": _ms(times, 50),
+        "query_p99_ms": _ms(times, 99),
+        "build_s": round(build_s, 2),
+    }
 
 
 def bench_router(
@@ -146,7 +222,10 @@ def bench_router(
         _time_queries(router.route, queries[:50], k)  # warm-up
         q_times, hit_at_1 = _time_queries(router.route, queries, k)
 
-        new = [(f"new-{i:05d}", corpus.surrogate(int(corpus.rng.integers(n_experts)))) for i in range(n_writes)]
+        new = [
+            (f"new-{i:05d}", corpus.surrogate(int(corpus.rng.integers(n_experts))))
+            for i in range(n_writes)
+        ]
         add_times, del_times, add_cpu, del_cpu = [], [], [], []
         for expert_id, text in new:
             t0, c0 = time.perf_counter(), time.process_time()
@@ -169,7 +248,9 @@ def bench_router(
             "query_p99_ms": _ms(q_times, 99),
             "add_p50_ms": _ms(add_times, 50),
             "delete_p50_ms": _ms(del_times, 50),
-            "index_bytes": sum(p.stat().st_size for p in (root / "index").rglob("*") if p.is_file()),
+            "index_bytes": sum(
+                p.stat().st_size for p in (root / "index").rglob("*") if p.is_file()
+            ),
             "add_p99_ms": _ms(add_times, 99),
             "add_cpu_p50_ms": _ms(add_cpu, 50),
             "delete_cpu_p50_ms": _ms(del_cpu, 50),
@@ -181,7 +262,10 @@ def bench_router(
             "engine": "tantivy",
             "load_avg_1m_at_start": load_1m,
             "method": {
-                "n_queries": n_queries, "n_writes": n_writes, "k": k, "seed": seed,
+                "n_queries": n_queries,
+                "n_writes": n_writes,
+                "k": k,
+                "seed": seed,
                 "query": "4 topic words of a target expert + 86 Zipf words (~90 words); route() end to end",
                 "surrogate": "200 Zipf words (33 stop words + 100k pseudo-words) + 50 draws of 8 topic words",
                 "add": "add one new expert + commit + reader reload (durable and searchable on return)",
@@ -197,8 +281,11 @@ def bench_router(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dmoe.bench.router", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m dmoe.bench.router",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--n-experts", type=int, default=30_000)
     parser.add_argument("--n-queries", type=int, default=1000)
     parser.add_argument("--n-writes", type=int, default=100)
@@ -208,8 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-bm25s", action="store_true", help="also time bm25s queries")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    result = bench_router(args.n_experts, n_queries=args.n_queries, n_writes=args.n_writes, k=args.k,
-                          seed=args.seed, path=args.path, compare_bm25s=args.compare_bm25s)
+    result = bench_router(
+        args.n_experts,
+        n_queries=args.n_queries,
+        n_writes=args.n_writes,
+        k=args.k,
+        seed=args.seed,
+        path=args.path,
+        compare_bm25s=args.compare_bm25s,
+    )
     if args.json:
         print(json.dumps(result))
     else:

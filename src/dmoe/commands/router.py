@@ -24,7 +24,9 @@ def _read_jsonl(path: Path, id_field: str, text_field: str) -> Iterator[tuple[st
                 rec = json.loads(line)
                 yield str(rec[id_field]), str(rec[text_field])
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: need a JSON object with {id_field!r} and {text_field!r} ({e})") from e
+                raise ValueError(
+                    f"{path}:{n}: need a JSON object with {id_field!r} and {text_field!r} ({e})"
+                ) from e
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -72,19 +74,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Time queries, adds and deletes on an index of N synthetic experts (one JSON object)."""
     from dmoe.bench.router import bench_router
 
-    result = bench_router(args.n_experts, n_queries=args.n_queries, n_writes=args.n_writes, k=args.k,
-                          seed=args.seed, compare_bm25s=args.compare_bm25s)
+    result = bench_router(
+        args.n_experts,
+        n_queries=args.n_queries,
+        n_writes=args.n_writes,
+        k=args.k,
+        seed=args.seed,
+        compare_bm25s=args.compare_bm25s,
+    )
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("router", help="BM25 router indexes: build, query, inspect, benchmark",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "router",
+        help="BM25 router indexes: build, query, inspect, benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="router_command", metavar="SUBCOMMAND", required=True)
 
-    ix = sub.add_parser("index", help=cmd_index.__doc__, description=cmd_index.__doc__,
-                        epilog="example: dmoe router index ./passages.idx passages.jsonl --store-text")
+    ix = sub.add_parser(
+        "index",
+        help=cmd_index.__doc__,
+        description=cmd_index.__doc__,
+        epilog="example: dmoe router index ./passages.idx passages.jsonl --store-text",
+    )
     ix.add_argument("index", help="index directory (created if missing)")
     ix.add_argument("jsonl", help="one JSON object per line with an id and a text")
     ix.add_argument("--id-field", default="id")
@@ -95,22 +111,34 @@ def register(subparsers: Any) -> None:
     ix.add_argument("--json", action="store_true")
     ix.set_defaults(func=cmd_index)
 
-    q = sub.add_parser("query", help=cmd_query.__doc__, description=cmd_query.__doc__,
-                       epilog='example: dmoe router query ./passages.idx "who wrote Hamlet?" -k 3')
+    q = sub.add_parser(
+        "query",
+        help=cmd_query.__doc__,
+        description=cmd_query.__doc__,
+        epilog='example: dmoe router query ./passages.idx "who wrote Hamlet?" -k 3',
+    )
     q.add_argument("index")
     q.add_argument("query")
     q.add_argument("-k", type=int, default=DEFAULT_TOP_K)
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_query)
 
-    info = sub.add_parser("info", help=cmd_info.__doc__, description=cmd_info.__doc__,
-                          epilog="example: dmoe router info ./passages.idx --json")
+    info = sub.add_parser(
+        "info",
+        help=cmd_info.__doc__,
+        description=cmd_info.__doc__,
+        epilog="example: dmoe router info ./passages.idx --json",
+    )
     info.add_argument("index")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
 
-    b = sub.add_parser("bench", help=cmd_bench.__doc__, description=cmd_bench.__doc__,
-                       epilog="example: dmoe router bench --n-experts 30000 --json")
+    b = sub.add_parser(
+        "bench",
+        help=cmd_bench.__doc__,
+        description=cmd_bench.__doc__,
+        epilog="example: dmoe router bench --n-experts 30000 --json",
+    )
     b.add_argument("--n-experts", type=int, default=30_000)
     b.add_argument("--n-queries", type=int, default=1000)
     b.add_argument("--n-writes", type=int, default=100)

@@ -88,7 +88,9 @@ def analyze(text: str | None) -> list[str]:
 
 def _check_id(expert_id: str) -> str:
     if not isinstance(expert_id, str) or not expert_id or len(expert_id) > MAX_ID_CHARS:
-        raise ValueError(f"expert id must be a non-empty str of <= {MAX_ID_CHARS} chars, got {expert_id!r}")
+        raise ValueError(
+            f"expert id must be a non-empty str of <= {MAX_ID_CHARS} chars, got {expert_id!r}"
+        )
     if clean_text(expert_id) != expert_id:
         raise ValueError(f"expert id is not valid unicode: {expert_id!r}")
     return expert_id
@@ -325,7 +327,9 @@ class BM25Index:
         clauses = []
         for term, n in counts.items():
             q = self._term_query("text", term, "freq")
-            clauses.append((tantivy.Occur.Should, q if n == 1 else tantivy.Query.boost_query(q, float(n))))
+            clauses.append(
+                (tantivy.Occur.Should, q if n == 1 else tantivy.Query.boost_query(q, float(n)))
+            )
         return tantivy.Query.boolean_query(clauses)
 
     def search(self, query: str, k: int = 3) -> list[RouteHit]:
@@ -371,7 +375,9 @@ class BM25Index:
     def text_of(self, expert_id: str) -> str | None:
         """The stored text (indexes created with ``store_text=True``), or None if absent."""
         if not self.manifest["store_text"]:
-            raise RouterIndexError("this index does not store texts (create it with store_text=True)")
+            raise RouterIndexError(
+                "this index does not store texts (create it with store_text=True)"
+            )
         q = self._term_query("id", clean_text(expert_id), "basic")
         hits = self._searcher.search(q, 1, count=False).hits
         if not hits:

