@@ -206,6 +206,21 @@ def test_reconcile_repairs_every_kind_of_drift(index: BM25Index) -> None:
     assert reconcile(index, bank).repaired is False  # nothing to do the second time
 
 
+def test_reconcile_from_hashes_reads_only_drifted_texts(index: BM25Index) -> None:
+    bank = {**DOCS, "new": "okapi in the forest"}
+    read: list[str] = []
+
+    def load_text(expert_id: str) -> str:
+        read.append(expert_id)
+        return bank[expert_id]
+
+    hashes = {i: text_hash(t) for i, t in bank.items()}
+    report = reconcile(index, hashes, hashed=True, load_text=load_text)
+    assert report.missing == ["new"] and read == ["new"] and top(index, "okapi") == ["new"]
+    with pytest.raises(ValueError, match="load_text"):
+        reconcile(index, hashes, hashed=True)
+
+
 CHILD = textwrap.dedent("""
     import sys
     from dmoe.routing.bm25 import BM25Index

@@ -233,6 +233,8 @@ class BM25Index:
             try:
                 self._writer = self._index.writer(heap_size=WRITER_HEAP_BYTES, num_threads=1)
             except ValueError as e:
+                if "lock" not in str(e).lower():
+                    raise
                 raise RouterIndexError(
                     f"index {self.path} is being written by another process: {e}"
                 ) from e

@@ -10,13 +10,25 @@ the index finds every kind of drift an interrupted write can leave:
 
 ``reconcile`` repairs all three in one index commit. It is cheap when nothing drifted (one dict
 comparison), so the bank can run it every time it opens (``dmoe bank check`` prints the report).
+A bank that already keeps each surrogate's ``text_hash`` can pass ``{id: hash}`` with
+``hashed=True`` and a ``load_text`` callback, so only drifted surrogates are read.
+
+How the bank should drive the index (write order chosen so the router never returns an id whose
+expert file is gone; whatever a crash interrupts, the next ``reconcile`` repairs)::
+
+    index = BM25Index.open_or_create(bank_dir / "router")
+    reconcile(index, bank_surrogates)        # on open (and in `dmoe bank check`)
+    # add / update:  write the expert file, then index.add(expert_id, surrogate)
+    # delete:        index.delete(expert_id), then remove the expert file
+    # bulk build:    with index.batch(): ... index.add(...) ...   (one commit)
+
 This module knows nothing about BM25 or embeddings: it works on any ``ReconcilableIndex``.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -78,15 +90,21 @@ class ReconcileReport:
         }
 
 
-def diff(index: ReconcilableIndex, expected: Mapping[str, str]) -> ReconcileReport:
-    """Compare the index with ``expected`` (``{expert_id: surrogate text}``); change nothing."""
+def diff(
+    index: ReconcilableIndex, expected: Mapping[str, str], *, hashed: bool = False
+) -> ReconcileReport:
+    """Compare the index with ``expected``; change nothing.
+
+    ``expected`` is ``{expert_id: surrogate text}``, or ``{expert_id: text_hash(text)}`` when
+    ``hashed`` is true.
+    """
     indexed = index.snapshot()
     report = ReconcileReport(n_expected=len(expected), n_indexed=len(indexed))
-    for expert_id, text in expected.items():
+    for expert_id, value in expected.items():
         sha = indexed.get(expert_id)
         if sha is None:
             report.missing.append(expert_id)
-        elif sha != text_hash(text):
+        elif sha != (value if hashed else text_hash(value)):
             report.stale.append(expert_id)
     report.extra = [i for i in indexed if i not in expected]
     report.missing.sort()
@@ -96,18 +114,28 @@ def diff(index: ReconcilableIndex, expected: Mapping[str, str]) -> ReconcileRepo
 
 
 def reconcile(
-    index: ReconcilableIndex, expected: Mapping[str, str], *, dry_run: bool = False
+    index: ReconcilableIndex,
+    expected: Mapping[str, str],
+    *,
+    dry_run: bool = False,
+    hashed: bool = False,
+    load_text: Callable[[str], str] | None = None,
 ) -> ReconcileReport:
     """Make the index hold exactly ``expected``: add missing, delete extra, re-index stale.
 
-    All repairs go into one commit, so an interrupted reconcile leaves the index at its previous
-    state and the next reconcile simply repeats the work.
+    With ``hashed=True`` the values of ``expected`` are ``text_hash`` values and ``load_text(id)``
+    supplies the surrogate of each id that must be (re-)indexed. All repairs go into one commit,
+    so an interrupted reconcile leaves the index at its previous state and the next reconcile
+    simply repeats the work.
     """
-    report = diff(index, expected)
+    if hashed and load_text is None and not dry_run:
+        raise ValueError("reconcile(hashed=True) needs load_text= to fetch the texts to index")
+    report = diff(index, expected, hashed=hashed)
     if dry_run or report.in_sync:
         return report
+    get = load_text if hashed and load_text is not None else expected.__getitem__
     with index.batch():
         index.delete_many(report.extra)
-        index.add_many((i, expected[i]) for i in [*report.missing, *report.stale])
+        index.add_many((i, get(i)) for i in [*report.missing, *report.stale])
     report.repaired = True
     return report
