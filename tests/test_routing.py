@@ -113,6 +113,21 @@ def test_add_delete_update_are_visible_immediately(index: BM25Index) -> None:
     assert len(index) == 4
 
 
+def test_writes_from_two_threads(index: BM25Index) -> None:
+    import threading
+
+    def writer(prefix: str) -> None:
+        for i in range(4):
+            index.add(f"{prefix}{i}", f"{prefix} thread document {i}")
+
+    threads = [threading.Thread(target=writer, args=(p,)) for p in ("left", "right")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(index) == 12 and len(index.search("thread document", 20)) == 8
+
+
 def test_batch_commits_once_at_the_end(index: BM25Index) -> None:
     with index.batch():
         index.add("a1", "zebra crossing")

@@ -26,8 +26,15 @@ A tantivy commit is all-or-nothing, so after ``kill -9`` the index is exactly it
 what the bank wrote since is detected and repaired by ``dmoe.routing.consistency.reconcile``.
 Writes inside a batch are not visible to ``search`` until the batch ends.
 
-One process may write an index at a time (tantivy's writer lock, released if the process dies);
-any number may read it (``open(path, readonly=True)``, ``refresh()`` to see newer commits).
+One process may write an index at a time (tantivy's writer lock, released if the process dies),
+and within it writes are serialised by a lock (a ``batch()`` holds it until it ends); searches
+never wait for writes. Any number of processes may read an index (``open(path, readonly=True)``;
+``refresh()`` to see newer commits).
+
+Cost (``python -m dmoe.bench.router``, 30k experts): a query ~0.7 ms; an ``add`` is one commit of a
+one-document segment, ~10 ms of CPU, more wall time when the CPU is contended; a ``delete`` ~2 ms
+of CPU. Segments from single-document commits are merged by tantivy in the background.
+
 This module knows nothing about experts, models or tokenizers of the base model.
 """
 
@@ -36,6 +43,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -177,6 +185,7 @@ class BM25Index:
         self._writer: Any = None
         self._batch_depth = 0
         self._dirty = False
+        self._lock = threading.RLock()  # one writer thread at a time; readers never wait
         self._index.reload()
         self._searcher = self._index.searcher()
 
@@ -247,11 +256,12 @@ class BM25Index:
 
     def commit(self) -> None:
         """Make pending writes durable and visible (called for you outside ``batch()``)."""
-        if self._writer is None or not self._dirty:
-            return
-        self._writer.commit()
-        self._dirty = False
-        self.refresh()
+        with self._lock:
+            if self._writer is None or not self._dirty:
+                return
+            self._writer.commit()
+            self._dirty = False
+            self.refresh()
 
     def refresh(self) -> None:
         """See the latest commit (also other processes' commits)."""
@@ -261,13 +271,14 @@ class BM25Index:
     @contextmanager
     def batch(self) -> Iterator[None]:
         """Buffer writes and commit once at the end (also if the block raises)."""
-        self._batch_depth += 1
-        try:
-            yield
-        finally:
-            self._batch_depth -= 1
-            if self._batch_depth == 0:
-                self.commit()
+        with self._lock:
+            self._batch_depth += 1
+            try:
+                yield
+            finally:
+                self._batch_depth -= 1
+                if self._batch_depth == 0:
+                    self.commit()
 
     def _stage_add(self, expert_id: str, text: str) -> None:
         writer = self._get_writer()
@@ -281,8 +292,9 @@ class BM25Index:
 
     def add(self, expert_id: str, text: str) -> None:
         """Index ``text`` under ``expert_id``, replacing any previous version (idempotent)."""
-        self._stage_add(expert_id, text)
-        self._maybe_commit()
+        with self._lock:
+            self._stage_add(expert_id, text)
+            self._maybe_commit()
 
     upsert = add  # add already replaces; the bank may call either
 
@@ -297,9 +309,10 @@ class BM25Index:
 
     def delete(self, expert_id: str) -> bool:
         """Remove ``expert_id``; return whether it was indexed (as of the last commit)."""
-        existed = expert_id in self
-        self._get_writer().delete_documents_by_term("id", _check_id(expert_id))
-        self._maybe_commit()
+        with self._lock:
+            existed = expert_id in self
+            self._get_writer().delete_documents_by_term("id", _check_id(expert_id))
+            self._maybe_commit()
         return existed
 
     def delete_many(self, expert_ids: Iterable[str]) -> int:
