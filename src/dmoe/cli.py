@@ -16,6 +16,7 @@ from dmoe.errors import DmoeError
 # Command modules, in pipeline order; each exposes register(subparsers).
 COMMAND_MODULES: list[str] = [
     "dmoe.commands.ask",
+    "dmoe.commands.router",
     "dmoe.commands.bench",
 ]
 

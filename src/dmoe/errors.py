@@ -19,3 +19,7 @@ class UnsupportedModelError(DmoeError):
 
 class ExpertFormatError(DmoeError):
     """An expert file is malformed or does not fit the attached model."""
+
+
+class RouterIndexError(DmoeError):
+    """A router index is missing, was written by an incompatible format version, or is locked."""
