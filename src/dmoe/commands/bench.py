@@ -25,6 +25,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--repeats", type=int, default=3, help="measured rounds over the prompts")
     d.add_argument("--json", action="store_true", help="print one JSON object")
     d.set_defaults(func=run_decode)
+    r = bsub.add_parser("router", help="BM25 index query/add/delete latency at N experts",
+                        description="Router latency on an index of N synthetic surrogates.\n\n"
+                                    "example:\n  dmoe bench router --json",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("--n-experts", type=int, default=30_000)
+    r.add_argument("--n-queries", type=int, default=1000)
+    r.add_argument("--compare-bm25s", action="store_true", help="also time bm25s queries")
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.set_defaults(func=run_router)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -35,6 +44,15 @@ def _emit(result: dict[str, Any], as_json: bool) -> None:
     width = max(len(k) for k in result)
     for k, v in result.items():
         print(f"{k:<{width}}  {v}")
+
+
+def run_router(args: argparse.Namespace) -> int:
+    from dmoe.bench.router import bench_router
+
+    result = bench_router(args.n_experts, n_queries=args.n_queries,
+                          compare_bm25s=args.compare_bm25s)
+    _emit(result, args.json)
+    return 0
 
 
 def run_decode(args: argparse.Namespace) -> int:
