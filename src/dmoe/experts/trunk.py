@@ -1,0 +1,126 @@
+"""The frozen trunk and the expert-dependent head of a decoder, split at the last attention.
+
+A final-layer expert changes only the last layer's MLP, so a training sequence's forward pass splits
+into a part that no expert can change and a small part that every expert recomputes::
+
+    trunk:  ids -> embed -> layers[0 .. L-1] -> layers[L].attention  ->  h_mid    (frozen, shared)
+    head:   h_mid + MLP_{θ+Δ}(post_attention_layernorm(h_mid)) -> norm -> lm_head -> logits
+
+``trunk_states`` runs the trunk once per sequence, batched (right-padded, with an attention mask),
+and keeps ``h_mid`` only at the positions whose next token is supervised. ``stacked_head_logits``
+is the head for n experts at once, their LoRAs held as stacked tensors and applied with bmm.
+
+This module knows nothing about optimisers, examples or files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dmoe.experts.lora import ExpertMLP, decoder_layers
+
+
+@dataclass
+class SupervisedStates:
+    """One sequence's trunk output at its supervised positions."""
+
+    h_mid: torch.Tensor  # (P, d) residual after the last attention at the predicting positions
+    targets: torch.Tensor  # (P,) the token each of those positions must predict
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing after the last attention is needed from the trunk."""
+
+
+def last_layer_parts(model: Any) -> tuple[Any, Any, Any, Any]:
+    """``(post_attention_layernorm, base MLP, final norm, lm_head)`` of the last decoder layer."""
+    layer = decoder_layers(model)[-1]
+    mlp = layer.mlp.base if isinstance(layer.mlp, ExpertMLP) else layer.mlp
+    return layer.post_attention_layernorm, mlp, model.model.norm, model.get_output_embeddings()
+
+
+def _batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Group sequence indices (longest first) so that each padded batch holds <= max_tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+@torch.no_grad()
+def trunk_states(model: Any, sequences: Sequence[tuple[torch.Tensor, int]],
+                 max_batch_tokens: int = 8192) -> list[SupervisedStates]:
+    """h_mid at the supervised positions of each ``(ids (T,), start)`` sequence.
+
+    Tokens ``ids[start:]`` are supervised, so positions ``start-1 .. T-2`` predict them. Sequences
+    are sorted by length and right-padded into batches of at most ``max_batch_tokens`` tokens;
+    with right padding every real token keeps its position ids and never attends to a pad.
+    """
+    norm = decoder_layers(model)[-1].post_attention_layernorm
+    device = next(model.parameters()).device
+    captured: list[torch.Tensor] = []
+
+    def capture(module: Any, args: tuple[torch.Tensor, ...]) -> None:
+        captured.append(args[0])
+        raise _StopForward
+
+    out: list[SupervisedStates | None] = [None] * len(sequences)
+    hook = norm.register_forward_pre_hook(capture)
+    try:
+        for batch in _batches([len(s[0]) for s in sequences], max_batch_tokens):
+            t_max = max(len(sequences[i][0]) for i in batch)
+            ids = torch.zeros(len(batch), t_max, dtype=torch.long, device=device)  # (B, T)
+            mask = torch.zeros(len(batch), t_max, dtype=torch.long, device=device)  # (B, T)
+            for row, i in enumerate(batch):
+                seq = sequences[i][0]
+                ids[row, :len(seq)] = seq.to(device)
+                mask[row, :len(seq)] = 1
+            captured.clear()
+            try:
+                model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _StopForward:
+                pass
+            assert len(captured) == 1, "the capture hook must fire exactly once per batch"
+            h_mid = captured[0]  # (B, T, d)
+            for row, i in enumerate(batch):
+                seq, start = sequences[i]
+                out[i] = SupervisedStates(h_mid=h_mid[row, start - 1:len(seq) - 1].clone(),
+                                          targets=seq[start:].to(device))
+    finally:
+        hook.remove()
+    assert all(s is not None for s in out)
+    return out  # type: ignore[return-value]
+
+
+def stacked_head_logits(model: Any, h_mid: torch.Tensor, valid: torch.Tensor,
+                        lora: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                        scale: float) -> torch.Tensor:
+    """Logits of the head for n experts side by side, at the valid positions only.
+
+    ``h_mid``: (n, P, d), expert i's positions in row i, right-padded; ``valid``: (n, P) bool.
+    ``lora[proj] = (A (n, r, in), B (n, out, r))``. Per row i, for each projection::
+
+        y_i = x_i @ W.T + scale * (x_i @ A_i.T) @ B_i.T        # bmm over the n rows
+
+    then ``logits = lm_head(norm(h_mid + down(act(gate) * up))[valid])``, shape (N, V) with
+    N = valid.sum() in row-major order. The MLP runs on the padded block (cheap); the final norm and
+    lm_head (the expensive part: V ≫ d) only on real positions.
+    """
+    pln, mlp, final_norm, lm_head = last_layer_parts(model)
+
+    def proj(name: str, x: torch.Tensor) -> torch.Tensor:
+        a, b = lora[name]
+        return getattr(mlp, name)(x) + torch.bmm(torch.bmm(x, a.mT), b.mT) * scale  # (n, P, out)
+
+    x = pln(h_mid)  # (n, P, d)
+    h = h_mid + proj("down_proj", mlp.act_fn(proj("gate_proj", x)) * proj("up_proj", x))
+    return lm_head(final_norm(h[valid]))  # (N, V)
+
