@@ -19,3 +19,11 @@ class UnsupportedModelError(DmoeError):
 
 class ExpertFormatError(DmoeError):
     """An expert file is malformed or does not fit the attached model."""
+
+
+class BankError(DmoeError):
+    """An expert bank is missing, malformed, inconsistent, or asked to do something it cannot."""
+
+
+class WrongBaseModelError(BankError):
+    """A bank (or expert) was built for a different base model than the one loaded."""

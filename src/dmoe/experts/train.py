@@ -40,7 +40,15 @@ import torch
 import torch.nn.functional as F
 
 from dmoe.augment.types import TrainingExample
-from dmoe.experts.lora import PROJECTIONS, Expert, ExpertMLP, LoraSpec, check_supported, decoder_layers, weight_key
+from dmoe.experts.lora import (
+    PROJECTIONS,
+    Expert,
+    ExpertMLP,
+    LoraSpec,
+    check_supported,
+    decoder_layers,
+    weight_key,
+)
 from dmoe.experts.trunk import stacked_head_logits, trunk_states
 
 LOSS_ON = ("answer", "all")
@@ -127,7 +135,7 @@ def init_expert(expert_id: str, shapes: dict[tuple[int, str], tuple[int, int]],
 
 def mlp_shapes(model: Any, n_layers: int) -> dict[tuple[int, str], tuple[int, int]]:
     """``{(layer, proj): (out, in)}`` of the adapted projections, without attaching anything."""
-    layers = decoder_layers(model)
+    layers: Any = decoder_layers(model)
     shapes = {}
     for i in check_supported(model, n_layers):
         mlp = layers[i].mlp.base if isinstance(layers[i].mlp, ExpertMLP) else layers[i].mlp
@@ -166,17 +174,18 @@ def train_reference(model: Any, tokenizer: Any, jobs: Sequence[Job], config: Tra
     from peft import LoraConfig, get_peft_model
 
     shapes = mlp_shapes(model, config.spec.n_layers)
-    layers = decoder_layers(model)
+    layers: Any = decoder_layers(model)
     module_of = {(i, p): getattr(layers[i].mlp.base if isinstance(layers[i].mlp, ExpertMLP)
                                  else layers[i].mlp, p) for (i, p) in shapes}
     name_of = {id(m): n for n, m in model.named_modules()}
     targets = [name_of[id(m)] for m in module_of.values()]
     encoded = _encode_jobs(tokenizer, jobs, config)
     device = next(model.parameters()).device
-    lcfg = LoraConfig(r=config.spec.rank, lora_alpha=config.spec.alpha, lora_dropout=0.0,
+    lcfg = LoraConfig(r=config.spec.rank, lora_alpha=config.spec.alpha,  # type: ignore[arg-type]
+                      lora_dropout=0.0,
                       target_modules=targets, bias="none")
     peft_model = get_peft_model(model, lcfg)
-    lora_mods = {key: peft_model.get_submodule(f"base_model.model.{name_of[id(m)]}")
+    lora_mods: dict[tuple[int, str], Any] = {key: peft_model.get_submodule(f"base_model.model.{name_of[id(m)]}")
                  for key, m in module_of.items()}
     experts = []
     try:

@@ -15,6 +15,7 @@ This module knows nothing about optimisers, examples or files.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,7 @@ class _StopForward(Exception):
 
 def last_layer_parts(model: Any) -> tuple[Any, Any, Any, Any]:
     """``(post_attention_layernorm, base MLP, final norm, lm_head)`` of the last decoder layer."""
-    layer = decoder_layers(model)[-1]
+    layer: Any = decoder_layers(model)[-1]
     mlp = layer.mlp.base if isinstance(layer.mlp, ExpertMLP) else layer.mlp
     return layer.post_attention_layernorm, mlp, model.model.norm, model.get_output_embeddings()
 
@@ -64,7 +65,7 @@ def trunk_states(model: Any, sequences: Sequence[tuple[torch.Tensor, int]],
     are sorted by length and right-padded into batches of at most ``max_batch_tokens`` tokens;
     with right padding every real token keeps its position ids and never attends to a pad.
     """
-    norm = decoder_layers(model)[-1].post_attention_layernorm
+    norm: Any = decoder_layers(model)[-1].post_attention_layernorm
     device = next(model.parameters()).device
     captured: list[torch.Tensor] = []
 
@@ -84,10 +85,8 @@ def trunk_states(model: Any, sequences: Sequence[tuple[torch.Tensor, int]],
                 ids[row, :len(seq)] = seq.to(device)
                 mask[row, :len(seq)] = 1
             captured.clear()
-            try:
+            with contextlib.suppress(_StopForward):  # the hook stops the pass at h_mid
                 model.model(input_ids=ids, attention_mask=mask, use_cache=False)
-            except _StopForward:
-                pass
             assert len(captured) == 1, "the capture hook must fire exactly once per batch"
             h_mid = captured[0]  # (B, T, d)
             for row, i in enumerate(batch):
