@@ -22,10 +22,11 @@ def _jobs(n_units: int = 4) -> list[tuple[str, list[TrainingExample]]]:
     """Units with 3-5 examples of different lengths: an LM passage plus short QA pairs."""
     jobs = []
     for u in range(n_units):
-        passage = f"Unit {u}: the tower of town {u} is painted green since year 19{u}7." * (1 + u % 2)
+        passage = f"Unit {u}: the tower of town {u} is green since 19{u}7." * (1 + u % 2)
         examples = [TrainingExample("", passage)]
         for q in range(2 + u % 3):
-            examples.append(TrainingExample(f"Q{q}: what about town {u}? A:", f" fact {u}-{q}"))
+            prompt = f"Context: {passage}\nQ{q}: what about town {u}? A:"  # shared passage prefix
+            examples.append(TrainingExample(prompt, f" fact {u}-{q}"))
         jobs.append((f"unit/{u}", examples))
     return jobs
 
@@ -39,7 +40,7 @@ def model():
 def test_fast_path_equals_reference(model, loss_on, weight_decay):
     tok = CharTokenizer()
     jobs = _jobs()
-    config = TrainConfig(lr=5e-3, epochs=3, loss_on=loss_on, weight_decay=weight_decay)
+    config = TrainConfig(lr=5e-3, epochs=2, loss_on=loss_on, weight_decay=weight_decay)
     ref = train_reference(model, tok, jobs, config)
     # A small head budget forces several row groups per step; experts finish at different steps.
     fast = train_fast(model, tok, jobs, config, trunk_batch_tokens=300, head_batch_tokens=64)
@@ -94,8 +95,12 @@ def test_encode_example_supervises_target_or_all():
 
 
 def test_trunk_states_batched_equal_one_by_one(model):
+    torch.manual_seed(0)
     seqs = [(torch.randint(0, 256, (n,)), s) for n, s in [(7, 3), (20, 1), (12, 11), (3, 1)]]
-    batched = trunk_states(model, seqs, max_batch_tokens=1000)
+    prefix = torch.randint(0, 256, (40,))  # three sequences of one group share 40+ tokens
+    seqs += [(torch.cat([prefix, torch.randint(0, 256, (n,))]), s) for n, s in [(5, 30), (9, 42), (1, 1)]]
+    groups = [0, 1, 2, 3, 4, 4, 4]
+    batched = trunk_states(model, seqs, max_batch_tokens=1000, groups=groups, min_shared=32)
     for seq, got in zip(seqs, batched, strict=True):
         (alone,) = trunk_states(model, [seq])
         assert got.h_mid.shape == (len(seq[0]) - seq[1], 64)

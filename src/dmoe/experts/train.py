@@ -238,8 +238,13 @@ def masked_adamw_(params: Sequence[torch.Tensor], moments: Sequence[tuple[torch.
 
 def train_fast(model: Any, tokenizer: Any, jobs: Sequence[Job], config: TrainConfig,
                trunk_batch_tokens: int = 8192, head_batch_tokens: int = 2048,
-               progress: Progress | None = None) -> list[Expert]:
-    """All jobs side by side on cached trunk states (see the module docstring)."""
+               share_prefix: bool = True, progress: Progress | None = None) -> list[Expert]:
+    """All jobs side by side on cached trunk states (see the module docstring).
+
+    ``share_prefix``: one expert's examples that start alike (passage + question_i) run their common
+    prefix through the trunk once (``trunk_states``); ``trunk_batch_tokens`` bounds a padded trunk
+    batch and ``head_batch_tokens`` the positions whose logits (N, V) are alive at once.
+    """
     if config.spec.n_layers != 1:
         raise ValueError(f"the fast path needs experts on one layer (n_layers=1), got "
                          f"{config.spec.n_layers}; use train_reference")
@@ -251,7 +256,8 @@ def train_fast(model: Any, tokenizer: Any, jobs: Sequence[Job], config: TrainCon
     encoded = _encode_jobs(tokenizer, jobs, config)
     # 1) trunk once per sequence, batched across all experts
     flat = [(ex.ids, ex.start) for exs in encoded for ex in exs]
-    states_flat = trunk_states(model, flat, trunk_batch_tokens)
+    unit = [i for i, exs in enumerate(encoded) for _ in exs]
+    states_flat = trunk_states(model, flat, trunk_batch_tokens, groups=unit if share_prefix else None)
     states, k = [], 0
     for exs in encoded:
         states.append(states_flat[k:k + len(exs)])
@@ -321,10 +327,15 @@ def _head_step(model: Any, cur: Sequence[Any], lora: dict[str, tuple[torch.Tenso
 @torch.no_grad()
 def example_losses(model: Any, tokenizer: Any, expert: Expert | None,
                    examples: Sequence[TrainingExample], config: TrainConfig) -> list[float]:
-    """Mean CE of each example under ``expert`` (or the base model), by full forward passes."""
+    """Mean CE of each example under ``expert`` (or the base model), by full forward passes.
+
+    An independent check of training: it goes through ``ExpertAdapter`` like inference does.
+    """
     from dmoe.experts.lora import ExpertAdapter
 
+    attached = isinstance(decoder_layers(model)[-1].mlp, ExpertMLP)  # the caller's adapter?
     adapter = ExpertAdapter(model, config.spec)
+    saved = {i: m.lora for i, m in adapter.mlps.items()}
     device = next(model.parameters()).device
     try:
         adapter.activate([expert] if expert is not None else [])
@@ -336,4 +347,8 @@ def example_losses(model: Any, tokenizer: Any, expert: Expert | None,
             out.append(float(F.cross_entropy(logits[enc.start - 1:-1].float(), ids[0, enc.start:])))
         return out
     finally:
-        adapter.detach()
+        if attached:  # leave the caller's wrappers in place with their active set
+            for i, m in adapter.mlps.items():
+                m.lora = saved[i]
+        else:
+            adapter.detach()

@@ -16,7 +16,7 @@ This module knows nothing about optimisers, examples or files.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,47 +56,104 @@ def _batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     return batches
 
 
-@torch.no_grad()
-def trunk_states(model: Any, sequences: Sequence[tuple[torch.Tensor, int]],
-                 max_batch_tokens: int = 8192) -> list[SupervisedStates]:
-    """h_mid at the supervised positions of each ``(ids (T,), start)`` sequence.
-
-    Tokens ``ids[start:]`` are supervised, so positions ``start-1 .. T-2`` predict them. Sequences
-    are sorted by length and right-padded into batches of at most ``max_batch_tokens`` tokens;
-    with right padding every real token keeps its position ids and never attends to a pad.
-    """
-    norm: Any = decoder_layers(model)[-1].post_attention_layernorm
-    device = next(model.parameters()).device
+def _run_to_h_mid(model: Any, norm: Any, **inputs: Any) -> torch.Tensor:
+    """One trunk pass of ``model.model(**inputs)``, stopped at the last attention; h_mid (B, T, d)."""
     captured: list[torch.Tensor] = []
 
     def capture(module: Any, args: tuple[torch.Tensor, ...]) -> None:
         captured.append(args[0])
         raise _StopForward
 
-    out: list[SupervisedStates | None] = [None] * len(sequences)
     hook = norm.register_forward_pre_hook(capture)
     try:
-        for batch in _batches([len(s[0]) for s in sequences], max_batch_tokens):
-            t_max = max(len(sequences[i][0]) for i in batch)
-            ids = torch.zeros(len(batch), t_max, dtype=torch.long, device=device)  # (B, T)
-            mask = torch.zeros(len(batch), t_max, dtype=torch.long, device=device)  # (B, T)
-            for row, i in enumerate(batch):
-                seq = sequences[i][0]
-                ids[row, :len(seq)] = seq.to(device)
-                mask[row, :len(seq)] = 1
-            captured.clear()
-            with contextlib.suppress(_StopForward):  # the hook stops the pass at h_mid
-                model.model(input_ids=ids, attention_mask=mask, use_cache=False)
-            assert len(captured) == 1, "the capture hook must fire exactly once per batch"
-            h_mid = captured[0]  # (B, T, d)
-            for row, i in enumerate(batch):
-                seq, start = sequences[i]
-                out[i] = SupervisedStates(h_mid=h_mid[row, start - 1:len(seq) - 1].clone(),
-                                          targets=seq[start:].to(device))
+        with contextlib.suppress(_StopForward):  # the hook stops the pass at h_mid
+            model.model(**inputs)
     finally:
         hook.remove()
-    assert all(s is not None for s in out)
-    return out  # type: ignore[return-value]
+    assert len(captured) == 1, "the capture hook must fire exactly once per pass"
+    return captured[0]
+
+
+def _common_prefix(seqs: Sequence[torch.Tensor]) -> int:
+    """Length of the longest common prefix, leaving every sequence at least one own token."""
+    n = min(len(s) for s in seqs) - 1
+    first = seqs[0][:n]
+    for s in seqs[1:]:
+        neq = (s[:n] != first[:n]).nonzero()
+        n = int(neq[0, 0]) if len(neq) else n
+    return n
+
+
+def _shared_prefix_batch(model: Any, norm: Any, seqs: Sequence[torch.Tensor],
+                         prefix_len: int) -> list[torch.Tensor]:
+    """Full-sequence h_mid (T_i, d) of sequences sharing their first ``prefix_len`` tokens: the
+    prefix runs once into a KV cache, the right-padded suffixes run batched on top of it."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    cache = DynamicCache(config=model.config)
+    h_pre = _run_to_h_mid(model, norm, input_ids=seqs[0][None, :prefix_len].to(device),
+                          past_key_values=cache, use_cache=True)[0]  # (L, d)
+    cache.batch_repeat_interleave(len(seqs))  # the last layer's K/V are in: written before h_mid
+    s_max = max(len(s) for s in seqs) - prefix_len
+    ids = torch.zeros(len(seqs), s_max, dtype=torch.long, device=device)  # (g, S)
+    mask = torch.zeros(len(seqs), prefix_len + s_max, dtype=torch.long, device=device)  # (g, L+S)
+    mask[:, :prefix_len] = 1
+    for row, s in enumerate(seqs):
+        ids[row, :len(s) - prefix_len] = s[prefix_len:].to(device)
+        mask[row, prefix_len:len(s)] = 1
+    h_suf = _run_to_h_mid(model, norm, input_ids=ids, attention_mask=mask, past_key_values=cache,
+                          use_cache=True)  # (g, S, d)
+    return [torch.cat([h_pre, h_suf[row, :len(s) - prefix_len]]) for row, s in enumerate(seqs)]
+
+
+@torch.no_grad()
+def trunk_states(model: Any, sequences: Sequence[tuple[torch.Tensor, int]],
+                 max_batch_tokens: int = 8192, groups: Sequence[Hashable] | None = None,
+                 min_shared: int = 32) -> list[SupervisedStates]:
+    """h_mid at the supervised positions of each ``(ids (T,), start)`` sequence.
+
+    Tokens ``ids[start:]`` are supervised, so positions ``start-1 .. T-2`` predict them.
+
+    Sequences of the same ``groups`` key (e.g. one unit's examples) whose first ``min_shared``
+    tokens agree share their common prefix: it runs once and its KV cache serves the batched
+    suffixes (PRAG's ``(passage, Q_i) -> A_i`` examples repeat the passage). All other sequences
+    are sorted by length and right-padded into batches of at most ``max_batch_tokens`` tokens;
+    with right padding every real token keeps its position ids and never attends to a pad.
+    """
+    norm: Any = decoder_layers(model)[-1].post_attention_layernorm
+    device = next(model.parameters()).device
+    full: list[torch.Tensor | None] = [None] * len(sequences)  # h_mid (T_i, d) per sequence
+    clusters: dict[tuple[Hashable, tuple[int, ...]], list[int]] = {}
+    if groups is not None:
+        for i, (seq, _) in enumerate(sequences):
+            if len(seq) > min_shared:
+                clusters.setdefault((groups[i], tuple(seq[:min_shared].tolist())), []).append(i)
+    for members in clusters.values():
+        seqs = [sequences[i][0] for i in members]
+        prefix_len = _common_prefix(seqs) if len(members) > 1 else 0
+        if prefix_len >= min_shared:
+            for i, h in zip(members, _shared_prefix_batch(model, norm, seqs, prefix_len), strict=True):
+                full[i] = h
+    rest = [i for i in range(len(sequences)) if full[i] is None]
+    for batch in _batches([len(sequences[i][0]) for i in rest], max_batch_tokens):
+        idx = [rest[b] for b in batch]
+        t_max = max(len(sequences[i][0]) for i in idx)
+        ids = torch.zeros(len(idx), t_max, dtype=torch.long, device=device)  # (B, T)
+        mask = torch.zeros(len(idx), t_max, dtype=torch.long, device=device)  # (B, T)
+        for row, i in enumerate(idx):
+            seq = sequences[i][0]
+            ids[row, :len(seq)] = seq.to(device)
+            mask[row, :len(seq)] = 1
+        h_mid = _run_to_h_mid(model, norm, input_ids=ids, attention_mask=mask, use_cache=False)
+        for row, i in enumerate(idx):
+            full[i] = h_mid[row, :len(sequences[i][0])]
+    out = []
+    for (seq, start), h in zip(sequences, full, strict=True):
+        assert h is not None
+        out.append(SupervisedStates(h_mid=h[start - 1:len(seq) - 1].clone(),
+                                    targets=seq[start:].to(device)))
+    return out
 
 
 def stacked_head_logits(model: Any, h_mid: torch.Tensor, valid: torch.Tensor,
