@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import CharTokenizer, tiny_model
+
 from dmoe.errors import BankError, WrongBaseModelError
 from dmoe.experts.bank import ExpertBank
 from dmoe.experts.cache import ExpertCache

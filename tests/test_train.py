@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import CharTokenizer, tiny_model
+
 from dmoe.augment.types import TrainingExample
 from dmoe.experts.lora import LoraSpec
 from dmoe.experts.train import (

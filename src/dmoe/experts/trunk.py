@@ -145,13 +145,13 @@ def trunk_states(model: Any, sequences: Sequence[tuple[torch.Tensor, int]],
             seq = sequences[i][0]
             ids[row, :len(seq)] = seq.to(device)
             mask[row, :len(seq)] = 1
-        h_mid = _run_to_h_mid(model, norm, input_ids=ids, attention_mask=mask, use_cache=False)
+        h_batch = _run_to_h_mid(model, norm, input_ids=ids, attention_mask=mask, use_cache=False)
         for row, i in enumerate(idx):
-            full[i] = h_mid[row, :len(sequences[i][0])]
+            full[i] = h_batch[row, :len(sequences[i][0])]
     out = []
-    for (seq, start), h in zip(sequences, full, strict=True):
-        assert h is not None
-        out.append(SupervisedStates(h_mid=h[start - 1:len(seq) - 1].clone(),
+    for (seq, start), h_full in zip(sequences, full, strict=True):
+        assert h_full is not None
+        out.append(SupervisedStates(h_mid=h_full[start - 1:len(seq) - 1].clone(),
                                     targets=seq[start:].to(device)))
     return out
 
