@@ -142,3 +142,18 @@ def test_config_validation_names_the_bad_value():
         TrainConfig(loss_on="tokens")
     assert TrainConfig().settings_hash() == TrainConfig().settings_hash()
     assert TrainConfig().settings_hash() != TrainConfig(lr=1e-3).settings_hash()
+
+
+@pytest.mark.slow
+def test_fast_path_equals_reference_on_the_packaged_model():
+    from dmoe.base_model import load_base_model
+    from dmoe.bench.build import squad_jobs
+
+    lm = load_base_model()
+    jobs = squad_jobs(lm.tokenizer, n_units=2, n_questions=2, mix="passage+qa")
+    config = TrainConfig(lr=5e-3, epochs=2)
+    ref = train_reference(lm.model, lm.tokenizer, jobs, config)
+    fast = train_fast(lm.model, lm.tokenizer, jobs, config)
+    diff = max((r.weights[k] - f.weights[k]).abs().max().item()
+               for r, f in zip(ref, fast, strict=True) for k in r.weights)
+    assert diff <= 1e-4, diff
