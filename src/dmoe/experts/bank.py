@@ -107,7 +107,9 @@ class ExpertBank:
         self.spec = LoraSpec(**header["spec"])
         self.dtype: str = header["dtype"]
         self.experts_dir = path / "experts"
-        self._db = sqlite3.connect(path / "bank.sqlite", isolation_level=None)
+        # autocommit; usable from the server's worker threads (sqlite serialises access)
+        self._db = sqlite3.connect(path / "bank.sqlite", isolation_level=None,
+                                   check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)

@@ -7,7 +7,9 @@ into a part that no expert can change and a small part that every expert recompu
     head:   h_mid + MLP_{θ+Δ}(post_attention_layernorm(h_mid)) -> norm -> lm_head -> logits
 
 ``trunk_states`` runs the trunk once per sequence, batched (right-padded, with an attention mask),
-and keeps ``h_mid`` only at the positions whose next token is supervised. ``stacked_head_logits``
+and keeps ``h_mid`` only at the positions whose next token is supervised; sequences of one unit that
+start alike (PRAG's ``passage + Q_i``) run their common prefix once, into a KV cache that the
+batched suffixes extend. ``stacked_head_logits``
 is the head for n experts at once, their LoRAs held as stacked tensors and applied with bmm.
 
 This module knows nothing about optimisers, examples or files.
