@@ -8,7 +8,7 @@ train the same units on the same examples with the same config; the bench report
 their ratio, the largest weight difference between the two paths, and the file size of one expert
 in each storage dtype::
 
-    python -m dmoe.bench.build --json                    # defaults: 8 units, 10 epochs
+    python -m dmoe.bench.build --json       # defaults: 8 units (2 also by the reference), 10 epochs
     python -m dmoe.bench.build --n-units 4 --mix passage+qa --json
 """
 
@@ -56,8 +56,13 @@ def squad_jobs(tokenizer: Any, n_units: int, n_questions: int = 3, mix: str = "q
 
 
 def bench_training(n_units: int = 8, epochs: int = 10, lr: float = 5e-3, mix: str = "qa",
-                   n_questions: int = 3, repeats: int = 3, model: str | None = None) -> dict[str, Any]:
-    """Train the same units through both paths; timings, weight agreement and expert sizes."""
+                   n_questions: int = 3, repeats: int = 2, n_reference: int = 2,
+                   share_prefix: bool = False, model: str | None = None) -> dict[str, Any]:
+    """Train the same units through both paths; timings, weight agreement and expert sizes.
+
+    The fast path trains all ``n_units`` together; the reference (slow) trains the first
+    ``n_reference`` of them, one at a time, and the weight comparison covers those.
+    """
     lm = load_base_model(model)
     tok = lm.tokenizer
     jobs = squad_jobs(tok, n_units, n_questions, mix)
@@ -66,15 +71,15 @@ def bench_training(n_units: int = 8, epochs: int = 10, lr: float = 5e-3, mix: st
     fast_s = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fast = train_fast(lm.model, tok, jobs, config)
+        fast = train_fast(lm.model, tok, jobs, config, share_prefix=share_prefix)
         fast_s.append((time.perf_counter() - t0) / len(jobs))
     ref_s, ref = [], []
-    for job in jobs:
+    for job in jobs[:n_reference]:
         t0 = time.perf_counter()
         ref += train_reference(lm.model, tok, [job], config)
         ref_s.append(time.perf_counter() - t0)
     diff = max((r.weights[k] - f.weights[k]).abs().max().item()
-               for r, f in zip(ref, fast, strict=True) for k in r.weights)
+               for r, f in zip(ref, fast[:len(ref)], strict=True) for k in r.weights)
     b_max = max(r.weights[k].abs().max().item() for r in ref for k in r.weights if k.endswith("B"))
     sizes = {}
     with tempfile.TemporaryDirectory() as d:
@@ -84,15 +89,15 @@ def bench_training(n_units: int = 8, epochs: int = 10, lr: float = 5e-3, mix: st
     fast_med, ref_med = statistics.median(fast_s), statistics.median(ref_s)
     return {
         "model": lm.source.name, "device": str(lm.device), "threads": torch.get_num_threads(),
-        "n_units": len(jobs), "mix": mix, "examples_per_unit": len(jobs[0][1]),
+        "n_units": len(jobs), "n_reference": len(ref), "share_prefix": share_prefix, "mix": mix, "examples_per_unit": len(jobs[0][1]),
         "tokens_per_unit_median": statistics.median(n_tokens), "epochs": epochs, "lr": lr,
         "s_per_expert_fast": round(fast_med, 4), "s_per_expert_reference": round(ref_med, 4),
         "speedup": round(ref_med / fast_med, 1), "max_abs_weight_diff": diff,
         "max_abs_B": b_max, "bytes_per_expert": sizes, "n_params": fast[0].n_params,
         "how": (f"fast: median of {repeats} runs of train_fast over all {len(jobs)} units "
-                "(after a warm-up), divided by n_units; reference: median over units of "
-                "train_reference on that unit alone (PEFT, batch 1, full forward); wall clock, "
-                "time.perf_counter"),
+                f"(after a warm-up), divided by n_units; reference: median over the first "
+                f"{len(ref)} units of train_reference on that unit alone (PEFT, batch 1, full "
+                f"forward); wall clock, time.perf_counter, {torch.get_num_threads()} torch threads"),
     }
 
 
@@ -103,12 +108,14 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--mix", choices=MIXES, default="qa")
     ap.add_argument("--questions", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--n-reference", type=int, default=2, help="units also trained by the reference")
+    ap.add_argument("--share-prefix", action="store_true", help="shared-prefix trunk (see train_fast)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args()
     r = bench_training(args.n_units, args.epochs, args.lr, args.mix, args.questions, args.repeats,
-                       args.model)
+                       args.n_reference, args.share_prefix, args.model)
     if args.json:
         print(json.dumps(r, indent=1))
     else:

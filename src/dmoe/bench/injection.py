@@ -42,7 +42,7 @@ def load_conflicts(n: int, path: Path = DATA, max_words: int = 150) -> list[dict
 
 
 @torch.no_grad()
-def answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 24) -> str:
+def answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 16) -> str:
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     out = model.generate(ids.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tokenizer.eos_token_id)
@@ -59,6 +59,8 @@ def run(n: int, grid: list[tuple[float, int]]) -> dict[str, Any]:
     items = load_conflicts(n)
     base = [answer(model, tok, format_prompt(tok, it["question"])) for it in items]
     rag = [answer(model, tok, format_prompt(tok, it["question"], [it["passage"]])) for it in items]
+    print(f"base {sum(map(hit, base, [i['answer'] for i in items]))}/{len(items)}, "
+          f"rag {sum(map(hit, rag, [i['answer'] for i in items]))}/{len(items)}", flush=True)
     result: dict[str, Any] = {
         "n": len(items), "base_hits": sum(map(hit, base, [i["answer"] for i in items])),
         "rag_hits": sum(map(hit, rag, [i["answer"] for i in items])), "grid": []}
