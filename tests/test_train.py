@@ -36,14 +36,16 @@ def model():
     return tiny_model("llama", layers=2)
 
 
-@pytest.mark.parametrize("loss_on,weight_decay", [("answer", 0.0), ("all", 0.01)])
-def test_fast_path_equals_reference(model, loss_on, weight_decay):
+@pytest.mark.parametrize("loss_on,weight_decay,share_prefix", [("answer", 0.0, True),
+                                                               ("all", 0.01, False)])
+def test_fast_path_equals_reference(model, loss_on, weight_decay, share_prefix):
     tok = CharTokenizer()
     jobs = _jobs()
     config = TrainConfig(lr=5e-3, epochs=2, loss_on=loss_on, weight_decay=weight_decay)
     ref = train_reference(model, tok, jobs, config)
     # A small head budget forces several row groups per step; experts finish at different steps.
-    fast = train_fast(model, tok, jobs, config, trunk_batch_tokens=300, head_batch_tokens=64)
+    fast = train_fast(model, tok, jobs, config, trunk_batch_tokens=300, head_batch_tokens=64,
+                      share_prefix=share_prefix)
     assert [e.id for e in fast] == [e.id for e in ref]
     diff = max((r.weights[k] - f.weights[k]).abs().max().item()
                for r, f in zip(ref, fast, strict=True) for k in r.weights)
