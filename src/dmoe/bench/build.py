@@ -68,16 +68,18 @@ def bench_training(n_units: int = 8, epochs: int = 10, lr: float = 5e-3, mix: st
     jobs = squad_jobs(tok, n_units, n_questions, mix)
     config = TrainConfig(lr=lr, epochs=epochs, loss_on="answer")
     train_fast(lm.model, tok, jobs[:1], TrainConfig(lr=lr, epochs=1))  # warm-up
-    fast_s = []
+    fast_s, fast_cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fast = train_fast(lm.model, tok, jobs, config, share_prefix=share_prefix)
         fast_s.append((time.perf_counter() - t0) / len(jobs))
-    ref_s, ref = [], []
+        fast_cpu.append((time.process_time() - c0) / len(jobs))
+    ref_s, ref_cpu, ref = [], [], []
     for job in jobs[:n_reference]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         ref += train_reference(lm.model, tok, [job], config)
         ref_s.append(time.perf_counter() - t0)
+        ref_cpu.append(time.process_time() - c0)
     diff = max((r.weights[k] - f.weights[k]).abs().max().item()
                for r, f in zip(ref, fast[:len(ref)], strict=True) for k in r.weights)
     b_max = max(r.weights[k].abs().max().item() for r in ref for k in r.weights if k.endswith("B"))
@@ -89,15 +91,23 @@ def bench_training(n_units: int = 8, epochs: int = 10, lr: float = 5e-3, mix: st
     fast_med, ref_med = statistics.median(fast_s), statistics.median(ref_s)
     return {
         "model": lm.source.name, "device": str(lm.device), "threads": torch.get_num_threads(),
-        "n_units": len(jobs), "n_reference": len(ref), "share_prefix": share_prefix, "mix": mix, "examples_per_unit": len(jobs[0][1]),
+        "n_units": len(jobs), "n_reference": len(ref), "share_prefix": share_prefix, "mix": mix,
+        "examples_per_unit": len(jobs[0][1]),
         "tokens_per_unit_median": statistics.median(n_tokens), "epochs": epochs, "lr": lr,
         "s_per_expert_fast": round(fast_med, 4), "s_per_expert_reference": round(ref_med, 4),
-        "speedup": round(ref_med / fast_med, 1), "max_abs_weight_diff": diff,
+        "speedup": round(ref_med / fast_med, 1),
+        "cpu_s_per_expert_fast": round(statistics.median(fast_cpu), 4),
+        "cpu_s_per_expert_reference": round(statistics.median(ref_cpu), 4),
+        "cpu_speedup": round(statistics.median(ref_cpu) / statistics.median(fast_cpu), 1),
+        "runs_s_per_expert": {"fast": [round(x, 3) for x in fast_s],
+                              "reference": [round(x, 3) for x in ref_s]},
+        "max_abs_weight_diff": diff,
         "max_abs_B": b_max, "bytes_per_expert": sizes, "n_params": fast[0].n_params,
         "how": (f"fast: median of {repeats} runs of train_fast over all {len(jobs)} units "
                 f"(after a warm-up), divided by n_units; reference: median over the first "
                 f"{len(ref)} units of train_reference on that unit alone (PEFT, batch 1, full "
-                f"forward); wall clock, time.perf_counter, {torch.get_num_threads()} torch threads"),
+                f"forward); wall clock (time.perf_counter) and process CPU time (time.process_time, "
+                f"steadier on a shared machine), {torch.get_num_threads()} torch threads"),
     }
 
 
