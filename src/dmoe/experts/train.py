@@ -242,9 +242,9 @@ def train_fast(model: Any, tokenizer: Any, jobs: Sequence[Job], config: TrainCon
     """All jobs side by side on cached trunk states (see the module docstring).
 
     ``share_prefix``: one expert's examples that start alike (passage + question_i) run their common
-    prefix through the trunk once (``trunk_states``). Exact, but off by default: on a contended
-    2-core CPU it measured slower (2 units x 3 QA: 66-89 s vs 35-40 s without), though it runs ~2.4x
-    fewer trunk tokens; re-measure on a GPU before turning it on. ``trunk_batch_tokens`` bounds a padded trunk
+    prefix through the trunk once (``trunk_states``): exact, and ~2.4x fewer trunk tokens for PRAG
+    examples, but off by default until measured on a quiet machine: on the contended 2-core CPU one
+    run was 2x slower (2 units x 3 QA: 66-89 s vs 35-40 s), a per-pass timing 1.3-1.8x faster. ``trunk_batch_tokens`` bounds a padded trunk
     batch and ``head_batch_tokens`` the positions whose logits (N, V) are alive at once.
     """
     if config.spec.n_layers != 1:
