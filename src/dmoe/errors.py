@@ -23,3 +23,11 @@ class ExpertFormatError(DmoeError):
 
 class RouterIndexError(DmoeError):
     """A router index is missing, was written by an incompatible format version, or is locked."""
+
+
+class BankError(DmoeError):
+    """An expert bank is missing, malformed, inconsistent, or asked to do something it cannot."""
+
+
+class WrongBaseModelError(BankError):
+    """A bank (or expert) was built for a different base model than the one loaded."""
