@@ -13,7 +13,8 @@ Three granularities (DESIGN.md step 1):
 Passage packing: a document of ``W`` words becomes ``n = max(1, round(W / passage_words))``
 passages of target ``W / n`` words; sentences are added in order and a passage is closed when the
 next sentence would put more than half of its words past the target. A 100-word DPR passage at the
-default 100 stays whole; a sentence longer than twice the target is cut into word chunks first.
+default 100 stays whole; a sentence longer than twice the target is cut into chunks of
+``target`` words first.
 
 Sentence splitting is a regex (end punctuation, optional closing quote/bracket, whitespace, then an
 upper-case letter, digit or quote), with a short list of abbreviations that do not end a sentence.
@@ -65,15 +66,15 @@ def _word_count(s: str) -> int:
     return len(s.split())
 
 
-def _chunk_long(sentences: list[str], limit: int) -> list[str]:
-    """Cut any sentence longer than ``limit`` words into chunks of at most ``limit`` words."""
+def _chunk_long(sentences: list[str], limit: int, size: int) -> list[str]:
+    """Cut any sentence longer than ``limit`` words into chunks of ``size`` words."""
     out: list[str] = []
     for s in sentences:
         words = s.split()
         if len(words) <= limit:
             out.append(s)
         else:
-            out.extend(" ".join(words[i:i + limit]) for i in range(0, len(words), limit))
+            out.extend(" ".join(words[i:i + size]) for i in range(0, len(words), size))
     return out
 
 
@@ -87,7 +88,7 @@ def split_passages(text: str, passage_words: int = 100) -> list[str]:
         return []
     n = max(1, round(total / passage_words))
     target = total / n
-    sentences = _chunk_long(sentences, max(1, int(2 * target)))
+    sentences = _chunk_long(sentences, int(2 * target), max(1, round(target)))
     passages: list[str] = []
     current: list[str] = []
     words = 0
