@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+import torch
 from conftest import tiny_model
 
 from dmoe.augment import (
@@ -105,8 +106,8 @@ class ScriptedBackend:
         self.reply = reply
         self.calls: list[tuple[list[str], str]] = []
 
-    def generate(self, messages: Sequence[str], *, max_new_tokens: int,
-                 prefill: str = "") -> list[str]:
+    def generate(self, messages: Sequence[str], *, max_new_tokens: int, prefill: str = "",
+                 stop_regex: str = "") -> list[str]:
         self.calls.append((list(messages), prefill))
         return [self.reply(m, prefill) for m in messages]
 
@@ -327,3 +328,12 @@ def test_training_examples_follow_prag(tokenizer):
     with pytest.raises(ValueError, match="target style"):
         training_examples(CURIE, aug, tokenizer, target="long")  # type: ignore[arg-type]
 
+
+
+def test_regex_stop_marks_rows_that_closed_the_qa_list(tokenizer):
+    from dmoe.augment.hf import _RegexStop
+    from dmoe.augment.llm import QA_STOP
+
+    rows = [list(b'PROMPT[{"a": 1}]'), list(b'PROMPT[{"a": 1},')]
+    stop = _RegexStop(tokenizer, QA_STOP, prompt_width=6)
+    assert stop(torch.tensor(rows), None).tolist() == [True, False]

@@ -33,6 +33,7 @@ from dmoe.corpus.units import KnowledgeUnit
 
 N_QA = 3
 RAW_KEEP_CHARS = 2000
+QA_STOP = r"\}\s*\]"  # the end of the QA JSON list
 
 
 class Augmenter(Protocol):
@@ -57,9 +58,10 @@ class ChatBackend(Protocol):
     @property
     def settings(self) -> dict[str, Any]: ...
 
-    def generate(self, messages: Sequence[str], *, max_new_tokens: int,
-                 prefill: str = "") -> list[str]:
-        """Replies to ``messages`` (including ``prefill`` at their start when honoured)."""
+    def generate(self, messages: Sequence[str], *, max_new_tokens: int, prefill: str = "",
+                 stop_regex: str = "") -> list[str]:
+        """Replies to ``messages`` (including ``prefill`` at their start when honoured); a
+        backend may end a reply early once its text matches ``stop_regex`` (or ignore it)."""
         ...
 
 
@@ -92,14 +94,16 @@ class LLMAugmenter:
         texts = [u.text for u in units]
         rewrites = self.backend.generate([rewrite_prompt(t) for t in texts],
                                          max_new_tokens=self.rewrite_tokens)
-        raw = self.backend.generate([qa_prompt(t) for t in texts], max_new_tokens=self.qa_tokens)
+        raw = self.backend.generate([qa_prompt(t) for t in texts], max_new_tokens=self.qa_tokens,
+                                    stop_regex=QA_STOP)
         pairs = [parse_qa(r) for r in raw]
         attempts = [1] * len(units)
         todo = [i for i, p in enumerate(pairs) if len(p) < N_QA]
         if self.retry and todo:
             prefill = QA_PREFILL if self.backend.can_prefill else ""
             again = self.backend.generate([qa_prompt(texts[i], retry=True) for i in todo],
-                                          max_new_tokens=self.qa_tokens, prefill=prefill)
+                                          max_new_tokens=self.qa_tokens, prefill=prefill,
+                                          stop_regex=QA_STOP)
             for i, r in zip(todo, again, strict=True):
                 attempts[i] = 2
                 retried = parse_qa(r)

@@ -18,16 +18,23 @@ from collections.abc import Sequence
 from typing import Any
 
 from dmoe.augment.llm import Augmenter
+from dmoe.augment.types import Augmentation
 from dmoe.corpus.units import KnowledgeUnit
 
 
-def measure_augmentation(units: Sequence[KnowledgeUnit], augmenter: Augmenter) -> dict[str, Any]:
-    """Augment ``units`` once, timing it, and summarise parsing outcomes (module docstring)."""
+def measure_augmentation(units: Sequence[KnowledgeUnit], augmenter: Augmenter, *,
+                         keep: list[Augmentation] | None = None) -> dict[str, Any]:
+    """Augment ``units`` once, timing it, and summarise parsing outcomes (module docstring).
+
+    ``keep``: a list that receives the augmentations, for callers that want to inspect them.
+    """
     if not units:
         raise ValueError("measure_augmentation needs at least one unit")
     start = time.perf_counter()
     augs = augmenter.augment(units)
     seconds = time.perf_counter() - start
+    if keep is not None:
+        keep.extend(augs)
     n = len(augs)
     parsed = Counter(a.meta.get("qa_parsed", "") for a in augs)
     llm = "" not in parsed

@@ -9,7 +9,8 @@ Configuration from the environment (``OpenAIChatBackend.from_env``):
 
 Requests use temperature 0 and run ``max_workers`` at a time; a 429 or 5xx answer is retried twice
 with a short back-off, anything else raises ``AugmentError`` naming the URL, status and body. Chat
-endpoints cannot be made to continue a pre-filled answer portably, so ``prefill`` is not honoured.
+endpoints cannot be made to continue a pre-filled answer portably, so ``prefill`` is not honoured;
+``stop_regex`` is ignored too (API stop strings are literal and cut the match from the reply).
 This module uses only the standard library (urllib).
 """
 
@@ -93,7 +94,7 @@ class OpenAIChatBackend:
             time.sleep(self.backoff_s * 2 ** attempt)
         raise AssertionError("unreachable")
 
-    def generate(self, messages: Sequence[str], *, max_new_tokens: int,
-                 prefill: str = "") -> list[str]:
+    def generate(self, messages: Sequence[str], *, max_new_tokens: int, prefill: str = "",
+                 stop_regex: str = "") -> list[str]:
         with ThreadPoolExecutor(self.max_workers) as pool:
             return list(pool.map(lambda m: self._post(m, max_new_tokens), messages))
