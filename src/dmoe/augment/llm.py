@@ -16,6 +16,7 @@ model, ``openai_api.OpenAIChatBackend`` for an endpoint). Per unit:
    (source ``"{name}+extractive"``), or replaced by them when there are none (``"{name}->extractive"``).
 
 ``meta`` records ``qa_parsed`` (``first``/``retry``/``partial``/``failed``), ``qa_attempts``,
+``qa_format`` (``json``, ``text`` for "Question:/Answer:" lines, or empty),
 ``paraphrase_source`` and the last raw QA output (``qa_raw``, truncated), so a cache file shows
 exactly what the model said.
 """
@@ -26,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from dmoe.augment.extractive import ExtractiveAugmenter, extractive_paraphrase, extractive_qa
-from dmoe.augment.parse import clean_paraphrase, parse_qa
+from dmoe.augment.parse import clean_paraphrase, parse_qa_detailed
 from dmoe.augment.prompts import PROMPT_VERSION, QA_PREFILL, qa_prompt, rewrite_prompt
 from dmoe.augment.types import Augmentation, QAPair
 from dmoe.corpus.units import KnowledgeUnit
@@ -96,7 +97,8 @@ class LLMAugmenter:
                                          max_new_tokens=self.rewrite_tokens)
         raw = self.backend.generate([qa_prompt(t) for t in texts], max_new_tokens=self.qa_tokens,
                                     stop_regex=QA_STOP)
-        pairs = [parse_qa(r) for r in raw]
+        parsed = [parse_qa_detailed(r) for r in raw]
+        pairs, kinds = [p for p, _ in parsed], [k for _, k in parsed]
         attempts = [1] * len(units)
         todo = [i for i, p in enumerate(pairs) if len(p) < N_QA]
         if self.retry and todo:
@@ -106,17 +108,17 @@ class LLMAugmenter:
                                           stop_regex=QA_STOP)
             for i, r in zip(todo, again, strict=True):
                 attempts[i] = 2
-                retried = parse_qa(r)
+                retried, kind = parse_qa_detailed(r)
                 if len(retried) >= len(pairs[i]):
-                    pairs[i], raw[i] = retried, r
-        return [self._assemble(u, rw, p, r, a)
-                for u, rw, p, r, a in zip(units, rewrites, pairs, raw, attempts, strict=True)]
+                    pairs[i], kinds[i], raw[i] = retried, kind, r
+        return [self._assemble(u, rw, p, k, r, a) for u, rw, p, k, r, a
+                in zip(units, rewrites, pairs, kinds, raw, attempts, strict=True)]
 
-    def _assemble(self, unit: KnowledgeUnit, rewrite: str, pairs: list[QAPair], raw: str,
-                  attempts: int) -> Augmentation:
+    def _assemble(self, unit: KnowledgeUnit, rewrite: str, pairs: list[QAPair], kind: str,
+                  raw: str, attempts: int) -> Augmentation:
         paraphrase = clean_paraphrase(rewrite, unit.text)
         meta = {"paraphrase_source": self.name if paraphrase else "extractive",
-                "qa_attempts": str(attempts), "qa_raw": raw[:RAW_KEEP_CHARS]}
+                "qa_attempts": str(attempts), "qa_format": kind, "qa_raw": raw[:RAW_KEEP_CHARS]}
         if not paraphrase:
             paraphrase = extractive_paraphrase(unit)
         if len(pairs) >= N_QA:

@@ -3,11 +3,13 @@
 ``measure_augmentation`` runs an augmenter once over some units (no cache) and reports:
 
 - ``augment_s_per_unit``: wall seconds / units;
-- ``augment_json_parse_rate``: share of units whose QA output parsed into >= 3 pairs, on the first
-  try or the retry (``None`` for an augmenter without an LLM);
-- ``augment_json_parse_rate_first_try``, ``augment_json_parse_rate_partial`` (1-2 pairs, topped up
-  extractively), ``augment_fallback_rate`` (no pair at all), ``augment_paraphrase_rate`` (model
-  paraphrase usable), ``augment_sources`` (count per ``Augmentation.source``).
+- ``augment_json_parse_rate``: share of units whose QA output parsed *as JSON* into >= 3 pairs, on
+  the first try or the retry (``None`` for an augmenter without an LLM);
+- ``augment_json_parse_rate_first_try``: the same, first try only;
+- ``augment_qa_parse_rate``: >= 3 pairs in any accepted form (JSON or "Question:/Answer:" lines),
+  first try or retry; ``augment_qa_partial_rate`` (1-2 pairs, topped up extractively);
+  ``augment_fallback_rate`` (no pair at all: all extractive);
+- ``augment_paraphrase_rate`` (model paraphrase usable), ``augment_sources`` (count per source).
 """
 
 from __future__ import annotations
@@ -37,20 +39,23 @@ def measure_augmentation(units: Sequence[KnowledgeUnit], augmenter: Augmenter, *
         keep.extend(augs)
     n = len(augs)
     parsed = Counter(a.meta.get("qa_parsed", "") for a in augs)
+    json_ok = Counter(a.meta.get("qa_parsed", "") for a in augs
+                      if a.meta.get("qa_format") == "json")
     llm = "" not in parsed
 
-    def rate(*outcomes: str) -> float | None:
-        return sum(parsed[o] for o in outcomes) / n if llm else None
+    def rate(outcomes: tuple[str, ...], counts: Counter[str] = parsed) -> float | None:
+        return sum(counts[o] for o in outcomes) / n if llm else None
 
     paraphrased = sum(a.meta.get("paraphrase_source") not in (None, "extractive") for a in augs)
     return {
         "augment_units": n,
         "augment_seconds": round(seconds, 3),
         "augment_s_per_unit": seconds / n,
-        "augment_json_parse_rate": rate("first", "retry"),
-        "augment_json_parse_rate_first_try": rate("first"),
-        "augment_json_parse_rate_partial": rate("partial"),
-        "augment_fallback_rate": rate("failed"),
+        "augment_json_parse_rate": rate(("first", "retry"), json_ok),
+        "augment_json_parse_rate_first_try": rate(("first",), json_ok),
+        "augment_qa_parse_rate": rate(("first", "retry")),
+        "augment_qa_partial_rate": rate(("partial",)),
+        "augment_fallback_rate": rate(("failed",)),
         "augment_paraphrase_rate": paraphrased / n if llm else None,
         "augment_sources": dict(Counter(a.source for a in augs)),
     }

@@ -6,7 +6,12 @@ yields pairs:
 1. ``json.loads`` of the text from the first ``[`` to the last ``]`` (code fences stripped,
    trailing commas removed, a missing closing ``]`` added);
 2. each ``{...}`` object found in the text, parsed on its own (same repairs);
-3. a regex over ``"question": "..."`` / ``"answer": "..."`` / ``"full_answer": "..."`` fields.
+3. a regex over ``"question": "..."`` / ``"answer": "..."`` / ``"full_answer": "..."`` fields;
+4. not JSON at all: ``Question: ...`` / ``Answer: ...`` line pairs (also ``Q1:``/``A1:``), the form
+   the packaged SmolLM2-135M falls into when it ignores the requested format.
+
+``parse_qa_detailed`` also says which kind succeeded (``"json"`` for 1-3, ``"text"`` for 4), so
+measurements can tell a JSON parse from a rescued free-text answer.
 
 A pair needs a non-empty question and answer (numbers and lists are turned into strings); pairs that
 copy the prompt's format example or repeat an earlier question are dropped. The caller decides how
@@ -25,6 +30,9 @@ from dmoe.augment.types import QAPair
 _FENCE = re.compile(r"```(?:json)?", re.IGNORECASE)
 _TRAILING_COMMA = re.compile(r",\s*([\]}])")
 _OBJECT = re.compile(r"\{[^{}]*\}", re.DOTALL)
+_TEXT_PAIR = re.compile(
+    r"(?:^|\n)[ \t]*(?:\d+[.)][ \t]*)?(?:Q|Question)[ \t]*\d*[ \t]*[:.][ \t]*(?P<q>[^\n]+?)[ \t]*"
+    r"\n+[ \t]*(?:A|Answer)[ \t]*\d*[ \t]*[:.][ \t]*(?P<a>[^\n]+)", re.IGNORECASE)
 _FIELD = re.compile(r'"(question|answer|full_answer)"\s*:\s*"((?:[^"\\]|\\.)*)"', re.DOTALL)
 
 
@@ -90,14 +98,24 @@ def _clean(pairs: list[QAPair]) -> list[QAPair]:
     return out
 
 
-def parse_qa(text: str) -> list[QAPair]:
-    """All usable QA pairs in ``text`` (possibly none); see the module docstring."""
+def _from_text(text: str) -> list[Any]:
+    return [{"question": m.group("q"), "answer": m.group("a")} for m in _TEXT_PAIR.finditer(text)]
+
+
+def parse_qa_detailed(text: str) -> tuple[list[QAPair], str]:
+    """``(pairs, kind)``: the usable QA pairs in ``text`` and ``"json"``/``"text"``/``""``."""
     text = _FENCE.sub("", text)
-    for strategy in (_from_list, _from_objects, _from_fields):
+    for kind, strategy in (("json", _from_list), ("json", _from_objects), ("json", _from_fields),
+                           ("text", _from_text)):
         pairs = _clean([p for obj in strategy(text) if (p := _pair(obj)) is not None])
         if pairs:
-            return pairs
-    return []
+            return pairs, kind
+    return [], ""
+
+
+def parse_qa(text: str) -> list[QAPair]:
+    """All usable QA pairs in ``text`` (possibly none); see the module docstring."""
+    return parse_qa_detailed(text)[0]
 
 
 _PREAMBLE = re.compile(
@@ -108,13 +126,25 @@ _LABEL = re.compile(r"^\s*(rewritten|revised|new)?\s*(passage|version|text)\s*:\
 
 
 def clean_paraphrase(text: str, original: str) -> str:
-    """The rewritten passage without chat preambles and labels; "" when unusable.
+    """The rewritten passage without chat preambles, labels and degenerate loops; "" if unusable.
 
-    Unusable: empty, identical to the original (after whitespace normalisation), or a refusal-length
-    scrap of fewer than 5 words.
+    Cleaning: a leading "Here is the rewritten passage:"-style line and a "Passage:" label go;
+    a sentence repeating an earlier one verbatim ends the text there (greedy decoding loops); a
+    last sentence cut off by the token budget (no end punctuation) goes when a complete one is left.
+    Unusable: empty, identical to the original (after whitespace normalisation), or a scrap of fewer
+    than 5 words.
     """
+    from dmoe.corpus.split import split_sentences
+
     text = _LABEL.sub("", _PREAMBLE.sub("", text.strip()))
-    text = " ".join(text.strip().strip('"').split())
+    sentences: list[str] = []
+    for sentence in split_sentences(text.strip().strip('"')):
+        if sentence in sentences:
+            break
+        sentences.append(sentence)
+    if len(sentences) > 1 and not sentences[-1].endswith((".", "!", "?", '"', "'", ")")):
+        sentences.pop()
+    text = " ".join(sentences)
     if len(text.split()) < 5 or text == " ".join(original.split()):
         return ""
     return text
