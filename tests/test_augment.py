@@ -25,6 +25,7 @@ from dmoe.augment import (
     make_augmenter,
     measure_augmentation,
     parse_qa,
+    parse_qa_detailed,
     training_examples,
 )
 from dmoe.augment.hf import HFChatBackend
@@ -61,12 +62,27 @@ def test_parse_qa_object_and_field_fallbacks_and_filters():
     assert parse_qa("I cannot do that.") == []
 
 
+def test_parse_qa_free_text_question_answer_lines():
+    smol = ("Question: What is the capital of France?\n\nAnswer: Paris\n\n"
+            "Question: Who won Super Bowl 50?\n\nAnswer: Denver Broncos\n"
+            "Q2: When was it played?\nA2: February 7, 2016\n\nQuestion: Dangling?")
+    pairs, kind = parse_qa_detailed(smol)
+    assert kind == "text" and pairs == [QAPair("Who won Super Bowl 50?", "Denver Broncos"),
+                                        QAPair("When was it played?", "February 7, 2016")]
+    assert parse_qa_detailed(GOOD_QA)[1] == "json" and parse_qa_detailed("nope") == ([], "")
+
+
 def test_clean_paraphrase():
     original = "Marie Curie was born in Warsaw in 1867."
     assert clean_paraphrase("Here is the rewritten passage:\nBorn in Warsaw in 1867 was Marie "
                             "Curie.", original) == "Born in Warsaw in 1867 was Marie Curie."
     assert clean_paraphrase(original, original) == ""
     assert clean_paraphrase("Sorry.", original) == ""
+    looping = ("Curie was born in Warsaw. She was a physicist. She was a physicist. She was a "
+               "physicist.")
+    assert clean_paraphrase(looping, original) == "Curie was born in Warsaw. She was a physicist."
+    cut = "Curie was born in Warsaw in 1867. She later moved to the city of"
+    assert clean_paraphrase(cut, original) == "Curie was born in Warsaw in 1867."
 
 
 # -- extractive ----------------------------------------------------------------------------------
