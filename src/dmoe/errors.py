@@ -23,6 +23,8 @@ class ExpertFormatError(DmoeError):
 
 class RouterIndexError(DmoeError):
     """A router index is missing, was written by an incompatible format version, or is locked."""
+
+
 class CorpusError(DmoeError):
     """A corpus file cannot be read, or (with ``strict=True``) holds a bad record; names file:line."""
 
