@@ -82,7 +82,9 @@ def test_tsv_dpr_format_with_and_without_header(tmp_path):
     with_header.write_text("id\ttext\ttitle\n" + body)
     no_header = tmp_path / "plain.tsv"
     no_header.write_text(body)
-    for f in (with_header, no_header):
+    bom = tmp_path / "bom.tsv"
+    bom.write_bytes(b"\xef\xbb\xbf" + ("id\ttext\ttitle\n" + body).encode())
+    for f in (with_header, no_header, bom):
         units = read_corpus(f, granularity="document").units
         assert [(u.id, u.title) for u in units] == [("1", "Aaron"), ("2", "Aaron")]
         assert units[0].text == 'Aaron ( or ; "Ahärôn") is a prophet.'

@@ -95,7 +95,7 @@ class _Collector:
 
 def _decode(raw: bytes, source: Path, line: int, c: _Collector) -> str | None:
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig" if line == 1 else "utf-8")  # a BOM is not data
     except UnicodeDecodeError as e:
         c.skip(source, line, f"invalid UTF-8 at byte {e.start}")
         return None
@@ -180,7 +180,7 @@ def _read_text_file(path: Path, doc_id: str, c: _Collector) -> KnowledgeUnit | N
     with _open_binary(path) as f:
         raw = f.read()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         c.skip(path, raw.count(b"\n", 0, e.start) + 1, f"invalid UTF-8 at byte {e.start}")
         return None
