@@ -31,3 +31,11 @@ class BankError(DmoeError):
 
 class WrongBaseModelError(BankError):
     """A bank (or expert) was built for a different base model than the one loaded."""
+
+
+class CorpusError(DmoeError):
+    """A corpus file cannot be read, or (with ``strict=True``) holds a bad record; names file:line."""
+
+
+class AugmentError(DmoeError):
+    """An augmenter cannot run: an unset endpoint, a failing HTTP call, an unreadable cache."""
