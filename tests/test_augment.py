@@ -81,6 +81,7 @@ def test_clean_paraphrase():
     looping = ("Curie was born in Warsaw. She was a physicist. She was a physicist. She was a "
                "physicist.")
     assert clean_paraphrase(looping, original) == "Curie was born in Warsaw. She was a physicist."
+    assert clean_paraphrase("Тесла (Tesla) Высоколиции " * 10, original) == ""
     cut = "Curie was born in Warsaw in 1867. She later moved to the city of"
     assert clean_paraphrase(cut, original) == "Curie was born in Warsaw in 1867."
 

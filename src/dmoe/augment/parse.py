@@ -118,6 +118,7 @@ def parse_qa(text: str) -> list[QAPair]:
     return parse_qa_detailed(text)[0]
 
 
+MIN_DISTINCT_WORDS = 0.3  # distinct/total words below which a paraphrase is a degenerate loop
 _PREAMBLE = re.compile(
     r"^\s*(sure[,!.]?|certainly[,!.]?|okay[,!.]?)?\s*(here('s| is)|below is)[^\n:]*:\s*\n?",
     re.IGNORECASE)
@@ -131,8 +132,8 @@ def clean_paraphrase(text: str, original: str) -> str:
     Cleaning: a leading "Here is the rewritten passage:"-style line and a "Passage:" label go;
     a sentence repeating an earlier one verbatim ends the text there (greedy decoding loops); a
     last sentence cut off by the token budget (no end punctuation) goes when a complete one is left.
-    Unusable: empty, identical to the original (after whitespace normalisation), or a scrap of fewer
-    than 5 words.
+    Unusable: empty, identical to the original (after whitespace normalisation), a scrap of fewer
+    than 5 words, or (from 20 words on) fewer than ``MIN_DISTINCT_WORDS`` distinct words per word.
     """
     from dmoe.corpus.split import split_sentences
 
@@ -145,6 +146,9 @@ def clean_paraphrase(text: str, original: str) -> str:
     if len(sentences) > 1 and not sentences[-1].endswith((".", "!", "?", '"', "'", ")")):
         sentences.pop()
     text = " ".join(sentences)
-    if len(text.split()) < 5 or text == " ".join(original.split()):
+    words = text.split()
+    if len(words) < 5 or text == " ".join(original.split()):
         return ""
+    if len(words) >= 20 and len(set(words)) / len(words) < MIN_DISTINCT_WORDS:
+        return ""  # a loop without sentence boundaries ("Тесла (Tesla) Тесла (Tesla) ...")
     return text
