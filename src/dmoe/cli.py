@@ -18,6 +18,7 @@ COMMAND_MODULES: list[str] = [
     "dmoe.commands.ask",
     "dmoe.commands.router",
     "dmoe.commands.bench",
+    "dmoe.commands.eval",
 ]
 
 

@@ -16,8 +16,9 @@ name                     questions (file under the data dir)         corpus (one
 
 ``knowledge_conflicts`` has two kinds of samples, told apart by ``meta["split"]``: ``efficacy``
 (examples ``offset .. offset+limit``; their substituted passages form the corpus) and ``locality``
-(``n_locality`` examples from the end of the file, whose passages are *not* injected; they measure
-whether a method's answers to unrelated questions stay what the base model says).
+(``n_locality`` examples, default min(100, limit), from the end of the file, whose passages are
+*not* injected; they measure whether a method's answers to unrelated questions stay what the base
+model says).
 
 The data directory is ``data_dir`` if given, else ``$DMOE_DATA_DIR``, else ``../shared/data``
 relative to the repository root. Loaders select ``samples[offset : offset + limit]`` (``limit=None``
@@ -176,10 +177,12 @@ def _split_conflict(example: dict[str, Any]) -> tuple[str, str]:
 
 
 def load_knowledge_conflicts(root: Path, offset: int = 0, limit: int | None = DEFAULT_LIMIT,
-                             n_locality: int = 100) -> Task:
+                             n_locality: int | None = None) -> Task:
     """Efficacy samples (substituted passage injected, gold = substituted answer, ``meta["original"]``
     = the real answer) and ``n_locality`` unrelated questions from the file's end (gold = original
-    answer, their passages not injected)."""
+    answer, their passages not injected); ``n_locality`` defaults to min(100, limit)."""
+    if n_locality is None:
+        n_locality = min(100, limit) if limit is not None else 100
     examples = _read_json(root / "knowledge_conflicts" / "nq_conflicts_bigbench.json")["examples"]
     n_loc = min(n_locality, max(0, len(examples) - offset - (limit or 0)))
     chosen = _slice(examples[: len(examples) - n_loc], offset, limit)
