@@ -113,7 +113,7 @@ def _evaluate(args: argparse.Namespace, config: object) -> None:
         task = load_task(name, args.data_dir, offset=args.offset, limit=args.limit or None)
         retriever = PassageRetriever(task.corpus)
         try:
-            ran = run_task(task, args.methods, lambda m: build_method(m, res, retriever), args.out,
+            ran = run_task(task, args.methods, lambda m, r=retriever: build_method(m, res, r), args.out,
                            progress=not args.no_progress)
         finally:
             retriever.close()
