@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
@@ -113,8 +114,8 @@ def _evaluate(args: argparse.Namespace, config: object) -> None:
         task = load_task(name, args.data_dir, offset=args.offset, limit=args.limit or None)
         retriever = PassageRetriever(task.corpus)
         try:
-            ran = run_task(task, args.methods, lambda m, r=retriever: build_method(m, res, r), args.out,
-                           progress=not args.no_progress)
+            build = functools.partial(build_method, res=res, retriever=retriever)
+            ran = run_task(task, args.methods, build, args.out, progress=not args.no_progress)
         finally:
             retriever.close()
         print(json.dumps({"dataset": name, "computed": ran}), file=sys.stderr)
