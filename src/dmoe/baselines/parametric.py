@@ -69,8 +69,10 @@ class PragMethod:
 
     def __init__(self, model: Any, tokenizer: Any, adapter: ExpertAdapter,
                  load_experts: ExpertLoader, retriever: PassageRetriever,
-                 config: MethodConfig | None = None, with_passages: bool = False) -> None:
+                 config: MethodConfig | None = None, with_passages: bool = False,
+                 expert_of: Callable[[str], str | None] | None = None) -> None:
         self.cfg = config or MethodConfig()
+        self.expert_of = expert_of or (lambda unit_id: unit_id)  # unit id -> expert id (or None)
         self.name = "prag_combine" if with_passages else "prag"
         self.with_passages = with_passages
         self.retriever = retriever
@@ -79,11 +81,11 @@ class PragMethod:
     def answer(self, sample: Sample) -> Prediction:
         t0 = time.perf_counter()
         units = self.retriever.retrieve(sample.question, self.cfg.top_k)
-        ids = [u.id for u in units]
+        ids = [e for e in (self.expert_of(u.id) for u in units) if e is not None]
         passages = [passage_text(u) for u in units] if self.with_passages else []
         gen = self.runner.run(sample.question, passages, decode_config(self.cfg), ids)
         return prediction(gen, t0, active_experts=tuple(ids),
-                          retrieved=tuple(ids) if self.with_passages else ())
+                          retrieved=tuple(u.id for u in units) if self.with_passages else ())
 
     def close(self) -> None:
         self.runner.close()

@@ -19,7 +19,7 @@ corpus, with expert id = unit id.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,7 @@ class Resources:
     config: MethodConfig = field(default_factory=MethodConfig)
     load_experts: ExpertLoader | None = None  # unit id -> expert (the bank), for dmoe / prag
     router: Router | None = None  # dmoe router over expert surrogates; default: BM25 on the corpus
+    expert_of: Callable[[str], str | None] | None = None  # unit id -> expert id (default: same)
     prag_adapter: ExpertAdapter | None = None  # if PRAG experts cover more layers
     sft_lora: Expert | None = None
     poly_pool: Sequence[Expert] = ()
@@ -79,7 +80,7 @@ def build_method(name: str, res: Resources, retriever: PassageRetriever) -> Meth
     if name in ("prag", "prag_combine"):
         loader = _need(res.load_experts, name, "an expert bank (--experts DIR)")
         return PragMethod(m, tok, res.prag_adapter or res.adapter, loader, retriever, cfg,
-                          with_passages=name == "prag_combine")
+                          with_passages=name == "prag_combine", expert_of=res.expert_of)
     if name == "sft_lora":
         return SftLoraMethod(m, tok, res.adapter, _need(res.sft_lora, name, "a LoRA (--sft-lora)"),
                              cfg)

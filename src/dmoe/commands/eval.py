@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="results directory (created/resumed)")
     p.add_argument("--data-dir", default=None,
                    help="benchmark data folder (default $DMOE_DATA_DIR or ../shared/data)")
+    p.add_argument("--bank", default=None, type=Path, metavar="DIR",
+                   help="expert bank (dmoe.experts.bank) for dmoe, prag, prag_combine; dmoe routes "
+                        "with BM25 over its surrogates, prag maps retrieved units to their experts")
     p.add_argument("--experts", default=None, type=Path, metavar="DIR",
                    help="folder of {unit_id}.safetensors experts (dmoe, prag, prag_combine)")
     p.add_argument("--router-index", default=None, type=Path, metavar="PATH",
@@ -97,6 +100,8 @@ def _evaluate(args: argparse.Namespace, config: object) -> None:
         if not args.experts.is_dir():
             raise FileNotFoundError(f"expert folder not found: {args.experts}")
         res.load_experts = ExpertCache(directory_loader(args.experts, lm.fingerprint), capacity=64)
+    if args.bank is not None:
+        _attach_bank(res, args.bank, lm.fingerprint)
     if args.router_index is not None:
         from dmoe.routing.factory import make_router
 
@@ -119,3 +124,26 @@ def _evaluate(args: argparse.Namespace, config: object) -> None:
         finally:
             retriever.close()
         print(json.dumps({"dataset": name, "computed": ran}), file=sys.stderr)
+
+
+def _attach_bank(res: object, path: Path, fingerprint: str) -> None:
+    """Expert loader, surrogate router and unit -> expert map from an ``ExpertBank``."""
+    import importlib
+
+    from dmoe.baselines.registry import Resources
+    from dmoe.errors import DmoeError
+    from dmoe.experts.cache import ExpertCache
+    from dmoe.routing.bm25 import BM25Index, BM25Router
+
+    assert isinstance(res, Resources)
+    try:
+        bank_mod = importlib.import_module("dmoe.experts.bank")
+    except ImportError as e:
+        raise DmoeError("--bank needs dmoe.experts.bank, which this install lacks") from e
+    bank = bank_mod.ExpertBank.open(path, expected_fingerprint=fingerprint)
+    res.load_experts = ExpertCache(bank.loader(), capacity=64)
+    index = BM25Index.in_memory()
+    index.add_many(bank.surrogates().items())
+    res.router = BM25Router(index)
+    unit_to_expert = {info.unit_id: info.id for info in bank.list()}
+    res.expert_of = unit_to_expert.get
