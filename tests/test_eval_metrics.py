@@ -83,3 +83,10 @@ def test_contains_is_token_bounded():
     assert contains("Parisian", ["Paris"]) == 0.0
     s = score("The NFL team was the Broncos.", ["Denver Broncos", "Broncos"])
     assert s["contains"] == 1.0 and s["em"] == 0.0 and 0 < s["f1"] < 1
+
+
+def test_span_sample_with_yes_no_gold_scores_the_label():
+    s = score("No, the two mosques are not in the same city.", ["no"])
+    assert s["em"] == s["f1"] == 1.0
+    assert score("Yes, both are American.", ["no"])["f1"] == 0.0
+    assert score("They are both American.", ["yes"])["f1"] == 0.0

@@ -8,7 +8,9 @@ Scoring follows the official SQuAD v1.1 evaluation script (and the PRAG/DRAGIN/F
   ``noanswer`` and the two differ, no partial credit is given;
 - ``contains``: the normalised gold appears inside the normalised prediction (token-bounded), the
   lenient PopQA-style match used for knowledge-injection efficacy;
-- ``yes_no_label`` / ``accuracy`` for yes/no sets (StrategyQA).
+- ``yes_no_label`` / ``accuracy`` for yes/no sets (StrategyQA). In span sets, a sample whose gold
+  is a bare yes/no (HotpotQA comparison questions) is scored on the answer's yes/no label when it
+  has one ("No, they are not." -> "no"), else on the answer as is.
 
 Answer extraction (``extract_answer``) is deliberately simple and uses no LLM: the method's raw
 generation is stripped, cut to its first non-empty line, a leading ``Answer:`` label is removed, and
@@ -123,5 +125,8 @@ def score(generation: str, golds: Iterable[str], kind: str = "span") -> dict[str
                 "contains": contains(answer, golds)}
     if kind != "span":
         raise ValueError(f"kind must be 'span' or 'yesno', got {kind!r}")
-    return {"answer": answer, "em": exact_match(answer, golds), "f1": f1(answer, golds),
+    scored = answer
+    if all(normalize_answer(g) in ("yes", "no") for g in golds):
+        scored = yes_no_label(answer) or answer  # "No, they are not." answers a yes/no gold "no"
+    return {"answer": answer, "em": exact_match(scored, golds), "f1": f1(scored, golds),
             "contains": contains(answer, golds)}

@@ -1,7 +1,8 @@
 """Summaries of a results directory: ``summary.json``, ``tables.md`` and a quality-vs-latency plot.
 
 Everything is recomputed from the per-sample JSONL files, so a summary always describes exactly
-what the directory holds (``n`` says how many samples each number averages).
+what the directory holds (``n`` says how many samples each number averages); scores are recomputed
+from each record's raw ``prediction`` with the current metrics.
 
 Per (dataset, method): ``n``, ``em``, ``f1``, ``contains`` (and ``acc`` on yes/no sets), means of
 ``latency_s``, ``generated_tokens``, ``prefill_tokens``, ``triggers``; ``latency_s_p50``;
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dmoe.baselines.registry import METHOD_NAMES
-from dmoe.eval.metrics import normalize_answer
+from dmoe.eval.metrics import normalize_answer, score
 from dmoe.eval.runner import read_records
 
 KC = "knowledge_conflicts"
@@ -37,9 +38,19 @@ def _order(names: Sequence[str], preferred: Sequence[str]) -> list[str]:
     return sorted(names, key=lambda n: (preferred.index(n) if n in preferred else len(preferred), n))
 
 
+def rescore(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with its scores recomputed from ``prediction`` and ``gold`` by the current
+    ``dmoe.eval.metrics`` (so a scoring fix applies to old runs without regenerating)."""
+    if "prediction" not in record or not record.get("gold"):
+        return record
+    return {**record, **score(record["prediction"], record["gold"], record.get("kind", "span"))}
+
+
 def summarize_records(records: list[dict[str, Any]], base: list[dict[str, Any]] | None = None
                       ) -> dict[str, Any]:
     """Aggregate one (dataset, method) file; ``base`` = base's records for locality."""
+    records = [rescore(r) for r in records]
+    base = [rescore(r) for r in base or []]
     quality = [r for r in records if r.get("split") != "locality"]
     s: dict[str, Any] = {"n": len(records), "n_quality": len(quality)}
     for key in ("em", "f1", "contains"):
@@ -131,6 +142,16 @@ def efficiency_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def metric_table(summary: dict[str, Any], key: str) -> str:
+    """One column per dataset with ``key`` (x100) per method."""
+    ds = summary["datasets"]
+    lines = ["| Method | " + " | ".join(ds) + " |", "|" + "---|" * (len(ds) + 1)]
+    for m in _methods(summary):
+        lines.append(f"| {m} | " + " | ".join(_fmt(ds[d].get(m, {}).get(key), 100) for d in ds)
+                     + " |")
+    return "\n".join(lines)
+
+
 def counts_table(summary: dict[str, Any]) -> str:
     ds = summary["datasets"]
     lines = ["| Method | " + " | ".join(ds) + " |", "|" + "---|" * (len(ds) + 1)]
@@ -143,6 +164,9 @@ def write_tables(summary: dict[str, Any], path: Path) -> None:
     text = ("# Evaluation results\n\n"
             "## Table 1 — quality (%; EM/F1 SQuAD-normalised, ACC on yes/no sets; "
             "knowledge_conflicts: efficacy / locality)\n\n" + quality_table(summary) + "\n\n"
+            "## Table 1b — answer-contained accuracy (%; the gold alias occurs in the answer, "
+            "SQuAD-normalised; lenient, for verbose small models)\n\n" + metric_table(summary, "contains")
+            + "\n\n"
             "## Table 2 — efficiency (mean wall latency per question, mean per-sample peak RSS; "
             "token counts and triggers averaged over datasets)\n\n" + efficiency_table(summary)
             + "\n\n## Samples per cell\n\n" + counts_table(summary) + "\n")
