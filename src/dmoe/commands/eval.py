@@ -110,6 +110,7 @@ def _evaluate(args: argparse.Namespace, config: object) -> None:
         from dmoe.experts.format import load_expert
 
         res.sft_lora = load_expert(args.sft_lora, expected_fingerprint=lm.fingerprint)
+    _warm_up(res)
     log_invocation(args.out, {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv,
         "methods": args.methods, "datasets": args.datasets, "limit": args.limit,
@@ -147,3 +148,17 @@ def _attach_bank(res: object, path: Path, fingerprint: str) -> None:
     res.router = BM25Router(index)
     unit_to_expert = {info.unit_id: info.id for info in bank.list()}
     res.expert_of = unit_to_expert.get
+
+
+def _warm_up(res: object) -> None:
+    """One untimed generation so the first recorded sample does not pay one-time start-up costs."""
+    from dmoe.baselines.methods import BaseMethod
+    from dmoe.baselines.registry import Resources
+    from dmoe.eval.datasets import Sample
+
+    assert isinstance(res, Resources)
+    method = BaseMethod(res.model, res.tokenizer, res.adapter, res.config)
+    try:
+        method.answer(Sample("warm-up", "What is the capital of France?", ("Paris",)))
+    finally:
+        method.close()
