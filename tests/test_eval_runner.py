@@ -73,13 +73,18 @@ def test_resume_and_report(tmp_path, resources):
     assert run_task(TASK, ["base"], build, tmp_path, progress=False) == {"base": 1}
     assert built[-1].calls == 1 and len(read_records(path)) == 3
 
+    # a different corpus (another --limit on HotpotQA-like sets) recomputes; the newest record counts
+    bigger = Task(TASK.name, TASK.samples[:1], [*CORPUS, KnowledgeUnit("k2", "Extra passage.")])
+    assert run_task(bigger, ["rag"], build, tmp_path, progress=False) == {"rag": 1}
+    assert len(read_records(results_path(tmp_path, TASK.name, "rag"))) == 4
+
     summary = write_report(tmp_path)
     s = summary["datasets"]["knowledge_conflicts"]
     assert s["base"]["n"] == 3 and s["base"]["n_quality"] == 2
-    assert s["base"]["locality"] == 1.0 and s["rag"]["n_locality"] == 1
+    assert s["base"]["locality"] == 1.0 and s["rag"]["n_locality"] == 1 and s["rag"]["n"] == 3
     for key in ("em", "f1", "acc", "efficacy", "latency_s_mean", "peak_rss_mb"):
         assert s["rag"][key] is not None, key
-    assert (tmp_path / "tables.md").read_text().count("| rag |") == 3
+    assert (tmp_path / "tables.md").read_text().count("| rag |") == 4
     assert (tmp_path / "quality_vs_latency.png").stat().st_size > 1000
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     retriever.close()

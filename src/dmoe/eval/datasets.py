@@ -65,6 +65,15 @@ class Task:
     corpus: list[KnowledgeUnit]
 
     @property
+    def corpus_fingerprint(self) -> str:
+        """Identity of the corpus (ids + content), 12 hex; results are only reused under the same
+        corpus, since HotpotQA/StrategyQA/knowledge_conflicts corpora follow the selection."""
+        h = hashlib.sha256()
+        for u in sorted(self.corpus, key=lambda u: u.id):
+            h.update(f"{u.id}\0{u.content_hash}\n".encode())
+        return h.hexdigest()[:12]
+
+    @property
     def metric(self) -> str:
         """Headline metric: ``acc`` when every sample is yes/no, else ``f1``."""
         return "acc" if self.samples and all(s.kind == "yesno" for s in self.samples) else "f1"

@@ -23,7 +23,7 @@ from typing import Any
 
 from dmoe.baselines.registry import METHOD_NAMES
 from dmoe.eval.metrics import normalize_answer, score
-from dmoe.eval.runner import read_records
+from dmoe.eval.runner import latest_records
 
 KC = "knowledge_conflicts"
 DATASET_ORDER = ("hotpotqa", "squad", "strategyqa", "cwq", KC)
@@ -82,7 +82,7 @@ def summarize(out: str | Path) -> dict[str, Any]:
     root = Path(out)
     datasets: dict[str, dict[str, Any]] = {}
     for ddir in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = {f.stem: read_records(f) for f in ddir.glob("*.jsonl")}
+        files = {f.stem: latest_records(f) for f in ddir.glob("*.jsonl")}
         files = {k: v for k, v in files.items() if v}
         if not files:
             continue

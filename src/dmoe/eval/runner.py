@@ -6,9 +6,12 @@ Layout of an output directory::
     OUT/runs.jsonl                 one record per invocation (command, config, model, device)
     OUT/summary.json, OUT/tables.md, OUT/quality_vs_latency.png   (dmoe.eval.report)
 
-Resume: a sample whose id already has a record in ``<method>.jsonl`` is skipped, so re-running the
-same command after an interruption computes only what is missing. A torn last line (a crash during
-the write) is cut off before appending.
+Resume: a sample whose id already has a record in ``<method>.jsonl`` made over the same corpus
+(``Task.corpus_fingerprint``, stored as ``corpus`` in each record) is skipped, so re-running the
+same command after an interruption computes only what is missing. Where the corpus follows the
+selection (HotpotQA, StrategyQA, knowledge_conflicts), a different ``--limit``/``--offset`` changes
+it and those samples are recomputed; the newest record of an id is the one that counts
+(``latest_records``). A torn last line (a crash during the write) is cut off before appending.
 
 This module knows nothing about how methods answer; it times nothing itself beyond what the
 ``Prediction`` reports, and measures memory around each ``answer`` call (``dmoe.eval.memory``).
@@ -50,6 +53,20 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def latest_records(path: Path) -> list[dict[str, Any]]:
+    """One record per sample id, the newest (last written) one, in first-seen order."""
+    by_id: dict[str, dict[str, Any]] = {}
+    for r in read_records(path):
+        by_id.pop(r["id"], None)
+        by_id[r["id"]] = r
+    return list(by_id.values())
+
+
+def done_ids(path: Path, corpus: str) -> set[str]:
+    """Ids already answered over the corpus with fingerprint ``corpus``."""
+    return {r["id"] for r in read_records(path) if r.get("corpus") == corpus}
+
+
 def _repair_tail(path: Path) -> None:
     """Cut a partial last line so appends start on a fresh line."""
     if not path.is_file() or path.stat().st_size == 0:
@@ -68,11 +85,11 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def make_record(task: str, method: str, sample: Sample, pred: Prediction,
+def make_record(task: Task, method: str, sample: Sample, pred: Prediction,
                 mem: dict[str, Any]) -> dict[str, Any]:
     """The per-sample JSON record: inputs, gold, prediction, scores and costs."""
     return {
-        "dataset": task, "method": method, "id": sample.id, "question": sample.question,
+        "dataset": task.name, "method": method, "corpus": task.corpus_fingerprint, "id": sample.id, "question": sample.question,
         "gold": list(sample.answers), "kind": sample.kind, "split": sample.meta.get("split"),
         "prediction": pred.text, **score(pred.text, sample.answers, sample.kind),
         "latency_s": pred.latency_s, "generated_tokens": pred.generated_tokens,
@@ -87,7 +104,7 @@ def run_method(task: Task, method: Method, out: Path, progress: bool = True) -> 
     path = results_path(out, task.name, method.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     _repair_tail(path)
-    done = {r["id"] for r in read_records(path)}
+    done = done_ids(path, task.corpus_fingerprint)
     todo = [s for s in task.samples if s.id not in done]
     bar = tqdm(todo, desc=f"{task.name}/{method.name}", unit="q", disable=not progress,
                initial=len(task.samples) - len(todo), total=len(task.samples))
@@ -96,7 +113,7 @@ def run_method(task: Task, method: Method, out: Path, progress: bool = True) -> 
         pred = method.answer(sample)
         mem = {"peak_rss_mb": memory.peak_rss_mb(), "rss_mb": memory.rss_mb(),
                "peak_rss_reset": reset_ok, "peak_gpu_mb": memory.peak_gpu_mb()}
-        append_record(path, make_record(task.name, method.name, sample, pred, mem))
+        append_record(path, make_record(task, method.name, sample, pred, mem))
     return len(todo)
 
 
@@ -105,8 +122,7 @@ def run_task(task: Task, methods: Iterable[str], build: Callable[[str], Method],
     """Build each method for ``task`` (``build(name)``), run it, close it; samples run per method."""
     ran: dict[str, int] = {}
     for name in methods:
-        path = results_path(out, task.name, name)
-        done = {r["id"] for r in read_records(path)}
+        done = done_ids(results_path(out, task.name, name), task.corpus_fingerprint)
         if all(s.id in done for s in task.samples):
             ran[name] = 0  # nothing to do: do not even build the method
             continue
