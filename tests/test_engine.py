@@ -155,3 +155,15 @@ def test_trigger_policies():
     assert isinstance(make_trigger("entropy", tau=1.5), EntropyTrigger)
     with pytest.raises(ValueError, match="unknown trigger"):
         make_trigger("sometimes")
+
+
+def test_attribution_spans_follow_the_active_set(tokenizer):
+    from dmoe.engine.attribution import spans
+
+    model, adapter, bank, router, cache, _ = setup()
+    engine = Engine(model, tokenizer, adapter, cache, router, ScheduleTrigger.at([2, 5]))
+    gen = engine.generate(PROMPT, "q", DecodeConfig(max_new_tokens=8, ignore_eos=True))
+    parts = spans(gen, tokenizer)
+    assert [(s.start, s.end, s.experts, s.triggered) for s in parts] == [
+        (0, 2, (), False), (2, 5, ("e0", "e1", "e2"), True), (5, 8, ("e3",), True)]
+    assert "".join(s.text for s in parts) == tokenizer.decode(gen.token_ids)

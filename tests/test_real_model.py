@@ -30,6 +30,8 @@ def test_local_hf_directory_loads(tmp_path):
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert model_fingerprint(back) == model_fingerprint(model)
     assert model_fingerprint(back.to(torch.bfloat16)) == model_fingerprint(model)
+    ExpertAdapter(back, LoraSpec())  # wrapping the last MLP must not change the identity
+    assert model_fingerprint(back) == model_fingerprint(model)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +50,7 @@ def test_packaged_model_answers_and_matches_generate(smollm):
     hf = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
     assert gen.token_ids == hf
     engine.close()
+    engine.adapter.detach()
 
 
 @pytest.mark.slow

@@ -161,9 +161,7 @@ class LoadedModel:
     source: ModelSource
     device: torch.device
 
-    @property
-    def fingerprint(self) -> str:
-        return model_fingerprint(self.model)
+    fingerprint: str  # model_fingerprint() of the weights as loaded (before any adapter)
 
 
 def load_base_model(spec: str | None = None, device: str | None = None,
@@ -183,7 +181,8 @@ def load_base_model(spec: str | None = None, device: str | None = None,
     model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype, dev))
     model.to(dev)  # type: ignore[arg-type]  # transformers' stub is narrower than nn.Module.to
     model.eval().requires_grad_(False)
-    return LoadedModel(model=model, tokenizer=tok, source=source, device=dev)
+    return LoadedModel(model=model, tokenizer=tok, source=source, device=dev,
+                       fingerprint=model_fingerprint(model))
 
 
 def model_fingerprint(model: Any) -> str:
@@ -201,7 +200,8 @@ def model_fingerprint(model: Any) -> str:
     for key in sorted(state):
         if f"layers.{last}." in key or key.startswith(("lm_head", "model.norm")):
             # Rounded to bf16 so the same weights loaded as fp32 or bf16 share one fingerprint.
+            name = key.replace(".mlp.base.", ".mlp.")  # same id with an ExpertAdapter attached
             bits = state[key].detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16)
-            h.update(key.encode())
+            h.update(name.encode())
             h.update(bits.numpy().tobytes())
     return h.hexdigest()[:16]

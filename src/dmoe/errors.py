@@ -23,3 +23,19 @@ class ExpertFormatError(DmoeError):
 
 class RouterIndexError(DmoeError):
     """A router index is missing, was written by an incompatible format version, or is locked."""
+
+
+class BankError(DmoeError):
+    """An expert bank is missing, malformed, inconsistent, or asked to do something it cannot."""
+
+
+class WrongBaseModelError(BankError):
+    """A bank (or expert) was built for a different base model than the one loaded."""
+
+
+class CorpusError(DmoeError):
+    """A corpus file cannot be read, or (with ``strict=True``) holds a bad record; names file:line."""
+
+
+class AugmentError(DmoeError):
+    """An augmenter cannot run: an unset endpoint, a failing HTTP call, an unreadable cache."""

@@ -1,0 +1,137 @@
+"""Benchmark: expert training cost, fast batched path vs the plain PEFT reference, same run.
+
+Units are real SQuAD dev paragraphs. Each unit's examples are built simply here (augmentation lives
+elsewhere): PRAG-style ``(passage + question) -> answer`` pairs from the paragraph's own SQuAD
+questions, optionally preceded by the passage itself as a language-modelling example. Both paths
+train the same units on the same examples with the same config; the bench reports seconds per expert
+(reference: median over units, each timed alone; fast: median over repeats of total / n_units),
+their ratio, the largest weight difference between the two paths, and the file size of one expert
+in each storage dtype::
+
+    python -m dmoe.bench.build --json       # defaults: 8 units (2 also by the reference), 10 epochs
+    python -m dmoe.bench.build --n-units 4 --mix passage+qa --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dmoe.augment.types import TrainingExample
+from dmoe.base_model import load_base_model
+from dmoe.experts.format import STORAGE_DTYPES, save_expert
+from dmoe.experts.train import TrainConfig, train_fast, train_reference
+from dmoe.prompts import format_prompt
+
+SQUAD = Path("/work/shared/data/squad/squad_dev_v1.1.json")
+MIXES = ("qa", "passage+qa")
+
+
+def squad_jobs(tokenizer: Any, n_units: int, n_questions: int = 3, mix: str = "qa",
+               path: Path = SQUAD) -> list[tuple[str, list[TrainingExample]]]:
+    """``n_units`` paragraphs with at least ``n_questions`` questions, as training jobs."""
+    if mix not in MIXES:
+        raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
+    jobs = []
+    for article in json.loads(path.read_text())["data"]:
+        for k, para in enumerate(article["paragraphs"]):
+            if len(para["qas"]) < n_questions:
+                continue
+            passage = para["context"]
+            examples = [TrainingExample("", passage)] if mix == "passage+qa" else []
+            for qa in para["qas"][:n_questions]:
+                prompt = format_prompt(tokenizer, qa["question"], [passage])
+                examples.append(TrainingExample(prompt, qa["answers"][0]["text"]))
+            jobs.append((f"{article['title']}/{k}", examples))
+            if len(jobs) == n_units:
+                return jobs
+    return jobs
+
+
+def bench_training(n_units: int = 8, epochs: int = 10, lr: float = 5e-3, mix: str = "qa",
+                   n_questions: int = 3, repeats: int = 2, n_reference: int = 2,
+                   share_prefix: bool = False, model: str | None = None) -> dict[str, Any]:
+    """Train the same units through both paths; timings, weight agreement and expert sizes.
+
+    The fast path trains all ``n_units`` together; the reference (slow) trains the first
+    ``n_reference`` of them, one at a time, and the weight comparison covers those.
+    """
+    lm = load_base_model(model)
+    tok = lm.tokenizer
+    jobs = squad_jobs(tok, n_units, n_questions, mix)
+    config = TrainConfig(lr=lr, epochs=epochs, loss_on="answer")
+    train_fast(lm.model, tok, jobs[:1], TrainConfig(lr=lr, epochs=1))  # warm-up
+    fast_s, fast_cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fast = train_fast(lm.model, tok, jobs, config, share_prefix=share_prefix)
+        fast_s.append((time.perf_counter() - t0) / len(jobs))
+        fast_cpu.append((time.process_time() - c0) / len(jobs))
+    ref_s, ref_cpu, ref = [], [], []
+    for job in jobs[:n_reference]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        ref += train_reference(lm.model, tok, [job], config)
+        ref_s.append(time.perf_counter() - t0)
+        ref_cpu.append(time.process_time() - c0)
+    diff = max((r.weights[k] - f.weights[k]).abs().max().item()
+               for r, f in zip(ref, fast[:len(ref)], strict=True) for k in r.weights)
+    b_max = max(r.weights[k].abs().max().item() for r in ref for k in r.weights if k.endswith("B"))
+    sizes = {}
+    with tempfile.TemporaryDirectory() as d:
+        for dtype in STORAGE_DTYPES:
+            sizes[dtype] = save_expert(Path(d) / f"{dtype}.safetensors", fast[0], lm.fingerprint, dtype)
+    n_tokens = [sum(len(tok(e.prompt + e.target)["input_ids"]) for e in exs) for _, exs in jobs]
+    fast_med, ref_med = statistics.median(fast_s), statistics.median(ref_s)
+    return {
+        "model": lm.source.name, "device": str(lm.device), "threads": torch.get_num_threads(),
+        "n_units": len(jobs), "n_reference": len(ref), "share_prefix": share_prefix, "mix": mix,
+        "examples_per_unit": len(jobs[0][1]),
+        "tokens_per_unit_median": statistics.median(n_tokens), "epochs": epochs, "lr": lr,
+        "s_per_expert_fast": round(fast_med, 4), "s_per_expert_reference": round(ref_med, 4),
+        "speedup": round(ref_med / fast_med, 1),
+        "cpu_s_per_expert_fast": round(statistics.median(fast_cpu), 4),
+        "cpu_s_per_expert_reference": round(statistics.median(ref_cpu), 4),
+        "cpu_speedup": round(statistics.median(ref_cpu) / statistics.median(fast_cpu), 1),
+        "runs_s_per_expert": {"fast": [round(x, 3) for x in fast_s],
+                              "reference": [round(x, 3) for x in ref_s]},
+        "max_abs_weight_diff": diff,
+        "max_abs_B": b_max, "bytes_per_expert": sizes, "n_params": fast[0].n_params,
+        "how": (f"fast: median of {repeats} runs of train_fast over all {len(jobs)} units "
+                f"(after a warm-up), divided by n_units; reference: median over the first "
+                f"{len(ref)} units of train_reference on that unit alone (PEFT, batch 1, full "
+                f"forward); wall clock (time.perf_counter) and process CPU time (time.process_time, "
+                f"steadier on a shared machine), {torch.get_num_threads()} torch threads"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--n-units", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--mix", choices=MIXES, default="qa")
+    ap.add_argument("--questions", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--n-reference", type=int, default=2, help="units also trained by the reference")
+    ap.add_argument("--share-prefix", action="store_true", help="shared-prefix trunk (see train_fast)")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = ap.parse_args()
+    r = bench_training(args.n_units, args.epochs, args.lr, args.mix, args.questions, args.repeats,
+                       args.n_reference, args.share_prefix, args.model)
+    if args.json:
+        print(json.dumps(r, indent=1))
+    else:
+        for k, v in r.items():
+            print(f"{k:>24}: {v}")
+
+
+if __name__ == "__main__":
+    main()

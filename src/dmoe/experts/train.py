@@ -1,0 +1,356 @@
+"""Training final-layer experts: a plain reference path and a fast batched path that equals it.
+
+Both paths train each expert on its own examples with batch size 1, in the given order, for
+``epochs`` passes, with AdamW, from the same seeded initialisation (A kaiming-uniform like PEFT,
+B zeros; seed derived from ``(config.seed, expert id)``). The loss of one step is the mean
+next-token cross-entropy over the example's supervised tokens (the target, or the whole sequence).
+
+``train_reference`` is the textbook way: a PEFT LoRA on the last layer's gate/up/down projections,
+a full model forward and backward per step, one expert after another.
+
+``train_fast`` uses that the frozen trunk (everything up to the last attention) does not depend on
+the expert (see ``trunk.py``)::
+
+    states[i][j] = trunk(example j of expert i)          # once, batched over all experts
+    for step s in range(max_i steps_i):                  # steps_i = epochs * len(examples_i)
+        active = {i : s < steps_i}                        # experts sorted so this is a prefix
+        loss = Σ_{i∈active} CE(head(states[i][s % n_i]; A_i, B_i))
+        loss.backward()                                   # disjoint params: grad_i = ∇ loss_i
+        masked_adamw(A[:n_active], B[:n_active], step=s+1)
+
+A: (n, r, in) and B: (n, out, r) per projection are stacked tensors and the head applies them
+with bmm. AdamW is elementwise, so one update over the active rows is exactly per-expert AdamW;
+rows of finished experts are not touched at all (no decay, no moment update). Valid for experts on
+one layer only (``spec.n_layers == 1``); ``train`` falls back to the reference path otherwise.
+
+This module knows nothing about banks, corpora or augmentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dmoe.augment.types import TrainingExample
+from dmoe.experts.lora import (
+    PROJECTIONS,
+    Expert,
+    ExpertMLP,
+    LoraSpec,
+    check_supported,
+    decoder_layers,
+    weight_key,
+)
+from dmoe.experts.trunk import stacked_head_logits, trunk_states
+
+LOSS_ON = ("answer", "all")
+INITS = ("kaiming", "normal")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How every expert of a bank is trained; ``settings_hash`` identifies it for rebuild skips."""
+
+    spec: LoraSpec = field(default_factory=LoraSpec)  # rank / alpha / layers of each expert
+    lr: float = 5e-3  # AdamW learning rate (paper: 1e-5, measured inert on SmolLM2; see DESIGN.md)
+    epochs: int = 10  # passes over each expert's examples (paper: 1)
+    loss_on: str = "answer"  # "answer": target tokens only; "all": every token after the first
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    seed: int = 0  # with the expert id, seeds each expert's initialisation
+    init: str = "kaiming"  # A init: "kaiming" (uniform ±1/sqrt(in), as PEFT) or "normal"
+    init_std: float = 0.02  # std of A for init="normal"
+    max_seq_len: int = 1024  # longer examples keep the target and the end of the prompt
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on must be one of {LOSS_ON}, got {self.loss_on!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.eps <= 0 or self.weight_decay < 0:
+            raise ValueError(f"need eps > 0 and weight_decay >= 0, got {self.eps}, {self.weight_decay}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+
+    def settings_hash(self) -> str:
+        """Stable 16-hex id of these settings (an expert trained otherwise must be retrained)."""
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    ids: torch.Tensor  # (T,) token ids of prompt + target
+    start: int  # tokens ids[start:] are supervised (start >= 1)
+
+
+def encode_example(tokenizer: Any, example: TrainingExample, loss_on: str,
+                   max_seq_len: int) -> EncodedExample:
+    """Tokenize prompt and target separately (exact boundary) and concatenate them."""
+    prompt = list(tokenizer(example.prompt, add_special_tokens=False)["input_ids"]) if example.prompt else []
+    target = list(tokenizer(example.target, add_special_tokens=False)["input_ids"])
+    target = target[:max_seq_len]
+    prompt = prompt[len(prompt) - (max_seq_len - len(target)):] if len(target) < max_seq_len else []
+    ids = prompt + target
+    start = 1 if loss_on == "all" else max(1, len(prompt))
+    if len(ids) < 2 or start >= len(ids):
+        raise ValueError(f"training example has no token to learn: {example!r}")
+    return EncodedExample(ids=torch.tensor(ids, dtype=torch.long), start=start)
+
+
+def expert_seed(seed: int, expert_id: str) -> int:
+    return int(hashlib.sha256(f"{seed}:{expert_id}".encode()).hexdigest()[:15], 16)
+
+
+def init_expert(expert_id: str, shapes: dict[tuple[int, str], tuple[int, int]],
+                config: TrainConfig) -> Expert:
+    """Seeded initial weights: A kaiming-uniform (bound 1/sqrt(in)) or normal, B zeros."""
+    g = torch.Generator().manual_seed(expert_seed(config.seed, expert_id))
+    r, weights = config.spec.rank, {}
+    for (layer, proj) in sorted(shapes):
+        out_f, in_f = shapes[(layer, proj)]
+        if config.init == "kaiming":
+            a = (torch.rand(r, in_f, generator=g) * 2 - 1) / math.sqrt(in_f)
+        else:
+            a = torch.randn(r, in_f, generator=g) * config.init_std
+        weights[weight_key(layer, proj, "A")] = a
+        weights[weight_key(layer, proj, "B")] = torch.zeros(out_f, r)
+    return Expert(id=expert_id, spec=config.spec, weights=weights)
+
+
+def mlp_shapes(model: Any, n_layers: int) -> dict[tuple[int, str], tuple[int, int]]:
+    """``{(layer, proj): (out, in)}`` of the adapted projections, without attaching anything."""
+    layers: Any = decoder_layers(model)
+    shapes = {}
+    for i in check_supported(model, n_layers):
+        mlp = layers[i].mlp.base if isinstance(layers[i].mlp, ExpertMLP) else layers[i].mlp
+        for p in PROJECTIONS:
+            shapes[(i, p)] = tuple(getattr(mlp, p).weight.shape)
+    return shapes  # type: ignore[return-value]
+
+
+Job = tuple[str, Sequence[TrainingExample]]  # (expert id, its examples in training order)
+Progress = Callable[[int], None]  # called with the number of experts just finished
+
+
+def _encode_jobs(tokenizer: Any, jobs: Sequence[Job], config: TrainConfig) -> list[list[EncodedExample]]:
+    encoded = []
+    for expert_id, examples in jobs:
+        if not examples:
+            raise ValueError(f"expert {expert_id!r} has no training examples")
+        encoded.append([encode_example(tokenizer, ex, config.loss_on, config.max_seq_len)
+                        for ex in examples])
+    return encoded
+
+
+def train(model: Any, tokenizer: Any, jobs: Sequence[Job], config: TrainConfig,
+          fast: bool = True, **fast_kwargs: Any) -> list[Expert]:
+    """Train one expert per job: the fast path when it applies, else the reference path."""
+    if fast and config.spec.n_layers == 1:
+        return train_fast(model, tokenizer, jobs, config, **fast_kwargs)
+    return train_reference(model, tokenizer, jobs, config)
+
+
+# -- reference path --------------------------------------------------------------------------------
+
+def train_reference(model: Any, tokenizer: Any, jobs: Sequence[Job], config: TrainConfig,
+                    progress: Progress | None = None) -> list[Expert]:
+    """One expert at a time: PEFT LoRA, batch size 1, full forward/backward, torch AdamW."""
+    from peft import LoraConfig, get_peft_model
+
+    shapes = mlp_shapes(model, config.spec.n_layers)
+    layers: Any = decoder_layers(model)
+    module_of = {(i, p): getattr(layers[i].mlp.base if isinstance(layers[i].mlp, ExpertMLP)
+                                 else layers[i].mlp, p) for (i, p) in shapes}
+    name_of = {id(m): n for n, m in model.named_modules()}
+    targets = [name_of[id(m)] for m in module_of.values()]
+    encoded = _encode_jobs(tokenizer, jobs, config)
+    device = next(model.parameters()).device
+    lcfg = LoraConfig(r=config.spec.rank, lora_alpha=config.spec.alpha,  # type: ignore[arg-type]
+                      lora_dropout=0.0,
+                      target_modules=targets, bias="none")
+    peft_model = get_peft_model(model, lcfg)
+    lora_mods: dict[tuple[int, str], Any] = {key: peft_model.get_submodule(f"base_model.model.{name_of[id(m)]}")
+                 for key, m in module_of.items()}
+    experts = []
+    try:
+        for (expert_id, _), examples in zip(jobs, encoded, strict=True):
+            init = init_expert(expert_id, shapes, config)
+            params = []
+            for (i, p), mod in lora_mods.items():
+                for part, lin in (("A", mod.lora_A["default"]), ("B", mod.lora_B["default"])):
+                    with torch.no_grad():
+                        lin.weight.copy_(init.weights[weight_key(i, p, part)])
+                    params.append(lin.weight)
+            opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
+                                    weight_decay=config.weight_decay)
+            for _ in range(config.epochs):
+                for ex in examples:
+                    ids = ex.ids.to(device)[None]  # (1, T)
+                    logits = peft_model(input_ids=ids).logits[0]  # (T, V)
+                    loss = F.cross_entropy(logits[ex.start - 1:-1].float(), ids[0, ex.start:])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+            experts.append(Expert(id=expert_id, spec=config.spec, weights={
+                weight_key(i, p, part): lin.weight.detach().float().cpu().clone()
+                for (i, p), mod in lora_mods.items()
+                for part, lin in (("A", mod.lora_A["default"]), ("B", mod.lora_B["default"]))}))
+            if progress:
+                progress(1)
+    finally:
+        peft_model.unload()  # puts the original Linear modules back
+    return experts
+
+
+# -- fast path ---------------------------------------------------------------------------------------
+
+def masked_adamw_(params: Sequence[torch.Tensor], moments: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                  n_active: int, step: int, lr: float, betas: tuple[float, float], eps: float,
+                  weight_decay: float) -> None:
+    """torch.optim.AdamW's update on rows ``[:n_active]`` of stacked params; other rows untouched."""
+    b1, b2 = betas
+    bc1, bc2_sqrt = 1 - b1 ** step, math.sqrt(1 - b2 ** step)
+    with torch.no_grad():
+        for p, (m, v) in zip(params, moments, strict=True):
+            assert p.grad is not None
+            w, g, m_, v_ = p[:n_active], p.grad[:n_active], m[:n_active], v[:n_active]
+            w.mul_(1 - lr * weight_decay)
+            m_.lerp_(g, 1 - b1)
+            v_.mul_(b2).addcmul_(g, g, value=1 - b2)
+            w.addcdiv_(m_, (v_.sqrt() / bc2_sqrt).add_(eps), value=-lr / bc1)
+
+
+def train_fast(model: Any, tokenizer: Any, jobs: Sequence[Job], config: TrainConfig,
+               trunk_batch_tokens: int = 8192, head_batch_tokens: int = 2048,
+               share_prefix: bool = False, progress: Progress | None = None) -> list[Expert]:
+    """All jobs side by side on cached trunk states (see the module docstring).
+
+    ``share_prefix``: one expert's examples that start alike (passage + question_i) run their common
+    prefix through the trunk once (``trunk_states``): exact, and ~2.4x fewer trunk tokens for PRAG
+    examples, but off by default until measured on a quiet machine: on the contended 2-core CPU one
+    run was 2x slower (2 units x 3 QA: 66-89 s vs 35-40 s), a per-pass timing 1.3-1.8x faster. ``trunk_batch_tokens`` bounds a padded trunk
+    batch and ``head_batch_tokens`` the positions whose logits (N, V) are alive at once.
+    """
+    if config.spec.n_layers != 1:
+        raise ValueError(f"the fast path needs experts on one layer (n_layers=1), got "
+                         f"{config.spec.n_layers}; use train_reference")
+    if not jobs:
+        return []
+    shapes = mlp_shapes(model, 1)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    encoded = _encode_jobs(tokenizer, jobs, config)
+    # 1) trunk once per sequence, batched across all experts
+    flat = [(ex.ids, ex.start) for exs in encoded for ex in exs]
+    unit = [i for i, exs in enumerate(encoded) for _ in exs]
+    states_flat = trunk_states(model, flat, trunk_batch_tokens, groups=unit if share_prefix else None)
+    states, k = [], 0
+    for exs in encoded:
+        states.append(states_flat[k:k + len(exs)])
+        k += len(exs)
+    # 2) stacked parameters, experts sorted by number of steps (longest first)
+    steps = [config.epochs * len(exs) for exs in encoded]
+    order = sorted(range(len(jobs)), key=lambda i: -steps[i])
+    inits = [init_expert(jobs[i][0], shapes, config) for i in order]
+    layer = next(iter(shapes))[0]
+    lora = {p: tuple(torch.stack([e.weights[weight_key(layer, p, part)] for e in inits])
+                     .to(device, dtype).requires_grad_(True) for part in "AB")
+            for p in PROJECTIONS}  # p -> (A (n, r, in), B (n, out, r))
+    params = [t for pair in lora.values() for t in pair]
+    moments = [(torch.zeros_like(t), torch.zeros_like(t)) for t in params]
+    # 3) optimise: step s of expert i uses example s % n_i, like the reference
+    n_done = 0
+    for s in range(max(steps)):
+        n_active = sum(1 for i in order if steps[i] > s)
+        if progress and n_active < len(order) - n_done:
+            progress(len(order) - n_done - n_active)
+            n_done = len(order) - n_active
+        cur = [states[order[row]][s % len(encoded[order[row]])] for row in range(n_active)]
+        for lo, hi in _row_groups([len(c.targets) for c in cur], head_batch_tokens):
+            _head_step(model, cur[lo:hi], {p: (a[lo:hi], b[lo:hi]) for p, (a, b) in lora.items()},
+                       config.spec.scale)
+        masked_adamw_(params, moments, n_active, s + 1, config.lr, config.betas, config.eps,
+                      config.weight_decay)
+        for t in params:
+            t.grad = None
+    if progress and n_done < len(order):
+        progress(len(order) - n_done)
+    # 4) unstack, back to job order
+    experts: list[Expert | None] = [None] * len(jobs)
+    for row, i in enumerate(order):
+        experts[i] = Expert(id=jobs[i][0], spec=config.spec, weights={
+            weight_key(layer, p, part): t[row].detach().float().cpu().clone()
+            for p, (a, b) in lora.items() for part, t in (("A", a), ("B", b))})
+    return experts  # type: ignore[return-value]
+
+
+def _row_groups(tokens: Sequence[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive row ranges whose padded token count (rows * max len) stays within budget."""
+    groups, lo, width = [], 0, 0
+    for hi, t in enumerate(tokens):
+        width = max(width, t)
+        if hi > lo and width * (hi - lo + 1) > budget:
+            groups.append((lo, hi))
+            lo, width = hi, t
+    groups.append((lo, len(tokens)))
+    return groups
+
+
+def _head_step(model: Any, cur: Sequence[Any], lora: dict[str, tuple[torch.Tensor, torch.Tensor]],
+               scale: float) -> None:
+    """Backward of Σ_i mean CE_i over a group of experts (row i = expert i's current example)."""
+    lengths = torch.tensor([len(c.targets) for c in cur])
+    h_mid = torch.nn.utils.rnn.pad_sequence([c.h_mid for c in cur], batch_first=True)  # (n, P, d)
+    valid = torch.arange(h_mid.shape[1])[None, :] < lengths[:, None]  # (n, P)
+    logits = stacked_head_logits(model, h_mid, valid.to(h_mid.device), lora, scale)  # (N, V)
+    targets = torch.cat([c.targets for c in cur])  # (N,)
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
+    row = torch.repeat_interleave(torch.arange(len(cur)), lengths).to(ce.device)  # (N,)
+    per_expert = torch.zeros(len(cur), device=ce.device).index_add_(0, row, ce)  # (n,)
+    (per_expert / lengths.to(ce.device)).sum().backward()
+
+
+@torch.no_grad()
+def example_losses(model: Any, tokenizer: Any, expert: Expert | None,
+                   examples: Sequence[TrainingExample], config: TrainConfig) -> list[float]:
+    """Mean CE of each example under ``expert`` (or the base model), by full forward passes.
+
+    An independent check of training: it goes through ``ExpertAdapter`` like inference does.
+    """
+    from dmoe.experts.lora import ExpertAdapter
+
+    attached = isinstance(decoder_layers(model)[-1].mlp, ExpertMLP)  # the caller's adapter?
+    adapter = ExpertAdapter(model, config.spec)
+    saved = {i: m.lora for i, m in adapter.mlps.items()}
+    device = next(model.parameters()).device
+    try:
+        adapter.activate([expert] if expert is not None else [])
+        out = []
+        for ex in examples:
+            enc = encode_example(tokenizer, ex, config.loss_on, config.max_seq_len)
+            ids = enc.ids.to(device)[None]
+            logits = model(input_ids=ids).logits[0]
+            out.append(float(F.cross_entropy(logits[enc.start - 1:-1].float(), ids[0, enc.start:])))
+        return out
+    finally:
+        if attached:  # leave the caller's wrappers in place with their active set
+            for i, m in adapter.mlps.items():
+                m.lora = saved[i]
+        else:
+            adapter.detach()

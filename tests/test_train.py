@@ -1,0 +1,161 @@
+import pytest
+import torch
+from conftest import CharTokenizer, tiny_model
+
+from dmoe.augment.types import TrainingExample
+from dmoe.experts.lora import LoraSpec
+from dmoe.experts.train import (
+    TrainConfig,
+    encode_example,
+    example_losses,
+    init_expert,
+    masked_adamw_,
+    mlp_shapes,
+    train,
+    train_fast,
+    train_reference,
+)
+from dmoe.experts.trunk import trunk_states
+
+
+def _jobs(n_units: int = 4) -> list[tuple[str, list[TrainingExample]]]:
+    """Units with 3-5 examples of different lengths: an LM passage plus short QA pairs."""
+    jobs = []
+    for u in range(n_units):
+        passage = f"Unit {u}: the tower of town {u} is green since 19{u}7." * (1 + u % 2)
+        examples = [TrainingExample("", passage)]
+        for q in range(2 + u % 3):
+            prompt = f"Context: {passage}\nQ{q}: what about town {u}? A:"  # shared passage prefix
+            examples.append(TrainingExample(prompt, f" fact {u}-{q}"))
+        jobs.append((f"unit/{u}", examples))
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", layers=2)
+
+
+@pytest.mark.parametrize("loss_on,weight_decay,share_prefix", [("answer", 0.0, True),
+                                                               ("all", 0.01, False)])
+def test_fast_path_equals_reference(model, loss_on, weight_decay, share_prefix):
+    tok = CharTokenizer()
+    jobs = _jobs()
+    config = TrainConfig(lr=5e-3, epochs=2, loss_on=loss_on, weight_decay=weight_decay)
+    ref = train_reference(model, tok, jobs, config)
+    # A small head budget forces several row groups per step; experts finish at different steps.
+    fast = train_fast(model, tok, jobs, config, trunk_batch_tokens=300, head_batch_tokens=64,
+                      share_prefix=share_prefix)
+    assert [e.id for e in fast] == [e.id for e in ref]
+    diff = max((r.weights[k] - f.weights[k]).abs().max().item()
+               for r, f in zip(ref, fast, strict=True) for k in r.weights)
+    moved = min(r.weights[k].abs().max().item() for r in ref for k in r.weights if k.endswith("B"))
+    assert moved > 1e-3, "training must move every B away from zero"
+    assert diff <= 1e-4, f"fast vs reference max |Δw| = {diff:.2e}"  # measured ~2e-7 .. 2e-6
+    # PEFT was unloaded: the model is back to plain Linear projections.
+    assert type(model.model.layers[-1].mlp.gate_proj) is torch.nn.Linear
+
+
+def test_training_lowers_loss_on_its_examples(model):
+    tok = CharTokenizer()
+    (job,) = _jobs(1)
+    config = TrainConfig(lr=3e-2, epochs=10, loss_on="all")
+    before = example_losses(model, tok, None, job[1], config)
+    (expert,) = train_fast(model, tok, [job], config)
+    after = example_losses(model, tok, expert, job[1], config)
+    assert all(a < b - 0.3 for a, b in zip(after, before, strict=True)), (before, after)
+    untrained = init_expert(job[0], mlp_shapes(model, 1), config)  # B = 0: same as the base
+    assert example_losses(model, tok, untrained, job[1], config) == pytest.approx(before, abs=1e-5)
+
+
+def test_init_is_seeded_by_config_seed_and_id(model):
+    shapes = mlp_shapes(model, 1)
+    cfg = TrainConfig()
+    a, b = init_expert("x", shapes, cfg), init_expert("x", shapes, cfg)
+    c, d = init_expert("y", shapes, cfg), init_expert("x", shapes, TrainConfig(seed=1))
+    for k in a.weights:
+        assert torch.equal(a.weights[k], b.weights[k])
+        if k.endswith("A"):
+            bound = 1 / a.weights[k].shape[1] ** 0.5
+            assert a.weights[k].abs().max() <= bound
+            assert not torch.equal(a.weights[k], c.weights[k])
+            assert not torch.equal(a.weights[k], d.weights[k])
+        else:
+            assert not a.weights[k].any()
+
+
+def test_encode_example_supervises_target_or_all():
+    tok = CharTokenizer()
+    ex = TrainingExample("Q? ", "ans")
+    assert encode_example(tok, ex, "answer", 64).start == 3
+    assert encode_example(tok, ex, "all", 64).start == 1
+    assert encode_example(tok, TrainingExample("", "abc"), "answer", 64).start == 1
+    cut = encode_example(tok, TrainingExample("long prompt ", "ans"), "answer", 6)
+    assert tok.decode(cut.ids.tolist()) == "pt ans" and cut.start == 3  # prompt cut from the left
+    with pytest.raises(ValueError, match="no token to learn"):
+        encode_example(tok, TrainingExample("", "a"), "all", 64)
+
+
+def test_trunk_states_batched_equal_one_by_one(model):
+    torch.manual_seed(0)
+    seqs = [(torch.randint(0, 256, (n,)), s) for n, s in [(7, 3), (20, 1), (12, 11), (3, 1)]]
+    prefix = torch.randint(0, 256, (40,))  # three sequences of one group share 40+ tokens
+    seqs += [(torch.cat([prefix, torch.randint(0, 256, (n,))]), s) for n, s in [(5, 30), (9, 42), (1, 1)]]
+    groups = [0, 1, 2, 3, 4, 4, 4]
+    batched = trunk_states(model, seqs, max_batch_tokens=1000, groups=groups, min_shared=32)
+    for seq, got in zip(seqs, batched, strict=True):
+        (alone,) = trunk_states(model, [seq])
+        assert got.h_mid.shape == (len(seq[0]) - seq[1], 64)
+        torch.testing.assert_close(got.h_mid, alone.h_mid, atol=1e-5, rtol=1e-5)
+        assert torch.equal(got.targets, seq[0][seq[1]:])
+
+
+def test_masked_adamw_equals_torch_adamw_and_skips_inactive_rows():
+    torch.manual_seed(0)
+    w0 = torch.randn(3, 4, 5)
+    ref = w0[:2].clone().requires_grad_(True)
+    opt = torch.optim.AdamW([ref], lr=0.1, weight_decay=0.1)
+    ours = w0.clone().requires_grad_(True)
+    moments = [(torch.zeros_like(ours), torch.zeros_like(ours))]
+    for step in range(1, 4):
+        g = torch.randn(3, 4, 5)
+        ref.grad = g[:2].clone()
+        opt.step()
+        ours.grad = g.clone()
+        masked_adamw_([ours], moments, 2, step, 0.1, (0.9, 0.999), 1e-8, 0.1)
+    torch.testing.assert_close(ours[:2].detach(), ref.detach(), atol=1e-6, rtol=1e-6)
+    assert torch.equal(ours[2].detach(), w0[2]) and not moments[0][0][2].any()
+
+
+def test_multi_layer_experts_use_the_reference_path():
+    model = tiny_model("qwen2", layers=2)
+    tok = CharTokenizer()
+    config = TrainConfig(spec=LoraSpec(n_layers=2), epochs=1)
+    with pytest.raises(ValueError, match="n_layers=1"):
+        train_fast(model, tok, _jobs(1), config)
+    (expert,) = train(model, tok, _jobs(1), config)
+    assert expert.layers == [0, 1]
+
+
+def test_config_validation_names_the_bad_value():
+    with pytest.raises(ValueError, match="-1"):
+        TrainConfig(lr=-1)
+    with pytest.raises(ValueError, match="'tokens'"):
+        TrainConfig(loss_on="tokens")
+    assert TrainConfig().settings_hash() == TrainConfig().settings_hash()
+    assert TrainConfig().settings_hash() != TrainConfig(lr=1e-3).settings_hash()
+
+
+@pytest.mark.slow
+def test_fast_path_equals_reference_on_the_packaged_model():
+    from dmoe.base_model import load_base_model
+    from dmoe.bench.build import squad_jobs
+
+    lm = load_base_model()
+    jobs = squad_jobs(lm.tokenizer, n_units=2, n_questions=2, mix="passage+qa")
+    config = TrainConfig(lr=5e-3, epochs=2)
+    ref = train_reference(lm.model, lm.tokenizer, jobs, config)
+    fast = train_fast(lm.model, lm.tokenizer, jobs, config)
+    diff = max((r.weights[k] - f.weights[k]).abs().max().item()
+               for r, f in zip(ref, fast, strict=True) for k in r.weights)
+    assert diff <= 1e-4, diff
