@@ -156,3 +156,24 @@ def test_config_overrides():
         MethodConfig().with_overrides(["nope=1"])
     with pytest.raises(ValueError, match="flare_threshold"):
         MethodConfig(flare_threshold=2.0)
+
+
+def test_methods_over_an_expert_bank(res, retriever, tmp_path):
+    import dataclasses
+
+    from dmoe.baselines.registry import attach_bank
+    from dmoe.experts.bank import ExpertBank
+
+    bank = ExpertBank.create(tmp_path / "bank", "fp", "tiny", LoraSpec(rank=4, alpha=16))
+    g = torch.Generator().manual_seed(5)
+    for u in CORPUS[:3]:  # u-moon has no expert
+        e = random_expert(f"x-{u.id}", res.adapter.mlp_shapes, LoraSpec(rank=4, alpha=16), g, std=0.3)
+        bank.add(e, unit_id=u.id, content_hash=u.content_hash, settings_hash="s",
+                 surrogate=f"{u.title} {u.text}", title=u.title)
+    r = dataclasses.replace(res, load_experts=None, router=None)
+    attach_bank(r, bank)
+    prag = answer(r, retriever, "prag")
+    assert prag.active_experts == ("x-u-paris", "x-u-rome")
+    dm = answer(r, retriever, "dmoe", trigger="never", route_at_start=True)
+    assert dm.active_experts[0] == "x-u-paris"
+    bank.close()

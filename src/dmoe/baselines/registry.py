@@ -38,7 +38,7 @@ from dmoe.errors import DmoeError
 from dmoe.experts.lora import Expert, ExpertAdapter
 from dmoe.routing.base import Router
 
-__all__ = ["METHOD_NAMES", "Resources", "build_method"]
+__all__ = ["METHOD_NAMES", "Resources", "attach_bank", "build_method"]
 
 
 
@@ -89,3 +89,16 @@ def build_method(name: str, res: Resources, retriever: PassageRetriever) -> Meth
         routing = _need(res.poly_routing, name, "a routing function")
         return PolyPragMethod(m, tok, res.adapter, pool, routing, retriever, cfg)
     raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
+
+
+def attach_bank(res: Resources, bank: Any, cache_capacity: int = 64) -> None:
+    """Use an ``ExpertBank`` for dmoe/prag: a cached loader, BM25 over the bank's surrogates as
+    the dmoe router (the design's routing text), and unit id -> expert id for prag."""
+    from dmoe.experts.cache import ExpertCache
+    from dmoe.routing.bm25 import BM25Index, BM25Router
+
+    res.load_experts = ExpertCache(bank.loader(), capacity=cache_capacity)
+    index = BM25Index.in_memory()
+    index.add_many(bank.surrogates().items())
+    res.router = BM25Router(index)
+    res.expert_of = {info.unit_id: info.id for info in bank.list()}.get

@@ -128,27 +128,11 @@ def _evaluate(args: argparse.Namespace, config: object) -> None:
 
 
 def _attach_bank(res: object, path: Path, fingerprint: str) -> None:
-    """Expert loader, surrogate router and unit -> expert map from an ``ExpertBank``."""
-    import importlib
-
-    from dmoe.baselines.registry import Resources
-    from dmoe.errors import DmoeError
-    from dmoe.experts.cache import ExpertCache
-    from dmoe.routing.bm25 import BM25Index, BM25Router
+    from dmoe.baselines.registry import Resources, attach_bank
+    from dmoe.experts.bank import ExpertBank
 
     assert isinstance(res, Resources)
-    try:
-        bank_mod = importlib.import_module("dmoe.experts.bank")
-    except ImportError as e:
-        raise DmoeError("--bank needs dmoe.experts.bank, which this install lacks") from e
-    bank = bank_mod.ExpertBank.open(path, expected_fingerprint=fingerprint)
-    res.load_experts = ExpertCache(bank.loader(), capacity=64)
-    index = BM25Index.in_memory()
-    index.add_many(bank.surrogates().items())
-    res.router = BM25Router(index)
-    unit_to_expert = {info.unit_id: info.id for info in bank.list()}
-    res.expert_of = unit_to_expert.get
-
+    attach_bank(res, ExpertBank.open(path, expected_fingerprint=fingerprint))
 
 def _warm_up(res: object) -> None:
     """One untimed generation so the first recorded sample does not pay one-time start-up costs."""
