@@ -191,12 +191,14 @@ def plot_quality_vs_latency(summary: dict[str, Any], path: Path) -> bool:
         for m, s in methods.items():
             if s.get(key) is None or s.get("latency_s_mean") is None:
                 continue
-            ax.scatter(s["latency_s_mean"], 100 * s[key], s=36)
+            color = f"C{METHOD_NAMES.index(m) % 10}" if m in METHOD_NAMES else "k"
+            ax.scatter(s["latency_s_mean"], 100 * s[key], s=36, color=color)
             ax.annotate(m, (s["latency_s_mean"], 100 * s[key]), fontsize=8,
                         xytext=(3, 3), textcoords="offset points")
         ax.set_title(d)
         ax.set_xlabel("latency (s / question)")
         ax.set_ylabel(f"{key.upper()} (%)")
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
