@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-dmoe ask "What is the capital of France?" --show-experts
+dmoe demo "$@"

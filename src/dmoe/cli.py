@@ -15,6 +15,9 @@ from dmoe.errors import DmoeError
 
 # Command modules, in pipeline order; each exposes register(subparsers).
 COMMAND_MODULES: list[str] = [
+    "dmoe.commands.demo",
+    "dmoe.commands.build",
+    "dmoe.commands.experts",
     "dmoe.commands.ask",
     "dmoe.commands.router",
     "dmoe.commands.bench",

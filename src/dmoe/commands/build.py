@@ -1,0 +1,82 @@
+"""``dmoe build``: turn a corpus into an expert bank (+ router index)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import TYPE_CHECKING
+
+from dmoe.commands.common import add_model_args
+
+if TYPE_CHECKING:
+    from dmoe.experts.train import TrainConfig
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "build", help="corpus -> augmentation -> one expert per unit -> bank + router index",
+        description="Build (or extend, resumably) an expert bank from a corpus: JSONL (id, text, "
+                    "title), DPR TSV (id, text, title) or a folder of .txt/.md files.\n"
+                    "Rerunning skips units already trained with the same settings.\n\n"
+                    "example:\n  dmoe build examples/demo_corpus.jsonl --bank runs/demo-bank",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("corpus", help="corpus file or folder")
+    p.add_argument("--bank", required=True, help="bank directory (created if missing)")
+    add_model_args(p)
+    u = p.add_argument_group("knowledge units and augmentation")
+    u.add_argument("--granularity", default="passage", choices=["passage", "document", "cluster"])
+    u.add_argument("--passage-words", type=int, default=100, help="words per passage unit")
+    u.add_argument("--cluster-size", type=int, default=3, help="passages per cluster unit")
+    u.add_argument("--augmenter", default="extractive",
+                   choices=["extractive", "none", "self", "openai"],
+                   help="paraphrase + QA source (default extractive: no LLM; self: the base model;"
+                        " openai: DMOE_OPENAI_BASE_URL / DMOE_OPENAI_MODEL / OPENAI_API_KEY)")
+    u.add_argument("--limit", type=int, default=None, help="only the first N units")
+    t = p.add_argument_group("expert training")
+    t.add_argument("--rank", type=int, default=4)
+    t.add_argument("--alpha", type=float, default=16.0)
+    t.add_argument("--lr", type=float, default=None, help="default: TrainConfig's measured default")
+    t.add_argument("--epochs", type=int, default=None, help="default: TrainConfig's default")
+    t.add_argument("--loss-on", choices=["answer", "all"], default=None)
+    t.add_argument("--no-passage-lm", action="store_true",
+                   help="train on the QA pairs only, not on the passage text")
+    t.add_argument("--storage-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    t.add_argument("--chunk-size", type=int, default=32, help="experts trained/stored together")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def train_config_from(args: argparse.Namespace) -> TrainConfig:
+    from dmoe.experts.lora import LoraSpec
+    from dmoe.experts.train import TrainConfig
+
+    overrides = {k: v for k, v in (("lr", args.lr), ("epochs", args.epochs),
+                                   ("loss_on", args.loss_on)) if v is not None}
+    return TrainConfig(spec=LoraSpec(rank=args.rank, alpha=args.alpha), **overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dmoe.base_model import load_base_model
+    from dmoe.build import BuildConfig, build
+
+    config = BuildConfig(granularity=args.granularity, passage_words=args.passage_words,
+                         cluster_size=args.cluster_size, augmenter=args.augmenter,
+                         include_passage_lm=not args.no_passage_lm, chunk_size=args.chunk_size,
+                         storage_dtype=args.storage_dtype, limit=args.limit)
+    train_config = train_config_from(args)
+    lm = load_base_model(args.model, args.device, args.dtype)
+    log = (lambda s: None) if args.json else print
+    summary = build(args.corpus, args.bank, lm, config, train_config,
+                    progress=not (args.quiet or args.json), log=log)
+    if args.json:
+        print(json.dumps(summary.to_dict()))
+        return 0
+    d = summary.to_dict()
+    print(f"units {d['units']} | skipped records {d['skipped_records']} | failed {len(d['failed'])}"
+          f" | experts trained {d['experts_trained']}, reused {d['experts_reused']}"
+          f" | bank size {d['bank_size']} | {d['bytes_per_expert']} bytes/expert")
+    print("time per stage (s): " + ", ".join(f"{k} {v}" for k, v in d["stage_s"].items()))
+    for line in summary.skipped_records[:20] + summary.failed[:20]:
+        print(f"  skipped: {line}")
+    return 0
