@@ -1,0 +1,86 @@
+"""The one protocol every method answers through, its output record, and the shared knobs.
+
+A ``Method`` turns a ``Sample`` into a ``Prediction``: the raw generation plus what it cost. Methods
+are built once per (method, task) by ``dmoe.baselines.registry.build_method`` and own whatever they
+need (an engine, a retriever, experts); the runner only calls ``answer`` and ``close``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from dmoe.eval.datasets import Sample
+
+METHOD_NAMES = ("base", "rag", "flare", "prag", "prag_combine", "sft_lora", "poly_prag", "dmoe")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One method's answer to one sample and its cost."""
+
+    text: str  # raw generation (scoring extracts the answer from it)
+    latency_s: float  # wall time of ``answer`` (retrieval, prompt building, every forward pass)
+    generated_tokens: int  # tokens decoded, summed over every (re)generation
+    prefill_tokens: int  # prompt tokens run through the full model, summed over re-prefills
+    triggers: int = 0  # DMoE re-routings / FLARE retrievals
+    active_experts: tuple[str, ...] = ()  # every expert id active at some point, first-use order
+    retrieved: tuple[str, ...] = ()  # passage ids put in the prompt (final generation)
+    extra: dict[str, Any] = field(default_factory=dict)  # method-specific details (JSON-safe)
+
+
+@runtime_checkable
+class Method(Protocol):
+    """Anything that answers samples; ``name`` is the row label in every table."""
+
+    name: str
+
+    def answer(self, sample: Sample) -> Prediction: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Knobs shared by all methods (set with ``dmoe eval --set key=value``)."""
+
+    max_new_tokens: int = 32  # generation cap per (re)generation
+    stop_strings: tuple[str, ...] = ("\n",)  # answers are one line (see eval.metrics)
+    top_k: int = 3  # passages (rag, flare, prag) or experts per trigger (dmoe)
+    query_max_tokens: int = 128  # router / retriever query = last this-many tokens
+    flare_threshold: float = 0.5  # FLARE retrieves at the first token whose max prob is below this
+    flare_max_retrievals: int = 2  # FLARE retrievals (= regenerations) per sample at most
+    trigger: str = "entropy"  # dmoe trigger policy: entropy | always | never | random
+    tau: float = 2.0  # dmoe entropy threshold in nats (paper 2.0)
+    trigger_rate: float = 0.1  # for trigger=random
+    route_at_start: bool = False  # dmoe: also route on the question before prefill
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if not 0.0 <= self.flare_threshold <= 1.0:
+            raise ValueError(f"flare_threshold must be in [0, 1], got {self.flare_threshold}")
+        if self.flare_max_retrievals < 0:
+            raise ValueError(f"flare_max_retrievals must be >= 0, got {self.flare_max_retrievals}")
+
+    def with_overrides(self, pairs: list[str]) -> MethodConfig:
+        """``["tau=1.5", "stop_strings=\\n,."]`` -> a new config; values parsed by field type."""
+        changes: dict[str, Any] = {}
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        for pair in pairs:
+            key, sep, raw = pair.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or key not in fields:
+                raise ValueError(f"bad --set {pair!r}; keys: {', '.join(fields)}")
+            current = getattr(self, key)
+            if isinstance(current, bool):
+                changes[key] = raw.strip().lower() in ("1", "true", "yes", "on")
+            elif isinstance(current, tuple):
+                changes[key] = tuple(s.encode().decode("unicode_escape") for s in raw.split(",") if s)
+            else:
+                changes[key] = type(current)(raw)
+        return dataclasses.replace(self, **changes)

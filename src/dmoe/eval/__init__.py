@@ -1,0 +1,1 @@
+"""Evaluation: benchmark loaders, scoring, the resumable runner and its summary tables."""

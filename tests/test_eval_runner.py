@@ -1,0 +1,114 @@
+"""The runner: per-sample JSONL, resume computes nothing twice, summary/tables/plot from files."""
+
+import json
+
+import pytest
+from conftest import CharTokenizer, tiny_model
+
+from dmoe.baselines import MethodConfig, PassageRetriever, Prediction, Resources, build_method
+from dmoe.cli import main
+from dmoe.corpus.units import KnowledgeUnit
+from dmoe.eval.datasets import Sample, Task
+from dmoe.eval.report import quality_table, summarize, write_report
+from dmoe.eval.runner import read_records, results_path, run_task
+from dmoe.experts.lora import ExpertAdapter, LoraSpec
+
+CORPUS = [KnowledgeUnit("k0", "Zorvan is the capital of Ventia."),
+          KnowledgeUnit("k1", "The river Quell is long.")]
+TASK = Task("knowledge_conflicts", [
+    Sample("e0", "What is the capital of Ventia?", ("Zorvan",), gold_unit_ids=("k0",),
+           meta={"split": "efficacy"}),
+    Sample("e1", "Is the river Quell long?", ("yes",), kind="yesno", meta={"split": "efficacy"}),
+    Sample("l0", "Who wrote Hamlet?", ("Shakespeare",), meta={"split": "locality"}),
+], CORPUS)
+
+
+@pytest.fixture(scope="module")
+def resources():
+    model = tiny_model("llama", layers=2)
+    return Resources(model, CharTokenizer(), ExpertAdapter(model, LoraSpec()),
+                     MethodConfig(max_new_tokens=4, stop_strings=()))
+
+
+class Counting:
+    """Wraps a method and counts answer() calls."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.calls = inner, inner.name, 0
+
+    def answer(self, sample):
+        self.calls += 1
+        return self.inner.answer(sample)
+
+    def close(self):
+        self.inner.close()
+
+
+def test_resume_and_report(tmp_path, resources):
+    retriever = PassageRetriever(CORPUS)
+    built = []
+
+    def build(name):
+        built.append(Counting(build_method(name, resources, retriever)))
+        return built[-1]
+
+    assert run_task(TASK, ["base", "rag"], build, tmp_path, progress=False) == {"base": 3, "rag": 3}
+    recs = read_records(results_path(tmp_path, TASK.name, "rag"))
+    assert [r["id"] for r in recs] == ["e0", "e1", "l0"]
+    r = recs[0]
+    for key in ("question", "gold", "prediction", "answer", "em", "f1", "latency_s", "triggers",
+                "active_experts", "generated_tokens", "prefill_tokens", "peak_rss_mb"):
+        assert key in r, key
+    assert r["retrieved"][0] == "k0" and recs[1]["acc"] in (0.0, 1.0)
+
+    # second run: nothing recomputed, methods not even built
+    built.clear()
+    assert run_task(TASK, ["base", "rag"], build, tmp_path, progress=False) == {"base": 0, "rag": 0}
+    assert built == []
+
+    # a torn last line (crash mid-write) is dropped and that sample alone is redone
+    path = results_path(tmp_path, TASK.name, "base")
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:2]) + lines[2][:20])
+    assert run_task(TASK, ["base"], build, tmp_path, progress=False) == {"base": 1}
+    assert built[-1].calls == 1 and len(read_records(path)) == 3
+
+    # a different corpus (another --limit on HotpotQA-like sets) recomputes; the newest record counts
+    bigger = Task(TASK.name, TASK.samples[:1], [*CORPUS, KnowledgeUnit("k2", "Extra passage.")])
+    assert run_task(bigger, ["rag"], build, tmp_path, progress=False) == {"rag": 1}
+    assert len(read_records(results_path(tmp_path, TASK.name, "rag"))) == 4
+
+    summary = write_report(tmp_path)
+    s = summary["datasets"]["knowledge_conflicts"]
+    assert s["base"]["n"] == 3 and s["base"]["n_quality"] == 2
+    assert s["base"]["locality"] == 1.0 and s["rag"]["n_locality"] == 1 and s["rag"]["n"] == 3
+    for key in ("em", "f1", "acc", "efficacy", "latency_s_mean", "peak_rss_mb"):
+        assert s["rag"][key] is not None, key
+    assert (tmp_path / "tables.md").read_text().count("| rag |") == 4
+    assert (tmp_path / "quality_vs_latency.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    retriever.close()
+
+
+def test_summary_from_handmade_records(tmp_path):
+    d = tmp_path / "squad"
+    d.mkdir()
+    rec = {"id": "a", "kind": "span", "split": None, "em": 1.0, "f1": 1.0, "contains": 1.0,
+           "answer": "x", "latency_s": 2.0, "generated_tokens": 3, "prefill_tokens": 10,
+           "triggers": 1, "peak_rss_mb": 100.0}
+    lines = [rec, {**rec, "id": "b", "em": 0.0, "f1": 0.5, "latency_s": 4.0, "peak_rss_mb": 300.0}]
+    (d / "dmoe.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    s = summarize(tmp_path)["datasets"]["squad"]["dmoe"]
+    assert s["em"] == 0.5 and s["f1"] == 0.75 and s["latency_s_mean"] == 3.0
+    assert s["peak_rss_mb"] == 200.0 and s["peak_rss_mb_max"] == 300.0 and "acc" not in s
+    assert "| dmoe | 50.0 | 75.0 |" in quality_table(summarize(tmp_path))
+    # the CLI rebuilds the report without loading a model
+    assert main(["eval", "--report-only", "--out", str(tmp_path), "--datasets", "squad"]) == 0
+    assert (tmp_path / "tables.md").is_file()
+    assert main(["eval", "--methods", "nope", "--out", str(tmp_path)]) == 2
+
+
+def test_prediction_is_frozen():
+    p = Prediction("x", 0.1, 1, 2)
+    with pytest.raises(AttributeError):
+        p.text = "y"  # type: ignore[misc]
