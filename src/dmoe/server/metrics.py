@@ -107,12 +107,12 @@ class Metrics:
             head("dmoe_generation_duration_seconds", "histogram",
                  "Time a generation held the model (prefill + decode).")
             out.extend(self.generation_seconds.lines("dmoe_generation_duration_seconds", {}))
-            for name, value, text in (
+            for name, count, text in (
                     ("dmoe_prompt_tokens_total", self.prompt_tokens, "Prompt tokens prefilled."),
                     ("dmoe_completion_tokens_total", self.completion_tokens, "Tokens generated."),
                     ("dmoe_triggers_total", self.triggers, "Decode steps that re-routed experts.")):
                 head(name, "counter", text)
-                out.append(f"{name} {value}")
+                out.append(f"{name} {count}")
         for name, (kind, text, series) in scraped.items():
             head(name, kind, text)
             for pairs, value in series.items():
