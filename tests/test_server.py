@@ -181,6 +181,13 @@ def test_added_document_changes_the_answer_and_delete_restores_it(live):
         assert att["experts"] == {"velmora#0": "Velmora"}
         assert all(s["experts"] == ["velmora#0"] for s in att["spans"])
         assert with_doc != before
+        # the other knobs: the base model ignores the bank; a pinned expert needs no trigger
+        assert ask(live, method="base", trigger="always")[0] == before
+        pinned, att = ask(live, "Hello?", experts=["velmora#0"], trigger="never")
+        assert att["triggers"] == 0 and [s["experts"] for s in att["spans"]] == [["velmora#0"]]
+        assert ask(live, "Hello?", router="random", trigger="always")[1]["experts"] == {
+            "velmora#0": "Velmora"}
+        assert live.state.kb.check().ok  # the jobs folder inside the bank is no drift
 
         assert http.delete(f"/v1/experts/{quote('velmora#0', safe='')}").status_code == 200
         after, att = ask(live, **ALWAYS)
@@ -259,6 +266,9 @@ def test_bad_requests_get_4xx_with_a_reason(live):
         r = http.post("/v1/completions", content=b"{" + b" " * (1 << 20) + b"}",
                       headers={"content-type": "application/json"})
         assert r.status_code == 413
+        chunked = http.post("/v1/completions", headers={"content-type": "application/json"},
+                            content=(b" " * 65536 for _ in range(20)))  # no Content-Length
+        assert chunked.status_code == 413 and "limit" in chunked.json()["error"]["message"]
         assert http.get("/v1/jobs/job-nope").status_code == 404
         assert http.get("/v1/experts/nope").status_code == 404
 

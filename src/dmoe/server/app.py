@@ -105,7 +105,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 class ObserveMiddleware:
     """Counts requests and their latency to the last byte (streams included) by route template,
-    and refuses bodies whose Content-Length exceeds ``max_body_bytes`` (413) before reading them."""
+    and refuses bodies larger than ``max_body_bytes`` (413): by Content-Length before reading
+    them, else (chunked uploads) as soon as the bytes read pass the limit."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -126,14 +127,25 @@ class ObserveMiddleware:
                 state.metrics.observe_request(route, scope["method"], status[0],
                                               time.perf_counter() - t0)
 
+        limit = state.config.max_body_bytes
         length = _content_length(scope)
-        if length is not None and length > state.config.max_body_bytes:
+        if length is not None and length > limit:
             status[0] = 413
-            response = _error(413, f"request body is {length} bytes; the limit is "
-                                   f"{state.config.max_body_bytes}", "invalid_request_error")
+            response = _error(413, f"request body is {length} bytes; the limit is {limit}",
+                              "invalid_request_error")
             await response(scope, receive, send)
             record()
             return
+        received = [0]
+
+        async def limited_receive() -> Message:  # chunked bodies carry no Content-Length
+            message = await receive()
+            if message["type"] == "http.request":
+                received[0] += len(message.get("body", b""))
+                if received[0] > limit:
+                    raise StarletteHTTPException(413, f"request body exceeds the limit of "
+                                                      f"{limit} bytes")
+            return message
 
         async def observed_send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -143,7 +155,7 @@ class ObserveMiddleware:
                 record()
 
         try:
-            await self.app(scope, receive, observed_send)
+            await self.app(scope, limited_receive, observed_send)
         finally:
             record()
 
