@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import quote
 
@@ -221,6 +222,55 @@ def test_delete_waits_for_a_stream_in_flight(live):
     assert spans and all(s["experts"] == ["kestrel#0"] for s in spans)  # unbroken by the delete
     _, att = ask(live, question, **ALWAYS)
     assert att["experts"] == {}
+
+
+def slow_model(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make each forward pass take >= 50 ms (32 tokens >= 1.6 s: time to act mid-generation)."""
+    forward = live.state.engine._forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.05)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(live.state.engine, "_forward", slow_forward)
+
+
+def test_a_full_queue_gets_503(live, monkeypatch):
+    monkeypatch.setattr(live.state, "config", replace(live.state.config, max_waiting=1))
+    slow_model(live, monkeypatch)
+    stream = live.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Go on."}], max_tokens=16,
+        stream=True, extra_body={"method": "base"})
+    chunks = iter(stream)
+    next(chunks)  # admitted and running
+    with pytest.raises(openai.InternalServerError) as err:
+        ask(live, "Me too?")
+    assert err.value.status_code == 503 and "retry" in err.value.message
+    assert list(chunks)  # the admitted one is unaffected
+
+
+def test_a_client_that_goes_away_frees_the_model(live, monkeypatch):
+
+    def cancelled() -> int:
+        with live.http(USER) as http:
+            lines = http.get("/metrics").text.splitlines()
+        found = [x for x in lines if x.startswith('dmoe_generations_total{finish_reason="cancelled"}')]
+        return int(found[0].split()[1]) if found else 0
+
+    before = cancelled()
+    slow_model(live, monkeypatch)
+    stream = live.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Tell a long story."}], max_tokens=32,
+        stream=True, extra_body={"method": "base"})
+    chunks = iter(stream)
+    next(chunks), next(chunks)
+    stream.close()  # hang up mid-generation
+    deadline = time.time() + 10
+    while cancelled() == before:
+        assert time.time() < deadline, "the generation was not cancelled"
+        time.sleep(0.05)
+    monkeypatch.undo()
+    assert ask(live, "Still there?")[0] is not None  # the model is free again
 
 
 def test_concurrent_clients_get_the_answers_they_would_get_alone(live):

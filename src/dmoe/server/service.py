@@ -150,8 +150,13 @@ def generate(state: ServerState, p: Prepared,
         engine.trigger = make_trigger(opts.trigger, opts.tau, opts.trigger_rate, opts.seed or 0)
         engine.router = _router(state, opts)
         t0 = time.perf_counter()
-        gen = engine.generate(torch.tensor([p.input_ids]), p.task_input, p.decode,
-                              initial_experts=opts.experts, on_token=on_token)
+        try:
+            gen = engine.generate(torch.tensor([p.input_ids]), p.task_input, p.decode,
+                                  initial_experts=opts.experts, on_token=on_token)
+        except GenerationCancelled:
+            state.metrics.observe_generation(len(p.input_ids), 0, 0, "cancelled",
+                                             time.perf_counter() - t0)
+            raise
         seconds = time.perf_counter() - t0
     state.metrics.observe_generation(len(p.input_ids), len(gen.token_ids), gen.n_triggers,
                                      gen.finish_reason, seconds)
