@@ -329,6 +329,7 @@ def test_api_keys(live):
             model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     with live.http(None) as anon:
         assert anon.get("/health").status_code == 401
+        assert anon.get("/openapi.json").status_code == 401
         assert anon.get("/health", headers={"X-API-Key": USER}).status_code == 200
     with live.http(USER) as user:
         assert user.get("/v1/experts").status_code == 200
@@ -337,6 +338,8 @@ def test_api_keys(live):
         assert user.delete("/v1/experts/anything").status_code == 403
     with live.http(ADMIN) as admin:
         assert admin.get("/health").json()["status"] == "ok"  # the admin key opens everything
+        paths = admin.get("/openapi.json").json()["paths"]
+        assert {"/v1/chat/completions", "/v1/knowledge", "/v1/jobs/{job_id}"} <= set(paths)
 
 
 def test_health_and_metrics(live):

@@ -49,7 +49,9 @@ def create_app(state: ServerState | None = None, *,
             else:
                 await anyio.to_thread.run_sync(st.jobs.stop)
 
-    app = FastAPI(title="dmoe", version=__version__, lifespan=lifespan,
+    # The schema is served by the routes, behind the API key; no /docs (its assets need a CDN).
+    app = FastAPI(title="dmoe", version=__version__, lifespan=lifespan, openapi_url=None,
+                  docs_url=None, redoc_url=None,
                   description="Decoupled final-layer LoRA experts behind an OpenAI-compatible API.")
     if state is not None:
         app.state.dmoe = state

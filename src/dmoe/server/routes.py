@@ -6,6 +6,7 @@ endpoint                    key     what
 GET  /health                user    liveness + model and bank size
 GET  /metrics               user    Prometheus text
 GET  /v1/models             user    the one served model (OpenAI shape)
+GET  /openapi.json          user    the OpenAPI schema of all of this
 POST /v1/chat/completions   user    OpenAI chat completion, ``stream`` for SSE; + ``attribution``
 POST /v1/completions        user    OpenAI text completion, ``stream`` for SSE; + ``attribution``
 GET  /v1/experts            user    the bank's experts
@@ -119,6 +120,11 @@ def metrics(request: Request) -> PlainTextResponse:
     state = get_state(request)
     return PlainTextResponse(state.metrics.render(state.scraped_metrics()),
                              media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@user.get("/openapi.json", include_in_schema=False)
+def openapi(request: Request) -> dict[str, Any]:
+    return request.app.openapi()  # type: ignore[no-any-return]
 
 
 @user.get("/v1/models", response_model=ModelList)

@@ -13,7 +13,7 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,7 +141,7 @@ def _router(state: ServerState, opts: DmoeOptions) -> Router | None:
 
 
 def generate(state: ServerState, p: Prepared,
-             on_token: Any = None) -> Generation:
+             on_token: Callable[[TokenRecord], None] | None = None) -> Generation:
     """Run one generation (blocking; waits for the model lock). Call from a worker thread."""
     opts = p.options
     with state.model_lock:
