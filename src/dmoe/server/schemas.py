@@ -144,8 +144,8 @@ class Document(_Strict):
     @field_validator("id")
     @classmethod
     def _clean_id(cls, v: str | None) -> str | None:
-        if v is not None and (v != v.strip() or any(c in v for c in "\n\r\t\x00/\\")):
-            raise ValueError("id must not have surrounding spaces, control characters or slashes")
+        if v is not None and (v != v.strip() or any(ord(c) < 32 for c in v)):
+            raise ValueError("id must not have surrounding spaces or control characters")
         return v
 
 
