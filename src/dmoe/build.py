@@ -54,6 +54,7 @@ class BuildSummary:
     bytes_per_expert: float = 0.0
     bank_size: int = 0
     stage_s: dict[str, float] = field(default_factory=dict)
+    expert_ids: list[str] = field(default_factory=list)  # every unit's expert (trained or reused)
 
     def to_dict(self) -> dict[str, Any]:
         return {"units": self.units, "skipped_records": len(self.skipped_records),
@@ -71,8 +72,14 @@ def surrogate_text(unit: KnowledgeUnit, aug: Augmentation) -> str:
 
 def build(corpus: str | Path, bank_dir: str | Path, lm: Any, config: BuildConfig,
           train_config: TrainConfig, progress: bool = True,
-          log: Callable[[str], None] = print) -> BuildSummary:
-    """Run the whole pipeline into ``bank_dir`` (created if missing) and return a summary."""
+          log: Callable[[str], None] = print,
+          on_progress: Callable[[str, int, int], None] | None = None) -> BuildSummary:
+    """Run the whole pipeline into ``bank_dir`` (created if missing) and return a summary.
+
+    ``on_progress(stage, done, total)`` is called as units are augmented (stage ``"augment"``) and
+    as experts are stored (``"train"``, counting the experts that needed training).
+    """
+    report_progress = on_progress or (lambda stage, done, total: None)
     summary = BuildSummary()
     clock = time.perf_counter()
 
@@ -94,9 +101,13 @@ def build(corpus: str | Path, bank_dir: str | Path, lm: Any, config: BuildConfig
         clock = time.perf_counter()
         augmenter = make_augmenter(config.augmenter, loaded=lm, batch_size=config.augment_batch)
         bar = tqdm(total=len(units), desc="augment", unit="unit", disable=not progress)
+
+        def augmented(done: int, total: int) -> None:
+            bar.update(done - bar.n)
+            report_progress("augment", done, total)
+
         augs = augment_cached(units, augmenter, Path(bank_dir) / AUGMENT_CACHE,
-                              chunk_size=config.augment_batch,
-                              on_progress=lambda done, total: bar.update(done - bar.n))
+                              chunk_size=config.augment_batch, on_progress=augmented)
         bar.close()
         summary.stage_s["augment"] = time.perf_counter() - clock
 
@@ -120,6 +131,7 @@ def build(corpus: str | Path, bank_dir: str | Path, lm: Any, config: BuildConfig
             kb.sync()
             bar.total = total
             bar.update(done - bar.n)
+            report_progress("train", done, total)
 
         result = train_into_bank(lm.model, lm.tokenizer, jobs, kb.bank, train_config,
                                  chunk_size=config.chunk_size, on_chunk=stored)
@@ -129,6 +141,7 @@ def build(corpus: str | Path, bank_dir: str | Path, lm: Any, config: BuildConfig
         summary.stage_s["train"] = time.perf_counter() - clock
         summary.experts_trained = len(result.trained)
         summary.experts_reused = len(result.skipped)
+        summary.expert_ids = [job.expert_id for job in jobs]
         infos = kb.list()
         summary.bank_size = len(infos)
         summary.bytes_per_expert = sum(i.bytes for i in infos) / max(len(infos), 1)

@@ -20,8 +20,9 @@ COMMAND_MODULES: list[str] = [
     "dmoe.commands.experts",
     "dmoe.commands.ask",
     "dmoe.commands.router",
-    "dmoe.commands.bench",
     "dmoe.commands.eval",
+    "dmoe.commands.bench",
+    "dmoe.commands.serve",
 ]
 
 

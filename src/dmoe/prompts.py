@@ -37,3 +37,19 @@ def encode_prompt(tokenizer: Any, question: str, passages: Sequence[str] = ()) -
     """Token ids of ``format_prompt`` (the chat template already carries special tokens)."""
     text = format_prompt(tokenizer, question, passages)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def format_chat(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
+    """A chat (``[{"role": ..., "content": ...}]``) as prompt text ending where the reply begins.
+
+    Through the tokenizer's chat template when it has one; otherwise a plain frame, one
+    ``Role: content`` line per message and a final ``Assistant:``. Unlike ``format_prompt`` the
+    messages are rendered as given (the OpenAI-compatible server's chat endpoint).
+    """
+    if not messages:
+        raise ValueError("a chat needs at least one message")
+    if getattr(tokenizer, "chat_template", None):
+        return str(tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                                 add_generation_prompt=True))
+    lines = [f"{m['role'].capitalize()}: {m['content'].strip()}" for m in messages]
+    return "\n".join([*lines, "Assistant:"])

@@ -1,0 +1,309 @@
+"""Request and response bodies of the server (pydantic), OpenAI-compatible where a client expects it.
+
+Requests forbid unknown fields, so a typo in one of dmoe's knobs is a 400 naming it rather than a
+silently ignored setting. The OpenAI fields dmoe cannot honour are accepted only at values that mean
+"off" (``n=1``, ``logprobs`` unset, ``echo`` false …); decoding is greedy, so ``temperature`` and
+``top_p`` are accepted and ignored. Limits that depend on the loaded model (prompt length,
+``max_tokens`` cap) are checked by ``dmoe.server.service``, not here.
+
+This module knows nothing about the engine, the knowledge base or HTTP routing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+TRIGGERS = ("entropy", "always", "never", "random")
+MAX_STOP = 4  # stop strings per request (OpenAI's limit)
+MAX_STOP_CHARS = 64
+MAX_PINNED_EXPERTS = 16
+MAX_DOC_CHARS = 200_000  # the corpus reader's default max_chars
+MAX_ID_CHARS = 200
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- dmoe's knobs (extra body fields of both completion endpoints) ----------------------------------
+
+class DmoeOptions(_Strict):
+    """How experts are routed for one request (the extra body fields)."""
+
+    method: Literal["dmoe", "base"] = "dmoe"  # "base": the frozen model, no experts
+    trigger: Literal["entropy", "always", "never", "random"] = "entropy"  # when to re-route
+    tau: float = Field(2.0, ge=0.0, le=100.0)  # entropy threshold in nats for trigger="entropy"
+    trigger_rate: float = Field(0.1, ge=0.0, le=1.0)  # probability per step for trigger="random"
+    top_k: int = Field(3, ge=1, le=16)  # experts per trigger (not top-k sampling: decoding is greedy)
+    router: Literal["bm25", "random"] = "bm25"  # how experts are ranked on a trigger
+    seed: int | None = None  # seeds trigger="random" and router="random"
+    experts: list[str] = Field(default_factory=list, max_length=MAX_PINNED_EXPERTS)  # initial set
+    task_input: str | None = None  # router query seed (default: last user message / the prompt)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Generation(DmoeOptions):
+    """Fields shared by chat and text completions."""
+
+    model: str = ""  # echoed back; every request is served by the one loaded model
+    max_tokens: int | None = Field(None, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)  # accepted, ignored (greedy)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)  # accepted, ignored (greedy)
+    n: int = Field(1, ge=1, le=1)  # one choice per request
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)  # accepted, ignored
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)  # accepted, ignored
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, v: str | list[str] | None) -> list[str] | None:
+        stops = [v] if isinstance(v, str) else v
+        if stops is None:
+            return None
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings, got {len(stops)}")
+        if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop strings must have 1..{MAX_STOP_CHARS} characters")
+        return stops
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return tuple(self.stop or ())
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # newer clients' name for max_tokens
+    logprobs: Literal[False] | None = None  # not supported
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[str]
+    echo: Literal[False] = False  # not supported
+    logprobs: Literal[0] | None = None  # not supported
+    suffix: None = None  # not supported
+    best_of: int | None = Field(None, ge=1, le=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str]) -> str:
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise ValueError(f"exactly one prompt per request, got {len(v)}")
+            return v[0]
+        return v
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+# -- knowledge management ------------------------------------------------------------------------
+
+class Document(_Strict):
+    """One document to turn into experts (split into passage units like ``dmoe build`` does)."""
+
+    id: str | None = Field(None, min_length=1, max_length=MAX_ID_CHARS)  # default: hash of text
+    title: str = Field("", max_length=1000)
+    text: str = Field(min_length=1, max_length=MAX_DOC_CHARS)
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("text is blank")
+        return v
+
+    @field_validator("id")
+    @classmethod
+    def _clean_id(cls, v: str | None) -> str | None:
+        if v is not None and (v != v.strip() or any(ord(c) < 32 for c in v)):
+            raise ValueError("id must not have surrounding spaces or control characters")
+        return v
+
+
+class KnowledgeRequest(_Strict):
+    documents: list[Document] = Field(min_length=1, max_length=1000)
+
+    @field_validator("documents")
+    @classmethod
+    def _unique_ids(cls, v: list[Document]) -> list[Document]:
+        ids = [d.id for d in v if d.id is not None]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"duplicate document ids: {', '.join(dupes[:5])}")
+        return v
+
+
+# -- responses -----------------------------------------------------------------------------------
+
+class SpanOut(BaseModel):
+    """Tokens ``[start, end)`` of the answer and the experts active while they were generated."""
+
+    start: int
+    end: int
+    text: str
+    experts: list[str]
+    triggered: bool
+
+
+class Attribution(BaseModel):
+    """The extra ``attribution`` field of every completion (the last chunk's, when streaming)."""
+
+    spans: list[SpanOut]
+    triggers: int  # positions that re-routed
+    experts: dict[str, str]  # every expert named in ``spans`` -> its title ("" once deleted)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatMessageOut
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    attribution: Attribution
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    attribution: Attribution | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    """A text completion, or (``object="text_completion"`` as OpenAI streams it) one chunk of it."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    attribution: Attribution | None = None
+
+
+class ExpertOut(BaseModel):
+    id: str
+    unit_id: str
+    title: str
+    bytes: int
+    dtype: str
+    created: str
+    updated: str
+
+
+class ExpertList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ExpertOut]
+
+
+class JobOut(BaseModel):
+    """A background build: ``queued`` -> ``running`` -> ``succeeded`` | ``failed``."""
+
+    id: str
+    object: Literal["knowledge.job"] = "knowledge.job"
+    status: Literal["queued", "running", "succeeded", "failed"]
+    documents: int
+    stage: str  # waiting | augment | train | done
+    done: int  # units augmented / experts stored in the current stage
+    total: int
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    expert_ids: list[str] = Field(default_factory=list)  # filled when the job succeeds
+    summary: dict[str, Any] | None = None  # ``BuildSummary.to_dict()``
+    error: str | None = None
+
+
+class ModelOut(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "dmoe"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelOut]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+def error_payload(message: str, type_: str, param: str | None = None,
+                  code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error envelope: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": ErrorBody(message=message, type=type_, param=param, code=code).model_dump()}

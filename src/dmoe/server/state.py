@@ -1,0 +1,156 @@
+"""Everything one server process holds: the model, the knowledge base, the engine, locks, jobs,
+metrics and its limits.
+
+Concurrency model (CPU-first, correct before fast):
+
+- ``model_lock`` serialises every use of the model and every write to the knowledge base: one
+  generation at a time (the engine keeps per-generation state), build jobs (training runs forward
+  passes and hooks the model) and deletes (so a routed expert cannot vanish between the router
+  naming it and the engine loading it). Requests wait their turn in worker threads; at most
+  ``max_waiting`` may wait or run, more get 503.
+- Reads that never touch the model (listing experts, job status, metrics) take no lock: the bank's
+  SQLite connection and the tantivy searcher are safe to read from any thread.
+- A change to the knowledge base is visible to the next generation that takes the lock; the one
+  running keeps the experts it has already loaded.
+
+This module knows nothing about HTTP.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dmoe.build import BuildConfig
+from dmoe.engine.triggers import NeverTrigger
+from dmoe.experts.lora import LoraSpec
+from dmoe.experts.train import TrainConfig
+from dmoe.knowledge import KnowledgeBase
+from dmoe.server.jobs import JobRunner
+from dmoe.server.metrics import Metrics, Scraped
+
+JOBS_DIR = "jobs"  # inside the bank directory
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Access keys and request limits."""
+
+    api_key: str | None = None  # when set, every endpoint requires it (or the admin key)
+    admin_key: str | None = None  # when set, management endpoints require exactly this key
+    default_max_tokens: int = 64  # when a request gives no max_tokens
+    max_tokens_limit: int = 1024  # largest max_tokens a request may ask for
+    max_prompt_tokens: int | None = None  # default: the model's context length minus one
+    max_body_bytes: int = 16 << 20  # larger request bodies get 413
+    max_waiting: int = 64  # generations waiting for or holding the model; more get 503
+
+    def __post_init__(self) -> None:
+        for name in ("default_max_tokens", "max_tokens_limit", "max_body_bytes", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) exceeds "
+                             f"max_tokens_limit ({self.max_tokens_limit})")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+        for name in ("api_key", "admin_key"):
+            if getattr(self, name) == "":
+                raise ValueError(f"{name} must not be empty (leave it unset for no key)")
+
+
+class ServerBusy(Exception):
+    """More generations are waiting than ``max_waiting`` allows."""
+
+
+class ServerState:
+    """The loaded model + knowledge base + one engine, and what serialises access to them."""
+
+    def __init__(self, lm: Any, kb: KnowledgeBase, config: ServerConfig | None = None,
+                 build_config: BuildConfig | None = None, train_config: TrainConfig | None = None,
+                 jobs_dir: str | Path | None = None) -> None:
+        self.lm = lm
+        self.kb = kb
+        self.config = config or ServerConfig()
+        self.model_name = str(lm.source.name)
+        self.engine = kb.engine(lm, NeverTrigger())  # trigger and router are set per request
+        self.bm25 = kb.router()
+        self.model_lock = threading.Lock()
+        self.metrics = Metrics()
+        train_config = train_config or TrainConfig(spec=kb.bank.spec)
+        if train_config.spec != kb.bank.spec:
+            raise ValueError(f"train_config.spec {train_config.spec} differs from the bank's "
+                             f"{kb.bank.spec}")
+        self.jobs = JobRunner(lm, kb, self.model_lock, Path(jobs_dir or kb.bank.path / JOBS_DIR),
+                              build_config or BuildConfig(), train_config)
+        ctx = getattr(lm.model.config, "max_position_embeddings", None)
+        self.context_length: int | None = int(ctx) if ctx else None
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
+
+    @classmethod
+    def load(cls, bank: str | Path, model: str | None = None, device: str | None = None,
+             dtype: str | None = None, config: ServerConfig | None = None,
+             build_config: BuildConfig | None = None) -> ServerState:
+        """Load the base model and open the bank (created empty when missing)."""
+        from dmoe.base_model import load_base_model
+
+        lm = load_base_model(model, device, dtype)
+        bank = Path(bank)
+        if (bank / "bank.json").is_file():
+            kb = KnowledgeBase.open(bank, lm.fingerprint)
+        else:
+            kb = KnowledgeBase.open_or_create(bank, lm.fingerprint, lm.source.name, LoraSpec())
+        return cls(lm, kb, config, build_config)
+
+    def close(self) -> None:
+        self.jobs.stop()
+        with self.model_lock:
+            self.engine.close()
+            self.kb.close()
+
+    @property
+    def max_prompt_tokens(self) -> int | None:
+        if self.config.max_prompt_tokens is not None:
+            return self.config.max_prompt_tokens
+        return self.context_length - 1 if self.context_length else None
+
+    def admit(self) -> None:
+        """Count one generation in, or raise ``ServerBusy``; pair with ``release()``."""
+        with self._waiting_lock:
+            if self._waiting >= self.config.max_waiting:
+                raise ServerBusy(f"{self._waiting} generations are already waiting or running; "
+                                 f"retry later")
+            self._waiting += 1
+
+    def release(self) -> None:
+        with self._waiting_lock:
+            assert self._waiting > 0, "release() without admit()"
+            self._waiting -= 1
+
+    @contextmanager
+    def admitted(self) -> Iterator[None]:
+        """``admit()`` for the duration of a block."""
+        self.admit()
+        try:
+            yield
+        finally:
+            self.release()
+
+    def scraped_metrics(self) -> dict[str, Scraped]:
+        """Series read at scrape time, in ``Metrics.render``'s shape."""
+        jobs = self.jobs.counts()
+        cache = self.kb.experts
+        return {
+            "dmoe_bank_experts": ("gauge", "Experts in the served bank.", {(): float(len(self.kb))}),
+            "dmoe_generations_waiting": ("gauge", "Generations waiting for or holding the model.",
+                                         {(): float(self._waiting)}),
+            "dmoe_jobs": ("gauge", "Build jobs kept in memory, by status.",
+                          {(("status", s),): float(n) for s, n in jobs.items()}),
+            "dmoe_expert_cache_lookups_total": ("counter", "Expert cache lookups, by result.",
+                                          {(("result", "hit"),): float(cache.hits),
+                                           (("result", "miss"),): float(cache.misses)}),
+        }
