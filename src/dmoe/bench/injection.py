@@ -9,9 +9,9 @@ Baselines: the base model (no passage) and the passage in the prompt (RAG). Used
     python -m dmoe.bench.injection --n 20 --grid 1e-5:1,1e-3:10,5e-3:10 --json
 
 Measured (packaged SmolLM2-135M, CPU, 16 new tokens): ``--n 10 --grid 1e-5:1,5e-3:10,2e-2:5`` ->
-0/10 injected for every setting; base 0/10, RAG 4/10 (the first 20: base 0/20, RAG 7/20). Trained
-experts do shift the answers toward the passage's wording, but no setting tried made the model
-state the substituted entity.
+0/10 injected for every setting; base 0/10, RAG 4/10 (the first 20: base 0/20, RAG 7/20);
+``--grid 1e-2:20`` -> 1/10 (plus "alino Sánchez" for "Chalino Sánchez"), with visibly degraded
+fluency. Weaker experts shift the answers toward the passage's wording without stating the fact.
 """
 
 from __future__ import annotations
