@@ -51,7 +51,7 @@ def test_fast_path_equals_reference(model, loss_on, weight_decay, share_prefix):
                for r, f in zip(ref, fast, strict=True) for k in r.weights)
     moved = min(r.weights[k].abs().max().item() for r in ref for k in r.weights if k.endswith("B"))
     assert moved > 1e-3, "training must move every B away from zero"
-    assert diff <= 1e-4, f"fast vs reference max |Δw| = {diff:.2e}"  # measured ~2e-7 .. 2e-6
+    assert diff <= 1e-4, f"fast vs reference max |Δw| = {diff:.2e}"  # measured 2e-8 .. 2e-7 here
     # PEFT was unloaded: the model is back to plain Linear projections.
     assert type(model.model.layers[-1].mlp.gate_proj) is torch.nn.Linear
 

@@ -7,6 +7,11 @@ Baselines: the base model (no passage) and the passage in the prompt (RAG). Used
 ``TrainConfig`` defaults (lr, epochs)::
 
     python -m dmoe.bench.injection --n 20 --grid 1e-5:1,1e-3:10,5e-3:10 --json
+
+Measured (packaged SmolLM2-135M, CPU, 16 new tokens): ``--n 10 --grid 1e-5:1,5e-3:10,2e-2:5`` ->
+0/10 injected for every setting; base 0/10, RAG 4/10 (the first 20: base 0/20, RAG 7/20);
+``--grid 1e-2:20`` -> 1/10 (plus "alino Sánchez" for "Chalino Sánchez"), with visibly degraded
+fluency. Weaker experts shift the answers toward the passage's wording without stating the fact.
 """
 
 from __future__ import annotations
@@ -53,12 +58,13 @@ def hit(text: str, gold: str) -> bool:
     return gold.lower() in text.lower()
 
 
-def run(n: int, grid: list[tuple[float, int]]) -> dict[str, Any]:
+def run(n: int, grid: list[tuple[float, int]], baselines: bool = True) -> dict[str, Any]:
     lm = load_base_model()
     model, tok = lm.model, lm.tokenizer
     items = load_conflicts(n)
-    base = [answer(model, tok, format_prompt(tok, it["question"])) for it in items]
-    rag = [answer(model, tok, format_prompt(tok, it["question"], [it["passage"]])) for it in items]
+    base = [answer(model, tok, format_prompt(tok, it["question"])) for it in items] if baselines else []
+    rag = ([answer(model, tok, format_prompt(tok, it["question"], [it["passage"]])) for it in items]
+           if baselines else [])
     print(f"base {sum(map(hit, base, [i['answer'] for i in items]))}/{len(items)}, "
           f"rag {sum(map(hit, rag, [i['answer'] for i in items]))}/{len(items)}", flush=True)
     result: dict[str, Any] = {
@@ -92,11 +98,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--grid", default="1e-5:1,1e-3:10,5e-3:5,5e-3:10,1e-2:10")
+    ap.add_argument("--no-baselines", action="store_true", help="skip the base and RAG answers")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     grid = [(float(a), int(b)) for a, b in (g.split(":") for g in args.grid.split(","))]
     torch.manual_seed(0)
-    result = run(args.n, grid)
+    result = run(args.n, grid, baselines=not args.no_baselines)
     if args.json:
         print(json.dumps(result, indent=1))
 
