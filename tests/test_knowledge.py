@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from dmoe.base_model import LoadedModel, ModelSource, model_fingerprint
 from dmoe.build import BuildConfig, build
 from dmoe.engine.decode import DecodeConfig
