@@ -37,13 +37,16 @@ from dmoe.experts.format import STORAGE_DTYPES, save_expert
 from dmoe.experts.train import TrainConfig, train_fast, train_reference
 from dmoe.prompts import format_prompt
 
-SQUAD = Path("/work/shared/data/squad/squad_dev_v1.1.json")
+SQUAD_FILE = "squad/squad_dev_v1.1.json"  # under the benchmark data dir (dmoe.eval.datasets)
 MIXES = ("qa", "passage+qa")
 
 
 def squad_jobs(tokenizer: Any, n_units: int, n_questions: int = 3, mix: str = "qa",
-               path: Path = SQUAD) -> list[tuple[str, list[TrainingExample]]]:
+               path: Path | None = None) -> list[tuple[str, list[TrainingExample]]]:
     """``n_units`` paragraphs with at least ``n_questions`` questions, as training jobs."""
+    from dmoe.eval.datasets import data_dir
+
+    path = path or data_dir() / SQUAD_FILE
     if mix not in MIXES:
         raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
     jobs = []

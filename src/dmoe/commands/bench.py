@@ -34,6 +34,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--compare-bm25s", action="store_true", help="also time bm25s queries")
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.set_defaults(func=run_router)
+    b = bsub.add_parser("build", help="expert training fast vs reference; augmentation cost",
+                        description="Training stage: fast batched path vs the PEFT reference on "
+                                    "the same SQuAD units (s/expert, speedup, max weight diff, "
+                                    "bytes/expert per dtype); augmentation: s/unit and QA JSON "
+                                    "parse rate of the base model ('self' augmenter).\n\n"
+                                    "example:\n  dmoe bench build --json",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("--n-units", type=int, default=8, help="units trained by the fast path")
+    b.add_argument("--n-reference", type=int, default=2, help="of which also by the reference")
+    b.add_argument("--epochs", type=int, default=10)
+    b.add_argument("--augment-units", type=int, default=4,
+                   help="units augmented by the base model (0 = skip the augmentation part)")
+    b.add_argument("--model", default=None)
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(func=run_build)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -53,6 +68,33 @@ def run_router(args: argparse.Namespace) -> int:
                           compare_bm25s=args.compare_bm25s)
     _emit(result, args.json)
     return 0
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from dmoe.bench.build import bench_training
+
+    result = bench_training(args.n_units, epochs=args.epochs, n_reference=args.n_reference,
+                            model=args.model)
+    if args.augment_units > 0:
+        result.update(_bench_augment(args.augment_units, args.model))
+    _emit(result, args.json)
+    return 0
+
+
+def _bench_augment(n_units: int, model: str | None) -> dict[str, Any]:
+    """Augment the first ``n_units`` SQuAD paragraphs with the base model itself."""
+    import json as _json
+
+    from dmoe.augment import make_augmenter, measure_augmentation
+    from dmoe.base_model import load_base_model
+    from dmoe.corpus.units import KnowledgeUnit
+    from dmoe.eval.datasets import data_dir
+
+    squad = _json.loads((data_dir() / "squad/squad_dev_v1.1.json").read_text())
+    units = [KnowledgeUnit(id=f"{a['title']}/0", text=a["paragraphs"][0]["context"],
+                           title=a["title"]) for a in squad["data"][:n_units]]
+    lm = load_base_model(model)
+    return measure_augmentation(units, make_augmenter("self", loaded=lm, batch_size=n_units))
 
 
 def run_decode(args: argparse.Namespace) -> int:
