@@ -149,13 +149,12 @@ def test_config_validation_names_the_bad_value():
 @pytest.mark.slow
 def test_fast_path_equals_reference_on_the_packaged_model():
     from dmoe.base_model import load_base_model
-    from dmoe.bench.build import squad_jobs
 
     # Tolerances (fp32): QA examples agree to <= 1e-4 (the bar; 2.2e-5 measured at 10
     # epochs). With the passage as an LM example the paths sum the loss over ~150 positions in a
     # different order; AdamW's v-normalisation turns such rounding on near-zero gradients into
     # updates of up to ~lr/40, so the bar there is 5e-4 (1.25e-4 measured).
-    from dmoe.bench.build import SQUAD_FILE
+    from dmoe.bench.build import SQUAD_FILE, squad_jobs
     from dmoe.eval.datasets import data_dir
 
     if not (data_dir() / SQUAD_FILE).is_file():
