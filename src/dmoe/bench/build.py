@@ -11,12 +11,13 @@ in each storage dtype::
     python -m dmoe.bench.build --json       # defaults: 8 units (2 also by the reference), 10 epochs
     python -m dmoe.bench.build --n-units 4 --mix passage+qa --json
 
-Measured (``--n-units 8 --n-reference 2 --epochs 10 --repeats 2``, 2 shared CPU cores, fp32):
-fast 3.39 s/expert vs reference 95.9 s/expert wall (28x; CPU time 2.76 vs 62.7 s, 23x), max
-|Δw| 2.2e-5; 102,120 B/expert in float32, 51,432 in float16, 51,440 in bfloat16. An earlier run under
-heavier load gave 7.9 vs 99.7 s (13x): on this machine the ratio moves with the neighbours' load.
-On CPU the fast path is FLOP-bound by the trunk (once per example) and, for passage LM examples,
-by lm_head at every supervised position (~2-3x only for ``--mix passage+qa``).
+Measured on the idle 2-core CPU, fp32, defaults (8 units x 3 QA, 10 epochs, shared-prefix trunk):
+fast 0.41 s/expert vs reference 11.8 s/expert (28.7x wall, 28.7x CPU), max |Δw| 6.7e-5; without
+the shared prefix (``--no-share-prefix``) 0.87 vs 11.0 s (12.6x), max |Δw| 2.2e-5. 102,120 B/expert
+in float32, 51,432 in float16, 51,440 in bfloat16. Under a neighbour's load the ratio moves (13x to
+28x was seen without the shared prefix), so compare only numbers from one run. On CPU the fast path
+is bound by the trunk (once per example, or once per passage with the shared prefix) and, for
+passage LM examples, by lm_head at every supervised position.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def squad_jobs(tokenizer: Any, n_units: int, n_questions: int = 3, mix: str = "q
 
 def bench_training(n_units: int = 8, epochs: int = 10, lr: float = 5e-3, mix: str = "qa",
                    n_questions: int = 3, repeats: int = 2, n_reference: int = 2,
-                   share_prefix: bool = False, model: str | None = None) -> dict[str, Any]:
+                   share_prefix: bool = True, model: str | None = None) -> dict[str, Any]:
     """Train the same units through both paths; timings, weight agreement and expert sizes.
 
     The fast path trains all ``n_units`` together; the reference (slow) trains the first
@@ -130,7 +131,8 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--n-reference", type=int, default=2, help="units also trained by the reference")
-    ap.add_argument("--share-prefix", action="store_true", help="shared-prefix trunk (see train_fast)")
+    ap.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
+                    help="run every example's full prompt through the trunk (see train_fast)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args()
