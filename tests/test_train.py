@@ -150,10 +150,11 @@ def test_config_validation_names_the_bad_value():
 def test_fast_path_equals_reference_on_the_packaged_model():
     from dmoe.base_model import load_base_model
 
-    # Tolerances (fp32): QA examples agree to <= 1e-4 (the bar; 2.2e-5 measured at 10
-    # epochs). With the passage as an LM example the paths sum the loss over ~150 positions in a
-    # different order; AdamW's v-normalisation turns such rounding on near-zero gradients into
-    # updates of up to ~lr/40, so the bar there is 5e-4 (1.25e-4 measured).
+    # Tolerances (fp32), stated: the paths differ only in summation order and attention kernels,
+    # and AdamW's v-normalisation turns such rounding on near-zero gradients into updates of a few
+    # percent of lr. Measured here: QA examples, full-prompt trunk 2e-5 (the bar is 1e-4);
+    # shared-prefix trunk (passage once in a KV cache) 3.9e-4 after 2 epochs (6.7e-5 in
+    # `dmoe bench build` at 10 epochs); passage LM examples 1.25e-4.
     from dmoe.bench.build import SQUAD_FILE, squad_jobs
     from dmoe.eval.datasets import data_dir
 
@@ -161,10 +162,11 @@ def test_fast_path_equals_reference_on_the_packaged_model():
         pytest.skip(f"no SQuAD dev file under {data_dir()}")
     lm = load_base_model()
     config = TrainConfig(lr=5e-3, epochs=2)
-    for mix, tol in (("qa", 1e-4), ("passage+qa", 5e-4)):
+    cases = (("qa", False, 1e-4), ("qa", True, 1e-3), ("passage+qa", False, 5e-4))
+    for mix, share_prefix, tol in cases:
         jobs = squad_jobs(lm.tokenizer, n_units=2, n_questions=2, mix=mix)
         ref = train_reference(lm.model, lm.tokenizer, jobs, config)
-        fast = train_fast(lm.model, lm.tokenizer, jobs, config)
+        fast = train_fast(lm.model, lm.tokenizer, jobs, config, share_prefix=share_prefix)
         diff = max((r.weights[k] - f.weights[k]).abs().max().item()
                    for r, f in zip(ref, fast, strict=True) for k in r.weights)
-        assert diff <= tol, (mix, diff)
+        assert diff <= tol, (mix, share_prefix, diff)
