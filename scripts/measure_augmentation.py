@@ -18,8 +18,9 @@ from dmoe.augment import Augmentation, make_augmenter, measure_augmentation
 from dmoe.augment.cache import augmentation_to_dict
 from dmoe.base_model import load_base_model
 from dmoe.corpus.units import KnowledgeUnit
+from dmoe.eval.datasets import data_dir
 
-SQUAD = Path("/work/shared/data/squad/squad_dev_v1.1.json")
+SQUAD = data_dir() / "squad/squad_dev_v1.1.json"
 
 
 def squad_units(n: int, path: Path = SQUAD) -> list[KnowledgeUnit]:

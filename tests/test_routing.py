@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 
 from dmoe.errors import RouterIndexError
+from dmoe.eval.datasets import data_dir
 from dmoe.routing import build_query, diff, make_router, reconcile, text_hash
 from dmoe.routing.base import Router
 from dmoe.routing.bm25 import MANIFEST, BM25Index, BM25Router, analyze
 from dmoe.routing.simple import OracleRouter, RandomRouter
 
-SQUAD = Path(os.environ.get("DMOE_SQUAD_DEV", "/work/shared/data/squad/squad_dev_v1.1.json"))
+SQUAD = Path(os.environ.get("DMOE_SQUAD_DEV", data_dir() / "squad/squad_dev_v1.1.json"))
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 DOCS = {

@@ -31,11 +31,14 @@ from dmoe.experts.lora import ExpertAdapter, LoraSpec
 from dmoe.experts.train import TrainConfig, train_fast
 from dmoe.prompts import format_prompt
 
-DATA = Path("/work/shared/data/knowledge_conflicts/nq_conflicts_bigbench.json")
+DATA_FILE = "knowledge_conflicts/nq_conflicts_bigbench.json"  # under dmoe.eval.datasets.data_dir()
 
 
-def load_conflicts(n: int, path: Path = DATA, max_words: int = 150) -> list[dict[str, str]]:
+def load_conflicts(n: int, path: Path | None = None, max_words: int = 150) -> list[dict[str, str]]:
     """First ``n`` examples with a passage of at most ``max_words`` words."""
+    from dmoe.eval.datasets import data_dir
+
+    path = path or data_dir() / DATA_FILE
     out = []
     for ex in json.loads(path.read_text())["examples"]:
         m = re.match(r"\s*Question:\s*(.*?)\s*\nContext:\s*(.*)", ex["input"], re.S)
