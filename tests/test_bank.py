@@ -47,7 +47,7 @@ def test_round_trip(tmp_path, dtype):
     files = list((tmp_path / "b" / "experts").iterdir())
     assert len(files) == len(ids) and all(f.parent == tmp_path / "b" / "experts" for f in files)
     assert bank.has("h1", "s") == "../../escape" and bank.has("h1", "other") is None
-    assert bank.surrogates()["a/b\\c"] == "text of a/b\\c"
+    assert bank.surrogates()["a/b\\c"] == "text of a/b\\c" == bank.surrogate("a/b\\c")
     assert [i.id for i in bank.list()] == sorted(ids)
     cache = ExpertCache(bank.loader(), capacity=2)
     assert cache(["plain", "plain"])[0].id == "plain" and cache.hits == 1

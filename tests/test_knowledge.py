@@ -81,6 +81,9 @@ def test_delete_and_drift_repair(lm, corpus, tmp_path):
     kb = KnowledgeBase.open(bank, lm.fingerprint)
     kb.index.delete("velmora#0")
     kb.close()
+    unsynced = KnowledgeBase.open(bank, lm.fingerprint, sync=False)  # what `bank check` reads
+    assert not unsynced.check().ok
+    unsynced.close()
     assert "velmora#0" in KnowledgeBase.open(bank, lm.fingerprint).index
 
 

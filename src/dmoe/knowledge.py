@@ -63,15 +63,17 @@ class KnowledgeBase:
 
     @classmethod
     def open(cls, path: str | Path, expected_fingerprint: str | None = None,
-             cache_capacity: int = 64) -> KnowledgeBase:
-        """Open an existing knowledge base, repairing bank/index drift from an interrupted write."""
+             cache_capacity: int = 64, sync: bool = True) -> KnowledgeBase:
+        """Open an existing knowledge base, repairing bank/index drift from an interrupted write
+        (``sync=False`` leaves the drift in place, for ``check`` to report it)."""
         path = Path(path)
         if not (path / "bank.json").is_file():
             raise BankError(f"{path} is not an expert bank (no bank.json); build one with "
                             f"`dmoe build CORPUS --bank {path}`")
         bank = ExpertBank.open(path, expected_fingerprint)
         kb = cls(bank, BM25Index.open_or_create(path / INDEX_DIR), cache_capacity)
-        kb.sync()
+        if sync:
+            kb.sync()
         return kb
 
     @classmethod
@@ -117,7 +119,7 @@ class KnowledgeBase:
 
     def surrogate(self, expert_id: str) -> str:
         self.info(expert_id)
-        return self.bank.surrogates()[expert_id]
+        return self.bank.surrogate(expert_id)
 
     def delete(self, expert_id: str) -> None:
         """Remove one expert: from the index first, then from the bank."""

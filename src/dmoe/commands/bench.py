@@ -31,6 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("--n-experts", type=int, default=30_000)
     r.add_argument("--n-queries", type=int, default=1000)
+    r.add_argument("--n-writes", type=int, default=100, help="timed adds and deletes")
+    r.add_argument("-k", type=int, default=3, help="experts per query")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--path", help="build the index here instead of a temporary directory")
     r.add_argument("--compare-bm25s", action="store_true", help="also time bm25s queries")
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.set_defaults(func=run_router)
@@ -64,7 +68,8 @@ def _emit(result: dict[str, Any], as_json: bool) -> None:
 def run_router(args: argparse.Namespace) -> int:
     from dmoe.bench.router import bench_router
 
-    result = bench_router(args.n_experts, n_queries=args.n_queries,
+    result = bench_router(args.n_experts, n_queries=args.n_queries, n_writes=args.n_writes,
+                          k=args.k, seed=args.seed, path=args.path,
                           compare_bm25s=args.compare_bm25s)
     _emit(result, args.json)
     return 0

@@ -51,20 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _open(args: argparse.Namespace, sync: bool = True) -> Any:
-    from dmoe.experts.bank import ExpertBank
-    from dmoe.knowledge import INDEX_DIR, KnowledgeBase
-    from dmoe.routing.bm25 import BM25Index
+    from dmoe.knowledge import KnowledgeBase
 
     if not args.bank:
         raise ValueError(f"no bank given: pass --bank DIR or set ${DEFAULT_BANK_ENV}")
-    if sync:
-        return KnowledgeBase.open(args.bank)
-    from pathlib import Path
-
-    if not (Path(args.bank) / "bank.json").is_file():
-        raise ValueError(f"{args.bank} is not an expert bank (no bank.json)")
-    bank = ExpertBank.open(args.bank)
-    return KnowledgeBase(bank, BM25Index.open_or_create(Path(args.bank) / INDEX_DIR))
+    return KnowledgeBase.open(args.bank, sync=sync)
 
 
 def run_list(args: argparse.Namespace) -> int:

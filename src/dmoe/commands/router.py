@@ -1,7 +1,8 @@
-"""``dmoe router``: build, inspect, query and benchmark BM25 router indexes.
+"""``dmoe router``: build, inspect and query BM25 router indexes.
 
 The expert bank keeps its own index in sync (``dmoe bank check``); these commands are for passage
-corpora (the RAG baselines' retriever), debugging routing, and the router benchmark.
+corpora (the RAG baselines' retriever) and debugging routing. The benchmark is
+``dmoe bench router``.
 """
 
 from __future__ import annotations
@@ -70,22 +71,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Time queries, adds and deletes on an index of N synthetic experts (one JSON object)."""
-    from dmoe.bench.router import bench_router
-
-    result = bench_router(
-        args.n_experts,
-        n_queries=args.n_queries,
-        n_writes=args.n_writes,
-        k=args.k,
-        seed=args.seed,
-        compare_bm25s=args.compare_bm25s,
-    )
-    print(json.dumps(result, indent=None if args.json else 2))
-    return 0
-
-
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "router",
@@ -133,17 +118,3 @@ def register(subparsers: Any) -> None:
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
 
-    b = sub.add_parser(
-        "bench",
-        help=cmd_bench.__doc__,
-        description=cmd_bench.__doc__,
-        epilog="example: dmoe router bench --n-experts 30000 --json",
-    )
-    b.add_argument("--n-experts", type=int, default=30_000)
-    b.add_argument("--n-queries", type=int, default=1000)
-    b.add_argument("--n-writes", type=int, default=100)
-    b.add_argument("-k", type=int, default=DEFAULT_TOP_K)
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--compare-bm25s", action="store_true", help="also time bm25s queries")
-    b.add_argument("--json", action="store_true", help="one line of JSON")
-    b.set_defaults(func=cmd_bench)

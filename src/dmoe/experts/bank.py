@@ -270,6 +270,13 @@ class ExpertBank:
         """``{expert id: routing text}`` for building the router's index."""
         return dict(self._db.execute("SELECT id, surrogate FROM experts ORDER BY id").fetchall())
 
+    def surrogate(self, expert_id: str) -> str:
+        """The routing text of one expert."""
+        row = self._db.execute("SELECT surrogate FROM experts WHERE id=?", (expert_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no expert {expert_id!r} in {self.path}")
+        return str(row[0])
+
     def loader(self) -> Any:
         """``id -> Expert`` for ``ExpertCache(bank.loader(), capacity)``."""
         return self.get
