@@ -106,6 +106,16 @@ def test_trigger_records_query_and_active_set(tokenizer):
     assert cache.misses == 9 and len(cache) == 4  # bounded by capacity, not by the bank
 
 
+def test_routing_off_decodes_like_the_base_model(tokenizer):
+    model, adapter, bank, router, cache, _ = setup()
+    engine = Engine(model, tokenizer, adapter, cache, router, AlwaysTrigger())
+    cfg = DecodeConfig(max_new_tokens=6, ignore_eos=True)
+    off = engine.generate(PROMPT, "q", cfg, routing=False)
+    plain = Engine(model, tokenizer, adapter).generate(PROMPT, config=cfg)
+    assert off.n_triggers == 0 and not router.queries
+    assert off.token_ids == plain.token_ids
+
+
 def test_active_set_persists_between_triggers(tokenizer):
     model, adapter, bank, router, cache, _ = setup()
     engine = Engine(model, tokenizer, adapter, cache, router, ScheduleTrigger.at([2]))

@@ -98,10 +98,10 @@ def bench_decode(model_spec: str | None = None, device: str | None = None,
                 adapter.activate([])
                 n, dt = _time(lambda p=p: hf(p), sync)
                 hf_rate = n / dt
-                dmoe.router = None  # same engine object, routing off = the no-experts arm
-                gen, dt = _time(lambda p=p, q=question: dmoe.generate(p, q, cfg), sync)
+                # same engine object, routing off = the no-experts arm
+                gen, dt = _time(lambda p=p, q=question: dmoe.generate(p, q, cfg, routing=False),
+                                sync)
                 plain_rate = len(gen.token_ids) / dt
-                dmoe.router = router
                 gen, dt = _time(lambda p=p, q=question: dmoe.generate(p, q, cfg), sync)
                 if rep == 0:
                     continue  # warm-up round

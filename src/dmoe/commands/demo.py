@@ -64,9 +64,7 @@ def run(args: argparse.Namespace) -> int:
     hits = {"base": 0, "dmoe": 0}
     for row in rows:
         ids = torch.tensor([encode_prompt(lm.tokenizer, row["question"])])
-        router, engine.router = engine.router, None  # routing off = the plain base model
-        base = engine.generate(ids, row["question"], cfg)
-        engine.router = router
+        base = engine.generate(ids, row["question"], cfg, routing=False)  # the plain base model
         gen = engine.generate(ids, row["question"], cfg)
         ok = {k: any(a.lower() in g.text.lower() for a in row["answers"])
               for k, g in (("base", base), ("dmoe", gen))}

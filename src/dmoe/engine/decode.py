@@ -150,9 +150,11 @@ class Engine:
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, task_input: str = "",
                  config: DecodeConfig | None = None, initial_experts: Sequence[str] = (),
-                 on_token: Callable[[TokenRecord], None] | None = None) -> Generation:
+                 on_token: Callable[[TokenRecord], None] | None = None,
+                 routing: bool = True) -> Generation:
         """Greedy-decode from ``input_ids`` (1, T). ``task_input`` seeds router queries;
-        ``on_token`` is called with each committed token's record (streaming)."""
+        ``on_token`` is called with each committed token's record (streaming); ``routing=False``
+        never asks the router (the same engine as a plain base-model arm)."""
         cfg = config or DecodeConfig()
         if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must have shape (1, T>0), got {tuple(input_ids.shape)}")
@@ -172,7 +174,7 @@ class Engine:
         for step in range(cfg.max_new_tokens):
             # 2) uncertainty of the next-token distribution at position t
             tu = float(token_entropy(logits)[0])
-            triggered = self.router is not None and self.trigger(step, tu)
+            triggered = routing and self.router is not None and self.trigger(step, tu)
 
             # 3) trigger: route, swap the active set, recompute position t (once)
             if triggered:
