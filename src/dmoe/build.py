@@ -10,7 +10,7 @@ after every stored chunk.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,8 +127,9 @@ def build(corpus: str | Path, bank_dir: str | Path, lm: Any, config: BuildConfig
         clock = time.perf_counter()
         bar = tqdm(total=len(jobs), desc="train", unit="expert", disable=not progress)
 
-        def stored(done: int, total: int) -> None:
-            kb.sync()
+        def stored(done: int, total: int, chunk: Sequence[ExpertJob]) -> None:
+            # bank first, then index (knowledge.py); only this chunk, not a full reconcile
+            kb.index.add_many((job.expert_id, job.surrogate) for job in chunk)
             bar.total = total
             bar.update(done - bar.n)
             report_progress("train", done, total)
@@ -136,7 +137,7 @@ def build(corpus: str | Path, bank_dir: str | Path, lm: Any, config: BuildConfig
         result = train_into_bank(lm.model, lm.tokenizer, jobs, kb.bank, train_config,
                                  chunk_size=config.chunk_size, on_chunk=stored)
         bar.close()
-        kb.sync()
+        kb.sync()  # safety net: one full reconcile at the end of the build
         kb.experts.invalidate()
         summary.stage_s["train"] = time.perf_counter() - clock
         summary.experts_trained = len(result.trained)

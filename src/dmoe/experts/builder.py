@@ -53,10 +53,12 @@ def pending(bank: ExpertBank, jobs: Sequence[ExpertJob], settings_hash: str) -> 
 
 def train_into_bank(model: Any, tokenizer: Any, jobs: Sequence[ExpertJob], bank: ExpertBank,
                     config: TrainConfig, chunk_size: int = 64, fast: bool = True,
-                    on_chunk: Callable[[int, int], None] | None = None) -> BuildReport:
+                    on_chunk: Callable[[int, int, Sequence[ExpertJob]], None] | None = None,
+                    ) -> BuildReport:
     """Train the pending jobs ``chunk_size`` at a time and store each chunk as soon as it is done.
 
-    ``on_chunk(done, total)`` is called after each stored chunk (progress bars).
+    ``on_chunk(done, total, chunk)`` is called after each stored chunk with its jobs (progress
+    bars; indexing just what was stored).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -78,5 +80,5 @@ def train_into_bank(model: Any, tokenizer: Any, jobs: Sequence[ExpertJob], bank:
                   settings_hash=settings, surrogate=job.surrogate, title=job.title, meta=job.meta)
             report.trained.append(job.expert_id)
         if on_chunk:
-            on_chunk(lo + len(chunk), len(todo))
+            on_chunk(lo + len(chunk), len(todo), chunk)
     return report
