@@ -10,7 +10,7 @@ from dmoe.cli import main
 from dmoe.corpus.units import KnowledgeUnit
 from dmoe.eval.datasets import Sample, Task
 from dmoe.eval.report import quality_table, summarize, write_report
-from dmoe.eval.runner import read_records, results_path, run_task
+from dmoe.eval.runner import read_records, results_path, run_task, shard
 from dmoe.experts.lora import ExpertAdapter, LoraSpec
 
 CORPUS = [KnowledgeUnit("k0", "Zorvan is the capital of Ventia."),
@@ -112,3 +112,30 @@ def test_prediction_is_frozen():
     p = Prediction("x", 0.1, 1, 2)
     with pytest.raises(AttributeError):
         p.text = "y"  # type: ignore[misc]
+
+
+def test_methods_interleave_per_sample_and_shards_split(tmp_path, resources):
+    order = []
+
+    class Recording(Counting):
+        def answer(self, sample):
+            order.append((sample.id, self.name))
+            return super().answer(sample)
+
+    retriever = PassageRetriever(CORPUS)
+    build = lambda name: Recording(build_method(name, resources, retriever))  # noqa: E731
+    part = Task(TASK.name, shard(TASK.samples, 0, 2), CORPUS)
+    assert [s.id for s in part.samples] == ["e0", "l0"]
+    assert part.corpus_fingerprint == TASK.corpus_fingerprint  # a shard keeps the whole corpus
+    assert run_task(part, ["base", "rag"], build, tmp_path, progress=False) == {"base": 2, "rag": 2}
+    assert order == [("e0", "base"), ("e0", "rag"), ("l0", "base"), ("l0", "rag")]
+    # the other shard fills in the rest; together they answer every sample once
+    order.clear()
+    rest = Task(TASK.name, shard(TASK.samples, 1, 2), CORPUS)
+    assert run_task(rest, ["base"], build, tmp_path, progress=False) == {"base": 1}
+    assert order == [("e1", "base")]
+    with pytest.raises(ValueError, match="K/N"):
+        shard(TASK.samples, 2, 2)
+    with pytest.raises(SystemExit):
+        main(["eval", "--shard", "3/2", "--out", str(tmp_path)])
+    retriever.close()

@@ -24,6 +24,17 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _shard(value: str) -> tuple[int, int]:
+    k, sep, n = value.partition("/")
+    try:
+        index, count = int(k), int(n)
+    except ValueError:
+        index, count = -1, 0
+    if not sep or count < 1 or not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"shard must be K/N with 0 <= K < N, got {value!r}")
+    return index, count
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from dmoe.baselines.protocol import METHOD_NAMES
     from dmoe.eval.datasets import DEFAULT_LIMIT, LOADERS
@@ -38,6 +49,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=DEFAULT_LIMIT,
                    help=f"questions per dataset (default {DEFAULT_LIMIT}; 0 = all)")
     p.add_argument("--offset", type=int, default=0, help="skip this many questions first")
+    p.add_argument("--shard", default=None, type=_shard, metavar="K/N",
+                   help="answer only samples K, K+N, K+2N, ... of the selection (0 <= K < N), with "
+                        "the whole selection's corpus; for parallel workers with separate --out "
+                        "folders (scripts/eval_suite.py runs and merges them)")
     p.add_argument("--out", required=True, type=Path, help="results directory (created/resumed)")
     p.add_argument("--data-dir", default=None,
                    help="benchmark data folder (default $DMOE_DATA_DIR or ../shared/data)")
@@ -88,7 +103,7 @@ def _evaluate(args: argparse.Namespace, config: object) -> None:
     from dmoe.baselines.registry import Resources, build_method
     from dmoe.baselines.retrieval import PassageRetriever
     from dmoe.eval.datasets import load_task
-    from dmoe.eval.runner import log_invocation, run_task
+    from dmoe.eval.runner import log_invocation, run_task, shard
     from dmoe.experts.lora import ExpertAdapter, LoraSpec
 
     assert isinstance(config, MethodConfig)
@@ -114,10 +129,12 @@ def _evaluate(args: argparse.Namespace, config: object) -> None:
     log_invocation(args.out, {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv,
         "methods": args.methods, "datasets": args.datasets, "limit": args.limit,
-        "offset": args.offset, "config": asdict(config), "model": str(lm.source.path),
+        "offset": args.offset, "shard": args.shard, "config": asdict(config), "model": str(lm.source.path),
         "device": str(lm.device), "platform": platform.platform()})
     for name in args.datasets:
         task = load_task(name, args.data_dir, offset=args.offset, limit=args.limit or None)
+        if args.shard is not None:
+            task.samples = shard(task.samples, *args.shard)
         retriever = PassageRetriever(task.corpus)
         try:
             build = functools.partial(build_method, res=res, retriever=retriever)

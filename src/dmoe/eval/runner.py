@@ -13,6 +13,9 @@ selection (HotpotQA, StrategyQA, knowledge_conflicts), a different ``--limit``/`
 it and those samples are recomputed; the newest record of an id is the one that counts
 (``latest_records``). A torn last line (a crash during the write) is cut off before appending.
 
+Methods run interleaved per sample (``run_task``); ``shard`` splits a selection between parallel
+workers that write to separate output directories (merged by ``scripts/eval_suite.py``).
+
 This module knows nothing about how methods answer; it times nothing itself beyond what the
 ``Prediction`` reports, and measures memory around each ``answer`` call (``dmoe.eval.memory``).
 """
@@ -99,37 +102,52 @@ def make_record(task: Task, method: str, sample: Sample, pred: Prediction,
     }
 
 
-def run_method(task: Task, method: Method, out: Path, progress: bool = True) -> int:
-    """Answer every not-yet-recorded sample of ``task`` with ``method``; return how many ran."""
-    path = results_path(out, task.name, method.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _repair_tail(path)
-    done = done_ids(path, task.corpus_fingerprint)
-    todo = [s for s in task.samples if s.id not in done]
-    bar = tqdm(todo, desc=f"{task.name}/{method.name}", unit="q", disable=not progress,
-               initial=len(task.samples) - len(todo), total=len(task.samples))
-    for sample in bar:
-        reset_ok = memory.reset_peak()
-        pred = method.answer(sample)
-        mem = {"peak_rss_mb": memory.peak_rss_mb(), "rss_mb": memory.rss_mb(),
-               "peak_rss_reset": reset_ok, "peak_gpu_mb": memory.peak_gpu_mb()}
-        append_record(path, make_record(task, method.name, sample, pred, mem))
-    return len(todo)
+def shard(samples: list[Sample], index: int, count: int) -> list[Sample]:
+    """Samples ``index, index + count, ...``: one of ``count`` disjoint parts of a selection, for
+    parallel workers that keep the whole corpus (retrieval difficulty does not change)."""
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard must be K/N with 0 <= K < N, got {index}/{count}")
+    return samples[index::count]
 
 
 def run_task(task: Task, methods: Iterable[str], build: Callable[[str], Method], out: Path,
              progress: bool = True) -> dict[str, int]:
-    """Build each method for ``task`` (``build(name)``), run it, close it; samples run per method."""
-    ran: dict[str, int] = {}
+    """Answer every not-yet-recorded sample of ``task`` with each method; return how many ran.
+
+    Methods are interleaved per sample (sample 1 by every method, then sample 2, ...), so every
+    method is timed under the same machine load over the run and an interrupted run leaves each
+    method with about the same number of finished samples. A method with nothing left to do is not
+    even built; every built method is closed at the end.
+    """
+    todo: dict[str, set[str]] = {}
     for name in methods:
-        done = done_ids(results_path(out, task.name, name), task.corpus_fingerprint)
-        if all(s.id in done for s in task.samples):
-            ran[name] = 0  # nothing to do: do not even build the method
-            continue
-        method = build(name)
-        try:
-            ran[name] = run_method(task, method, out, progress)
-        finally:
+        path = results_path(out, task.name, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _repair_tail(path)
+        done = done_ids(path, task.corpus_fingerprint)
+        todo[name] = {s.id for s in task.samples if s.id not in done}
+    ran = {name: 0 for name in todo}
+    built: dict[str, Method] = {}
+    try:
+        for name, ids in todo.items():
+            if ids:
+                built[name] = build(name)
+        pending = [s for s in task.samples if any(s.id in todo[n] for n in built)]
+        bar = tqdm(pending, desc=f"{task.name} [{','.join(built)}]", unit="q",
+                   disable=not progress or not built)
+        for sample in bar:
+            for name, method in built.items():
+                if sample.id not in todo[name]:
+                    continue
+                reset_ok = memory.reset_peak()
+                pred = method.answer(sample)
+                mem = {"peak_rss_mb": memory.peak_rss_mb(), "rss_mb": memory.rss_mb(),
+                       "peak_rss_reset": reset_ok, "peak_gpu_mb": memory.peak_gpu_mb()}
+                append_record(results_path(out, task.name, name),
+                              make_record(task, name, sample, pred, mem))
+                ran[name] += 1
+    finally:
+        for method in built.values():
             method.close()
     return ran
 
