@@ -160,6 +160,10 @@ def main() -> None:
         "question_plus_40_passage_words": report(
             index, eff, unrel, lambda s: f"{s.question} {' '.join(s.meta['passage'].split()[:40])}"),
         "chosen": chosen,
+        "recommended": {"route_min_relevance": args.norm, "why": (
+            "raw BM25 scores of unrelated queries grow with query length (generated text), so an "
+            "absolute min_score that gates short questions lets long queries through; relevance "
+            "(score / query max) falls with length for unrelated queries and keeps the gold")},
         "transfer": {name: transfer(name, args.transfer_limit, chosen)
                      for name in ("hotpotqa", "squad")},
     }
