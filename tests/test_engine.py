@@ -18,7 +18,7 @@ from dmoe.engine.triggers import (
 )
 from dmoe.experts.cache import ExpertCache
 from dmoe.experts.lora import ExpertAdapter, LoraSpec, random_expert
-from dmoe.routing.base import FunctionRouter
+from dmoe.routing.base import FunctionRouter, RouteHit
 
 PROMPT = torch.tensor([[5, 17, 99, 3, 42, 7, 8, 120, 33, 64]])
 
@@ -114,6 +114,41 @@ def test_routing_off_decodes_like_the_base_model(tokenizer):
     plain = Engine(model, tokenizer, adapter).generate(PROMPT, config=cfg)
     assert off.n_triggers == 0 and not router.queries
     assert off.token_ids == plain.token_ids
+
+
+class ScoredRouter:
+    """Cycles through fixed hit lists with relevances: relevant, irrelevant, half relevant."""
+
+    def __init__(self) -> None:
+        self.sets = itertools.cycle([
+            [RouteHit("e0", 9.0, 0.9), RouteHit("e1", 8.0, 0.8)],
+            [RouteHit("e3", 2.0, 0.1), RouteHit("e4", 1.0, 0.05)],
+            [RouteHit("e5", 7.0, 0.7), RouteHit("e2", 1.5, 0.1)],
+        ])
+
+    def route(self, query, k):
+        return next(self.sets)[:k]
+
+
+@pytest.mark.parametrize("gate,expected", [
+    (0.0, [("e0", "e1"), ("e3", "e4"), ("e5", "e2")]),  # default: every hit, as before the gate
+    (0.5, [("e0", "e1"), (), ("e5",)]),  # irrelevant hits dropped; none left -> no expert
+])
+def test_relevance_gate_sets_the_active_set(tokenizer, gate, expected):
+    model, adapter, bank, _, cache, trigger = setup()  # triggers at steps 0, 3, 7
+    engine = Engine(model, tokenizer, adapter, cache, ScoredRouter(), trigger)
+    cfg = DecodeConfig(max_new_tokens=10, record_logits=True, ignore_eos=True, min_relevance=gate)
+    gen = engine.generate(PROMPT, "task", cfg)
+    active = [r.active for r in gen.records]
+    assert active == [expected[0]] * 3 + [expected[1]] * 4 + [expected[2]] * 3
+    assert gen.n_triggers == 3 and gen.prefill_tokens == PROMPT.shape[1]
+    ref = reference_logits(model, adapter, bank, PROMPT, gen)  # () = the plain base model
+    assert (torch.stack(gen.logits) - ref).abs().max().item() <= 1e-4
+
+
+def test_gate_thresholds_are_validated():
+    with pytest.raises(ValueError, match="min_relevance"):
+        DecodeConfig(min_relevance=-0.1)
 
 
 def test_active_set_persists_between_triggers(tokenizer):

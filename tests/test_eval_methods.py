@@ -115,6 +115,20 @@ def test_dmoe_routes_without_reprefill(res, retriever):
     assert start.active_experts[0] == "u-paris" and start.triggers == 0
 
 
+def test_dmoe_relevance_gate(res, retriever):
+    base = answer(res, retriever, "dmoe", trigger="never")
+    # "capital of France" matches u-paris (relevance 0.21) and u-rome on "capital" only (0.08)
+    start = answer(res, retriever, "dmoe", trigger="never", route_at_start=True,
+                   route_min_relevance=0.15)
+    assert start.active_experts == ("u-paris",)
+    # nothing is relevant enough: no expert at all, so the answer is the base model's
+    shut = answer(res, retriever, "dmoe", trigger="always", route_at_start=True,
+                  route_min_relevance=1.0)
+    assert shut.active_experts == () and shut.triggers > 0 and shut.text == base.text
+    with pytest.raises(ValueError, match="route_min_score"):
+        MethodConfig(route_min_score=-1.0)
+
+
 def test_prag_merges_retrieved_experts(res, retriever):
     rag, prag = answer(res, retriever, "rag"), answer(res, retriever, "prag")
     base = answer(res, retriever, "base")

@@ -18,7 +18,7 @@ import pytest
 from dmoe.errors import RouterIndexError
 from dmoe.eval.datasets import data_dir
 from dmoe.routing import build_query, diff, make_router, reconcile, text_hash
-from dmoe.routing.base import Router
+from dmoe.routing.base import RouteHit, Router, gate_hits
 from dmoe.routing.bm25 import MANIFEST, BM25Index, BM25Router, analyze
 from dmoe.routing.simple import OracleRouter, RandomRouter
 
@@ -59,6 +59,29 @@ def test_ranking_small_corpus(index: BM25Index) -> None:
     hits = index.search("river water plants", 4)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     assert isinstance(BM25Router(index), Router)
+
+
+def test_relevance_is_the_score_over_the_query_maximum(index: BM25Index) -> None:
+    hits = index.search("Which mountain is the highest in Japan?", 4)
+    bound = index.max_score("Which mountain is the highest in Japan?")
+    assert bound > hits[0].score > 0
+    for h in hits:
+        assert h.relevance == pytest.approx(h.score / bound)
+    # a document's own text is far more relevant to it than a one-word overlap is to anything
+    own = index.search(DOCS["fuji"], 1)[0]
+    loose = index.search("plants and sea turtles", 1)[0]  # shares "plants" with "photo" only
+    assert own.expert_id == "fuji" and own.relevance > 0.4  # tf 1 of k1 = 1.2: ~1/2.2
+    assert loose.expert_id == "photo" and loose.relevance < 0.3
+
+
+def test_gate_hits_drops_hits_below_the_thresholds() -> None:
+    hits = [RouteHit("a", 9.0, 0.8), RouteHit("b", 4.0, 0.4), RouteHit("c", 1.0, 0.1),
+            RouteHit("d", 3.0)]  # d: a router without a relevance scale
+    assert gate_hits(hits) == hits  # default 0: today's behaviour
+    assert [h.expert_id for h in gate_hits(hits, min_relevance=0.3)] == ["a", "b", "d"]
+    assert [h.expert_id for h in gate_hits(hits, min_score=3.5)] == ["a", "b"]
+    assert [h.expert_id for h in gate_hits(hits, min_score=2.0, min_relevance=0.5)] == ["a", "d"]
+    assert gate_hits(hits, min_score=10.0) == []
 
 
 @pytest.fixture(scope="module")

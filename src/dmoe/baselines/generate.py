@@ -23,6 +23,7 @@ from dmoe.routing.base import Router
 
 def decode_config(cfg: MethodConfig, record_logits: bool = False) -> DecodeConfig:
     return DecodeConfig(max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k,
+                        min_score=cfg.route_min_score, min_relevance=cfg.route_min_relevance,
                         query_max_tokens=cfg.query_max_tokens, stop_strings=cfg.stop_strings,
                         record_logits=record_logits)
 

@@ -5,7 +5,8 @@ a latent pool) so the training code stays elsewhere; all of them generate throug
 greedy ``Engine`` and the one prompt frame.
 
 - **dmoe**: per-unit experts on the last layer's MLP, swapped by the BM25 router when the
-  next-token entropy exceeds ``tau``, no re-prefill (the design in ``dmoe.engine.decode``).
+  next-token entropy exceeds ``tau``, no re-prefill (the design in ``dmoe.engine.decode``); routed
+  experts below ``route_min_score`` / ``route_min_relevance`` are dropped (none left: base model).
 - **prag** (PRAG, Su et al. 2025): BM25 top-k passages for the question; their per-passage LoRAs are
   merged (rank-concatenated sum) and active for the whole answer, prompt = question only.
   *Layers*: whatever the loaded experts cover (``ExpertAdapter(model, LoraSpec(n_layers=...))``).
@@ -33,7 +34,7 @@ from dmoe.engine.decode import ExpertLoader
 from dmoe.engine.triggers import make_trigger
 from dmoe.eval.datasets import Sample
 from dmoe.experts.lora import Expert, ExpertAdapter
-from dmoe.routing.base import Router
+from dmoe.routing.base import Router, gate_hits
 
 
 class DmoeMethod:
@@ -53,7 +54,9 @@ class DmoeMethod:
         t0 = time.perf_counter()
         initial: list[str] = []
         if self.cfg.route_at_start:
-            initial = [h.expert_id for h in self.router.route(sample.question, self.cfg.top_k)]
+            hits = gate_hits(self.router.route(sample.question, self.cfg.top_k)[: self.cfg.top_k],
+                             self.cfg.route_min_score, self.cfg.route_min_relevance)
+            initial = [h.expert_id for h in hits]
         gen = self.runner.run(sample.question, (), decode_config(self.cfg), initial)
         active = first_seen([initial] + [r.active for r in gen.records])
         return prediction(gen, t0, triggers=gen.n_triggers, active_experts=active,

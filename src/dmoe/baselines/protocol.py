@@ -55,6 +55,9 @@ class MethodConfig:
     tau: float = 2.0  # dmoe entropy threshold in nats (paper 2.0)
     trigger_rate: float = 0.1  # for trigger=random
     route_at_start: bool = False  # dmoe: also route on the question before prefill
+    route_min_score: float = 0.0  # dmoe relevance gate: drop routed experts with raw score below
+    route_min_relevance: float = 0.0  # ... or relevance (BM25 score / query max) below; 0.3 is
+    # the calibrated value (scripts/calibrate_router.py); no hit passes -> no expert (base model)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -64,6 +67,9 @@ class MethodConfig:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if not 0.0 <= self.flare_threshold <= 1.0:
             raise ValueError(f"flare_threshold must be in [0, 1], got {self.flare_threshold}")
+        if self.route_min_score < 0 or self.route_min_relevance < 0:
+            raise ValueError(f"route_min_score and route_min_relevance must be >= 0, got "
+                             f"{self.route_min_score} and {self.route_min_relevance}")
         if self.flare_max_retrievals < 0:
             raise ValueError(f"flare_max_retrievals must be >= 0, got {self.flare_max_retrievals}")
 

@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
               else Engine(lm.model, lm.tokenizer, ExpertAdapter(lm.model, LoraSpec())))
     ids = torch.tensor([encode_prompt(lm.tokenizer, args.question)])
     printer = StreamPrinter(lm.tokenizer)
-    cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, top_k=args.top_k)
+    cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, top_k=args.top_k,
+                       min_score=args.min_score, min_relevance=args.min_relevance)
     gen = engine.generate(ids, args.question, cfg, on_token=printer)
     sys.stdout.write(gen.text[len(printer.printed):] + "\n")
     if args.show_experts:

@@ -25,4 +25,10 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trigger-rate", type=float, default=0.1,
                    help="probability per step for --trigger random (default 0.1)")
     g.add_argument("--top-k", type=int, default=3, help="experts per trigger (default 3)")
+    g.add_argument("--min-relevance", type=float, default=0.0, metavar="R",
+                   help="relevance gate: drop routed experts whose BM25 score is below R x the "
+                        "query's maximum attainable score; none left = base model until the next "
+                        "trigger (default 0 = off; 0.3 calibrated, scripts/calibrate_router.py)")
+    g.add_argument("--min-score", type=float, default=0.0, metavar="S",
+                   help="relevance gate on the raw BM25 score (default 0 = off)")
     g.add_argument("--seed", type=int, default=0, help="seed for random trigger/router")

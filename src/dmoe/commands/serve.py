@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Serve the model and a bank over HTTP:\n"
             "  POST /v1/chat/completions, /v1/completions  OpenAI-compatible, streaming or not;\n"
-            "      extra body fields: tau, top_k, trigger, trigger_rate, router, method, experts;\n"
+            "      extra body fields: tau, top_k, min_relevance, min_score, trigger, trigger_rate,\n"
+            "      router, method, experts;\n"
             "      each response has an `attribution` field (experts behind each token span)\n"
             "  POST /v1/knowledge, GET /v1/jobs/ID        add documents (background build)\n"
             "  GET /v1/experts, DELETE /v1/experts/ID     list / remove experts\n"

@@ -1,8 +1,11 @@
 """The DMoE decode loop: greedy decoding with a KV cache and uncertainty-triggered expert swaps.
 
 Per step t: compute TU_t on the next-token logits; if the trigger policy fires, ask the router with
-(task input + text generated before t, last 128 tokens), make its top-k experts the active set, and
-recompute the logits of position t. With experts on the last layer only, the recompute is just::
+(task input + text generated before t, last 128 tokens), make its top-k experts that pass the
+relevance gate (``min_score`` / ``min_relevance``, see ``dmoe.routing.base.gate_hits``) the active
+set, and recompute the logits of position t. The new set *replaces* the old one: a trigger whose
+hits all fall below the gate (or a router that finds nothing) leaves the active set EMPTY, i.e. the
+base model decodes until the next trigger. With experts on the last layer only, the recompute is just::
 
     h_mid  = residual stream of position t after the last layer's attention   (cached by a hook)
     logits = lm_head(norm(h_mid + MLP_{θ+ΣΔ}(post_attention_layernorm(h_mid))))
@@ -29,7 +32,7 @@ from transformers import DynamicCache
 
 from dmoe.engine.triggers import NeverTrigger, TriggerPolicy, token_entropy
 from dmoe.experts.lora import Expert, ExpertAdapter, decoder_layers
-from dmoe.routing.base import Router, build_query
+from dmoe.routing.base import Router, build_query, gate_hits
 
 KVPolicy = Literal["recompute", "stale"]
 
@@ -40,6 +43,8 @@ class DecodeConfig:
 
     max_new_tokens: int = 64  # hard cap on generated tokens
     top_k: int = 3  # experts per trigger (paper: 3)
+    min_score: float = 0.0  # relevance gate: drop routed hits whose raw score is below this
+    min_relevance: float = 0.0  # ... or whose relevance (BM25: score / query max) is below this
     query_max_tokens: int = 128  # router query = last this-many tokens of input + generated text
     stop_strings: tuple[str, ...] = ()  # stop once the generated text contains one of these
     kv_policy: KVPolicy = "recompute"  # only matters for experts on > 1 layer (see module doc)
@@ -52,6 +57,9 @@ class DecodeConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.min_relevance < 0 or self.min_score < 0:
+            raise ValueError(f"min_score and min_relevance must be >= 0, got {self.min_score} "
+                             f"and {self.min_relevance}")
         if self.kv_policy not in ("recompute", "stale"):
             raise ValueError(f"kv_policy must be 'recompute' or 'stale', got {self.kv_policy!r}")
 
@@ -182,8 +190,9 @@ class Engine:
                 generated = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
                 query = build_query(task_input, generated, self.tokenizer, cfg.query_max_tokens)
                 assert self.router is not None
-                hits = self.router.route(query, cfg.top_k)[: cfg.top_k]
-                self._activate([h.expert_id for h in hits])
+                hits = gate_hits(self.router.route(query, cfg.top_k)[: cfg.top_k],
+                                 cfg.min_score, cfg.min_relevance)
+                self._activate([h.expert_id for h in hits])  # no hit passes -> empty set
                 if not multi_layer:
                     logits = self._recompute_last_mlp()
                 elif cfg.kv_policy == "recompute":

@@ -41,6 +41,7 @@ This module knows nothing about experts, models or tokenizers of the base model.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import threading
@@ -361,10 +362,29 @@ class BM25Index:
             return []
         searcher = self._searcher
         result = searcher.search(q, int(k), count=False)
+        bound = self.max_score(query) if result.hits else 0.0
         return [
-            RouteHit(expert_id=searcher.doc(addr)["id"][0], score=float(score))
+            RouteHit(expert_id=searcher.doc(addr)["id"][0], score=float(score),
+                     relevance=min(1.0, float(score) / bound) if bound > 0 else 0.0)
             for score, addr in result.hits
         ]
+
+    def max_score(self, query: str) -> float:
+        """The most any document could score for ``query``: Σ_t n_t · idf_t · (k1 + 1), the BM25
+        limit of every query term's frequency going to infinity (``relevance`` = score / this)."""
+        if len(query) > MAX_QUERY_CHARS:
+            query = query[-MAX_QUERY_CHARS:]
+        counts = Counter(analyze(query))
+        if len(counts) > MAX_QUERY_TERMS:
+            counts = Counter(dict(counts.most_common(MAX_QUERY_TERMS)))
+        searcher = self._searcher
+        n_docs = int(searcher.num_docs)
+        k1 = float(self.manifest["bm25"]["k1"])
+        total = 0.0
+        for term, n in counts.items():
+            df = int(searcher.doc_freq("text", term))
+            total += n * math.log(1 + (n_docs - df + 0.5) / (df + 0.5)) * (k1 + 1)
+        return total
 
     def __contains__(self, expert_id: object) -> bool:
         if not isinstance(expert_id, str) or not expert_id:

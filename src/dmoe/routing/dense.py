@@ -152,7 +152,7 @@ class DenseIndex:
         scores = self._emb @ q  # (n,)
         top = torch.topk(scores, min(k, len(self._ids)))
         return [
-            RouteHit(self._ids[int(r)], float(s))
+            RouteHit(self._ids[int(r)], float(s), relevance=float(s))  # cosine
             for s, r in zip(top.values, top.indices, strict=True)
         ]
 

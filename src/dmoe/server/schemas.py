@@ -37,6 +37,8 @@ class DmoeOptions(_Strict):
     tau: float = Field(2.0, ge=0.0, le=100.0)  # entropy threshold in nats for trigger="entropy"
     trigger_rate: float = Field(0.1, ge=0.0, le=1.0)  # probability per step for trigger="random"
     top_k: int = Field(3, ge=1, le=16)  # experts per trigger (not top-k sampling: decoding is greedy)
+    min_relevance: float = Field(0.0, ge=0.0, le=1.0)  # gate: BM25 score / query max below -> drop
+    min_score: float = Field(0.0, ge=0.0)  # gate on the raw BM25 score (no hit left: base model)
     router: Literal["bm25", "random"] = "bm25"  # how experts are ranked on a trigger
     seed: int | None = None  # seeds trigger="random" and router="random"
     experts: list[str] = Field(default_factory=list, max_length=MAX_PINNED_EXPERTS)  # initial set

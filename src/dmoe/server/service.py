@@ -117,7 +117,8 @@ def _prepare(state: ServerState, id_prefix: str, text: str, task_input: str,
         raise ApiError(400, "experts can only be pinned with method 'dmoe'", "experts")
     check_experts(state, req.experts)
     options = DmoeOptions.model_validate(req.model_dump(include=set(DmoeOptions.model_fields)))
-    decode = DecodeConfig(max_new_tokens=n, top_k=req.top_k, stop_strings=req.stop_strings())
+    decode = DecodeConfig(max_new_tokens=n, top_k=req.top_k, stop_strings=req.stop_strings(),
+                          min_score=req.min_score, min_relevance=req.min_relevance)
     return Prepared(request_id=id_prefix + uuid.uuid4().hex[:24], created=int(time.time()),
                     input_ids=ids, task_input=task_input, decode=decode, options=options)
 
