@@ -52,7 +52,7 @@ def main() -> None:
     bar = tqdm(total=len(jobs), desc=f"train {args.dataset}", unit="expert")
     t0 = time.perf_counter()
     report = train_into_bank(lm.model, lm.tokenizer, jobs, bank, config, chunk_size=32,
-                             on_chunk=lambda done, total: bar.update(done - bar.n))
+                             on_chunk=lambda done, total, _chunk: bar.update(done - bar.n))
     bar.close()
     print(f"{len(report.trained)} trained, {len(report.skipped)} skipped in "
           f"{time.perf_counter() - t0:.1f}s; bank {args.bank} holds {len(bank)} experts")

@@ -113,6 +113,11 @@ def test_dmoe_routes_without_reprefill(res, retriever):
     assert always.active_experts and set(always.active_experts) <= {u.id for u in CORPUS}
     start = answer(res, retriever, "dmoe", trigger="never", route_at_start=True)
     assert start.active_experts[0] == "u-paris" and start.triggers == 0
+    assert len(start.active_experts) == CFG.top_k
+    # dmoe_top_k sets the experts per route for dmoe alone
+    one = answer(res, retriever, "dmoe", trigger="never", route_at_start=True, dmoe_top_k=1)
+    assert one.active_experts == ("u-paris",)
+    assert answer(res, retriever, "rag", dmoe_top_k=1).retrieved == answer(res, retriever, "rag").retrieved
 
 
 def test_dmoe_relevance_gate(res, retriever):

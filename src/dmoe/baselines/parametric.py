@@ -23,6 +23,7 @@ greedy ``Engine`` and the one prompt frame.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -47,6 +48,7 @@ class DmoeMethod:
                  config: MethodConfig | None = None) -> None:
         self.cfg = config or MethodConfig()
         self.router = router
+        self.k = self.cfg.dmoe_top_k or self.cfg.top_k  # experts per trigger
         trigger = make_trigger(self.cfg.trigger, self.cfg.tau, self.cfg.trigger_rate, self.cfg.seed)
         self.runner = PromptRunner(model, tokenizer, adapter, load_experts, router, trigger)
 
@@ -54,10 +56,11 @@ class DmoeMethod:
         t0 = time.perf_counter()
         initial: list[str] = []
         if self.cfg.route_at_start:
-            hits = gate_hits(self.router.route(sample.question, self.cfg.top_k)[: self.cfg.top_k],
+            hits = gate_hits(self.router.route(sample.question, self.k)[: self.k],
                              self.cfg.route_min_score, self.cfg.route_min_relevance)
             initial = [h.expert_id for h in hits]
-        gen = self.runner.run(sample.question, (), decode_config(self.cfg), initial)
+        cfg = dataclasses.replace(decode_config(self.cfg), top_k=self.k)
+        gen = self.runner.run(sample.question, (), cfg, initial)
         active = first_seen([initial] + [r.active for r in gen.records])
         return prediction(gen, t0, triggers=gen.n_triggers, active_experts=active,
                           extra={"trigger_steps": [i for i, r in enumerate(gen.records)

@@ -47,7 +47,8 @@ class MethodConfig:
 
     max_new_tokens: int = 32  # generation cap per (re)generation
     stop_strings: tuple[str, ...] = ("\n",)  # answers are one line (see eval.metrics)
-    top_k: int = 3  # passages (rag, flare, prag) or experts per trigger (dmoe)
+    top_k: int = 3  # passages (rag, flare, prag, poly_prag) and, unless dmoe_top_k, dmoe experts
+    dmoe_top_k: int = 0  # experts per dmoe trigger; 0 = top_k (the paper: 3 for both)
     query_max_tokens: int = 128  # router / retriever query = last this-many tokens
     flare_threshold: float = 0.5  # FLARE retrieves at the first token whose max prob is below this
     flare_max_retrievals: int = 2  # FLARE retrievals (= regenerations) per sample at most
@@ -65,6 +66,8 @@ class MethodConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.dmoe_top_k < 0:
+            raise ValueError(f"dmoe_top_k must be >= 0 (0 = top_k), got {self.dmoe_top_k}")
         if not 0.0 <= self.flare_threshold <= 1.0:
             raise ValueError(f"flare_threshold must be in [0, 1], got {self.flare_threshold}")
         if self.route_min_score < 0 or self.route_min_relevance < 0:
