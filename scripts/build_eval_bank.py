@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--bank", required=True)
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
     ap.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                    help="storage dtype of the expert files (default float32)")
     args = ap.parse_args()
 
     lm = load_base_model()
@@ -48,7 +50,8 @@ def main() -> None:
         jobs.append(ExpertJob(expert_id=unit.id, examples=tuple(examples), unit_id=unit.id,
                               content_hash=unit.content_hash, surrogate=surrogate, title=unit.title))
     config = TrainConfig(spec=LoraSpec(), lr=args.lr, epochs=args.epochs)
-    bank = ExpertBank.open_or_create(args.bank, lm.fingerprint, lm.source.name, config.spec)
+    bank = ExpertBank.open_or_create(args.bank, lm.fingerprint, lm.source.name, config.spec,
+                                      dtype=args.dtype)
     bar = tqdm(total=len(jobs), desc=f"train {args.dataset}", unit="expert")
     t0 = time.perf_counter()
     report = train_into_bank(lm.model, lm.tokenizer, jobs, bank, config, chunk_size=32,
