@@ -156,3 +156,33 @@ def test_bad_input_gives_clear_errors(model):
         CorpusTrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="states_on"):
         train_sft_lora(model, tok, _jobs(1), SFT, Budget(states_on="disk"))
+
+
+def test_eval_cli_loads_a_saved_pool_into_poly_prag(tmp_path, model, poly):
+    from dmoe.baselines import MethodConfig, PassageRetriever, Resources, build_method
+    from dmoe.cli import build_parser
+    from dmoe.corpus.units import KnowledgeUnit
+    from dmoe.eval.datasets import Sample
+
+    args = build_parser().parse_args(["eval", "--out", str(tmp_path), "--methods", "poly_prag",
+                                      "--poly", str(tmp_path / "poly"), "--poly-top-k", "2"])
+    assert args.poly == tmp_path / "poly" and args.poly_top_k == 2
+    save_poly(args.poly, poly, "fp")
+    pool, routing = load_poly(args.poly, "fp", args.poly_top_k)
+    assert all(len(routing(uid)) == 2 for uid in poly.unit_ids)
+    units = [KnowledgeUnit(uid, f"the tower of town {u} is green", f"town {u}")
+             for u, uid in enumerate(poly.unit_ids)]
+    res = Resources(model, CharTokenizer(), ExpertAdapter(model, POLY.spec),
+                    MethodConfig(max_new_tokens=3, stop_strings=(), top_k=2),
+                    poly_pool=pool, poly_routing=routing)
+    retriever = PassageRetriever(units)
+    method = build_method("poly_prag", res, retriever)
+    try:
+        pred = method.answer(Sample("q", "what about the tower of town 1?", ("green",)))
+    finally:
+        method.close()
+        retriever.close()
+        res.adapter.detach()
+    mixture = pred.extra["mixture"]
+    assert mixture and set(mixture) <= {e.id for e in pool}
+    assert sum(mixture.values()) == pytest.approx(2.0, abs=1e-5)  # two passages, each sums to 1
