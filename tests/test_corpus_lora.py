@@ -98,13 +98,13 @@ def test_training_lowers_the_loss(model, sft, poly):
     assert mean(after_poly) < mean(base) - 0.5, (mean(base), mean(after_poly))
 
 
-def test_states_on_cpu_or_recomputed_train_the_same(model, sft):
+def test_where_states_live_does_not_change_training(model, sft):
     tok, jobs = CharTokenizer(), _jobs()
-    for states_on in ("cpu", "recompute"):
-        other = train_sft_lora(model, tok, jobs, SFT,
-                               Budget(states_on=states_on, chunk_examples=5, head_batch_tokens=40))
+    for states_on, share in (("cpu", True), ("recompute", True), ("device", False)):
+        other = train_sft_lora(model, tok, jobs, SFT, Budget(
+            states_on=states_on, chunk_examples=5, head_batch_tokens=40, share_prefix=share))
         diff = max((other.weights[k] - sft.weights[k]).abs().max().item() for k in sft.weights)
-        assert diff < 1e-4, (states_on, diff)
+        assert diff < 1e-4, (states_on, share, diff)
 
 
 def test_poly_routing_sums_to_one_and_unknown_is_empty(poly):
