@@ -15,8 +15,7 @@ from dmoe.commands.common import add_model_args
 EXAMPLE = """example:
   dmoe eval --methods base,rag,flare --datasets squad,strategyqa --limit 300 --out results/run1
   dmoe eval --methods dmoe,prag --experts BANK_DIR --datasets knowledge_conflicts --out results/run1
-  dmoe eval --methods sft_lora,poly_prag --sft-lora SFT.safetensors --poly POLY_DIR \
-      --datasets knowledge_conflicts --limit 25 --out results/run1
+  dmoe eval --methods sft_lora,poly_prag --sft-lora SFT.safetensors --poly POLY_DIR --out run2
   dmoe eval --report-only --out results/run1      # rebuild summary.json / tables.md / plot
 
 Re-running the same command resumes: finished samples (by id) are not recomputed."""

@@ -9,8 +9,8 @@ on the union of every unit's training examples, in shuffled minibatches, with Ad
   ``Δ_p = Σ_j softmax(z_p)_j · s · B_j A_j`` — exactly what ``PolyPragMethod`` builds at inference
   from the stored weights ``w_p = softmax(z_p)`` (one passage: ``Σ_j w_pj · ΔL_j``).
 
-sft_lora is one LoRA with sft_lora's rank, i.e. the rank budget of a pool. One step on a minibatch
-of b examples (example i from unit p_i)::
+sft_lora is the m = 1 case with all coefficients 1. One step on a minibatch of b examples (example
+i from unit p_i)::
 
     h_i  = trunk(example i)                               # frozen, precomputed (trunk.py)
     c_i  = softmax(z_{p_i})  (poly)   |   [1]  (sft)      # (m,) mixing coefficients
@@ -18,6 +18,10 @@ of b examples (example i from unit p_i)::
            A_cat = cat_j A_j (m·r, in), B_cat = cat_j B_j (out, m·r)
     loss = (1/b) Σ_i mean CE(head(h_i), targets_i)         # per-example mean, as in train.py
     AdamW on {A_j, B_j} (and z, with its own lr and no weight decay)
+
+z is one dense tensor, so Adam's momentum keeps moving a unit's logits for a few steps after its
+last example (as with dense embeddings); the mixes are stored dense (``poly_format``), the optional
+top-k sparsification happens only when loading.
 
 Trunk states (h at the supervised positions) are computed once when they fit a memory budget, on
 the model's device or else on the CPU (minibatches are moved over); past both budgets they are
