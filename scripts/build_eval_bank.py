@@ -1,17 +1,22 @@
-"""Build an expert bank for one benchmark's corpus, for `dmoe eval --bank` (experiment script).
+r"""Build an expert bank for one benchmark's corpus, for `dmoe eval --bank` (experiment script).
 
 Reads top to bottom: load the task's corpus (same selection as the eval run, since some corpora
 follow --limit), augment each unit without an LLM (extractive paraphrase + cloze QA), turn that into
 PRAG training examples (+ the passage as a language-modelling example), train one final-layer
-expert per unit with the fast trainer and store it in a bank with its routing surrogate.
+expert per unit with the fast trainer and store it in a bank with its routing surrogate. From the
+same examples it can also (or, with --no-bank, only) train the comparison methods' corpus-wide
+LoRAs: one sft_lora (`dmoe eval --sft-lora FILE`) and a Poly-PRAG pool (`dmoe eval --poly DIR`).
 
     PYTHONPATH=src python scripts/build_eval_bank.py --dataset knowledge_conflicts --limit 25 \
-        --bank /tmp/banks/kc25
+        --bank /tmp/banks/kc25 --sft-lora /tmp/banks/kc25-sft.safetensors --poly /tmp/banks/kc25-poly
+    PYTHONPATH=src python scripts/build_eval_bank.py --dataset knowledge_conflicts --limit 25 \
+        --no-bank --poly /tmp/banks/kc25-poly --poly-pool-size 8
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 from tqdm import tqdm
@@ -22,7 +27,17 @@ from dmoe.base_model import load_base_model
 from dmoe.eval.datasets import load_task
 from dmoe.experts.bank import ExpertBank
 from dmoe.experts.builder import ExpertJob, train_into_bank
+from dmoe.experts.corpus import (
+    POLY_SPEC,
+    SFT_SPEC,
+    CorpusTrainConfig,
+    PolyTrainConfig,
+    train_poly_prag,
+    train_sft_lora,
+)
+from dmoe.experts.format import save_expert
 from dmoe.experts.lora import LoraSpec
+from dmoe.experts.poly_format import save_poly
 from dmoe.experts.train import TrainConfig
 
 
@@ -31,12 +46,34 @@ def main() -> None:
     ap.add_argument("--dataset", required=True)
     ap.add_argument("--limit", type=int, default=300)
     ap.add_argument("--offset", type=int, default=0)
-    ap.add_argument("--bank", required=True)
-    ap.add_argument("--lr", type=float, default=TrainConfig.lr)
-    ap.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    ap.add_argument("--bank", help="expert bank folder (per-passage experts, for dmoe / prag)")
+    ap.add_argument("--no-bank", action="store_true", help="skip the per-passage experts")
+    ap.add_argument("--lr", type=float, default=TrainConfig.lr, help="per-passage expert lr")
+    ap.add_argument("--epochs", type=int, default=TrainConfig.epochs,
+                    help="per-passage expert epochs")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
-                    help="storage dtype of the expert files (default float32)")
+                    help="storage dtype of the bank's expert files (default float32)")
+    corpus = ap.add_argument_group("corpus-wide LoRAs (sft_lora, poly_prag)")
+    corpus.add_argument("--sft-lora", metavar="FILE", help="also train one corpus-wide LoRA here")
+    corpus.add_argument("--sft-rank", type=int, default=SFT_SPEC.rank,
+                        help=f"its rank (default {SFT_SPEC.rank}, alpha = 2 x rank)")
+    corpus.add_argument("--poly", metavar="DIR", help="also train a Poly-PRAG pool + routing here")
+    corpus.add_argument("--poly-pool-size", type=int, default=PolyTrainConfig.pool_size,
+                        help=f"latent LoRAs in the pool (default {PolyTrainConfig.pool_size})")
+    corpus.add_argument("--poly-rank", type=int, default=POLY_SPEC.rank,
+                        help=f"rank of each pool LoRA (default {POLY_SPEC.rank}, alpha "
+                             f"{POLY_SPEC.alpha:g})")
+    corpus.add_argument("--corpus-lr", type=float, default=CorpusTrainConfig.lr,
+                        help=f"lr of both (default {CorpusTrainConfig.lr})")
+    corpus.add_argument("--corpus-epochs", type=int, default=CorpusTrainConfig.epochs,
+                        help=f"epochs of both (default {CorpusTrainConfig.epochs})")
+    corpus.add_argument("--batch-size", type=int, default=CorpusTrainConfig.batch_size,
+                        help=f"examples per step (default {CorpusTrainConfig.batch_size})")
     args = ap.parse_args()
+    if args.no_bank == bool(args.bank):
+        ap.error("give --bank DIR, or --no-bank (then --sft-lora and/or --poly)")
+    if args.no_bank and not (args.sft_lora or args.poly):
+        ap.error("--no-bank with nothing to train: add --sft-lora FILE and/or --poly DIR")
 
     lm = load_base_model()
     task = load_task(args.dataset, offset=args.offset, limit=args.limit or None)
@@ -49,16 +86,41 @@ def main() -> None:
                               + [f"{qa.question} {qa.answer}" for qa in aug.qa])
         jobs.append(ExpertJob(expert_id=unit.id, examples=tuple(examples), unit_id=unit.id,
                               content_hash=unit.content_hash, surrogate=surrogate, title=unit.title))
-    config = TrainConfig(spec=LoraSpec(), lr=args.lr, epochs=args.epochs)
-    bank = ExpertBank.open_or_create(args.bank, lm.fingerprint, lm.source.name, config.spec,
-                                      dtype=args.dtype)
-    bar = tqdm(total=len(jobs), desc=f"train {args.dataset}", unit="expert")
-    t0 = time.perf_counter()
-    report = train_into_bank(lm.model, lm.tokenizer, jobs, bank, config, chunk_size=32,
-                             on_chunk=lambda done, total, _chunk: bar.update(done - bar.n))
-    bar.close()
-    print(f"{len(report.trained)} trained, {len(report.skipped)} skipped in "
-          f"{time.perf_counter() - t0:.1f}s; bank {args.bank} holds {len(bank)} experts")
+    if args.bank:
+        config = TrainConfig(spec=LoraSpec(), lr=args.lr, epochs=args.epochs)
+        bank = ExpertBank.open_or_create(args.bank, lm.fingerprint, lm.source.name, config.spec,
+                                          dtype=args.dtype)
+        bar = tqdm(total=len(jobs), desc=f"train {args.dataset}", unit="expert")
+        t0 = time.perf_counter()
+        report = train_into_bank(lm.model, lm.tokenizer, jobs, bank, config, chunk_size=32,
+                                 on_chunk=lambda done, total, _chunk: bar.update(done - bar.n))
+        bar.close()
+        print(f"{len(report.trained)} trained, {len(report.skipped)} skipped in "
+              f"{time.perf_counter() - t0:.1f}s; bank {args.bank} holds {len(bank)} experts")
+
+    corpus_jobs = [(job.unit_id, job.examples) for job in jobs]
+    n_examples = sum(len(job.examples) for job in jobs)
+    common = dict(lr=args.corpus_lr, epochs=args.corpus_epochs, batch_size=args.batch_size)
+    if args.sft_lora:
+        sft_cfg = CorpusTrainConfig(spec=LoraSpec(rank=args.sft_rank, alpha=2.0 * args.sft_rank),
+                                    **common)
+        bar = tqdm(total=sft_cfg.epochs * n_examples, desc="train sft_lora", unit="example")
+        t0 = time.perf_counter()
+        lora = train_sft_lora(lm.model, lm.tokenizer, corpus_jobs, sft_cfg, progress=bar.update)
+        bar.close()
+        save_expert(args.sft_lora, lora, lm.fingerprint)
+        print(f"sft_lora (rank {args.sft_rank}, {n_examples} examples x {sft_cfg.epochs} epochs) "
+              f"in {time.perf_counter() - t0:.1f}s -> {args.sft_lora}")
+    if args.poly:
+        poly_cfg = PolyTrainConfig(spec=dataclasses.replace(POLY_SPEC, rank=args.poly_rank),
+                                   pool_size=args.poly_pool_size, **common)
+        bar = tqdm(total=poly_cfg.epochs * n_examples, desc="train poly_prag", unit="example")
+        t0 = time.perf_counter()
+        poly = train_poly_prag(lm.model, lm.tokenizer, corpus_jobs, poly_cfg, progress=bar.update)
+        bar.close()
+        save_poly(args.poly, poly, lm.fingerprint, config=dataclasses.asdict(poly_cfg))
+        print(f"poly_prag (pool {poly_cfg.pool_size} x rank {args.poly_rank}, {len(jobs)} units) "
+              f"in {time.perf_counter() - t0:.1f}s -> {args.poly}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from dmoe.commands.common import add_model_args
 EXAMPLE = """example:
   dmoe eval --methods base,rag,flare --datasets squad,strategyqa --limit 300 --out results/run1
   dmoe eval --methods dmoe,prag --experts BANK_DIR --datasets knowledge_conflicts --out results/run1
+  dmoe eval --methods sft_lora,poly_prag --sft-lora SFT.safetensors --poly POLY_DIR --out run2
   dmoe eval --report-only --out results/run1      # rebuild summary.json / tables.md / plot
 
 Re-running the same command resumes: finished samples (by id) are not recomputed."""
@@ -65,7 +66,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="BM25 index over expert surrogates for dmoe (default: BM25 over the "
                         "task corpus)")
     p.add_argument("--sft-lora", default=None, type=Path, metavar="FILE",
-                   help="one corpus-wide LoRA expert file (sft_lora)")
+                   help="one corpus-wide LoRA expert file (sft_lora); train it with "
+                        "scripts/build_eval_bank.py --sft-lora FILE")
+    p.add_argument("--poly", default=None, type=Path, metavar="DIR",
+                   help="Poly-PRAG folder: latent LoRA pool + per-unit routing (poly_prag); train "
+                        "it with scripts/build_eval_bank.py --poly DIR")
+    p.add_argument("--poly-top-k", default=None, type=int, metavar="K",
+                   help="keep each passage's K largest pool weights, renormalised (default: all, "
+                        "the dense mix it was trained with)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="method knob, repeatable (e.g. --set tau=1.5 --set flare_threshold=0.4); "
                         "see MethodConfig")
@@ -125,6 +133,10 @@ def _evaluate(args: argparse.Namespace, config: object) -> None:
         from dmoe.experts.format import load_expert
 
         res.sft_lora = load_expert(args.sft_lora, expected_fingerprint=lm.fingerprint)
+    if args.poly is not None:
+        from dmoe.experts.poly_format import load_poly
+
+        res.poly_pool, res.poly_routing = load_poly(args.poly, lm.fingerprint, args.poly_top_k)
     _warm_up(res)
     log_invocation(args.out, {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv,

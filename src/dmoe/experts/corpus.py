@@ -1,0 +1,417 @@
+"""Corpus-wide LoRAs for the ``sft_lora`` and ``poly_prag`` comparison methods: the trainers.
+
+Both train LoRAs of the same kind as the per-passage experts (gate/up/down of the last layer's MLP)
+on the union of every unit's training examples, in shuffled minibatches, with AdamW:
+
+- **sft_lora**: one LoRA, active for every example (and at inference for every question).
+- **poly_prag** (Poly-PRAG): a pool of m latent LoRAs ``L_j = (A_j, B_j)`` and per unit p learnable
+  routing logits ``z_p ∈ R^m``; unit p's examples see the mixed adapter
+  ``Δ_p = Σ_j softmax(z_p)_j · s · B_j A_j`` — exactly what ``PolyPragMethod`` builds at inference
+  from the stored weights ``w_p = softmax(z_p)`` (one passage: ``Σ_j w_pj · ΔL_j``).
+
+sft_lora is the m = 1 case with all coefficients 1. One step on a minibatch of b examples (example
+i from unit p_i)::
+
+    h_i  = trunk(example i)                               # frozen, precomputed (trunk.py)
+    c_i  = softmax(z_{p_i})  (poly)   |   [1]  (sft)      # (m,) mixing coefficients
+    y    = x W^T + s · ((x A_cat^T) ⊙ repeat(c_i, r)) B_cat^T   for each projection, where
+           A_cat = cat_j A_j (m·r, in), B_cat = cat_j B_j (out, m·r)
+    loss = (1/b) Σ_i mean CE(head(h_i), targets_i)         # per-example mean, as in train.py
+    AdamW on {A_j, B_j} (and z, with its own lr and no weight decay)
+
+z is one dense tensor, so Adam's momentum keeps moving a unit's logits for a few steps after its
+last example (as with dense embeddings); the mixes are stored dense (``poly_format``), the optional
+top-k sparsification happens only when loading.
+
+Trunk states (h at the supervised positions) are computed once when they fit a memory budget, on
+the model's device or else on the CPU (minibatches are moved over); past both budgets they are
+recomputed per chunk of the shuffled order, every epoch (``states_on``). ``example_losses_fast`` and
+``example_losses_reference`` (full model forward through ``ExpertAdapter``) compute the same
+per-example losses and are held equal by the tests.
+
+This module knows nothing about files, banks or retrieval; ``poly_format`` stores a trained pool.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dmoe.experts.lora import (
+    PROJECTIONS,
+    Expert,
+    ExpertAdapter,
+    ExpertMLP,
+    LoraSpec,
+    decoder_layers,
+    weight_key,
+)
+from dmoe.experts.train import LOSS_ON, EncodedExample, Job, encode_example, init_expert, mlp_shapes
+from dmoe.experts.train import TrainConfig as _ExpertConfig
+from dmoe.experts.trunk import SupervisedStates, last_layer_parts, trunk_states
+
+# sft_lora: rank 16 (alpha 32, scale 2). One LoRA has to hold a whole corpus instead of one passage;
+# 16 = 4x a per-passage expert's rank 4 = the rank budget of a default Poly pool (m=4 x rank 4), so
+# sft_lora and poly_prag compare at equal parameter count.
+SFT_SPEC = LoraSpec(rank=16, alpha=32.0)
+# poly_prag: each latent LoRA is shaped like a per-passage expert (rank 4, alpha 16).
+POLY_SPEC = LoraSpec(rank=4, alpha=16.0)
+STATES_ON = ("auto", "device", "cpu", "recompute")
+Progress = Callable[[int], None]  # called with the number of examples just trained on
+
+
+@dataclass(frozen=True)
+class CorpusTrainConfig:
+    """How a corpus-wide LoRA (or pool) is trained. Defaults are sane starting points, not tuned."""
+
+    spec: LoraSpec = field(default_factory=lambda: SFT_SPEC)  # shape of the LoRA (each pool LoRA)
+    lr: float = 2e-3  # AdamW learning rate of the LoRA weights
+    epochs: int = 3  # passes over the shuffled union of all units' examples
+    batch_size: int = 8  # examples per optimiser step
+    loss_on: str = "answer"  # "answer": target tokens only; "all": every token after the first
+    weight_decay: float = 0.0  # AdamW decoupled weight decay (LoRA weights only)
+    seed: int = 0  # shuffling and initialisation
+    max_seq_len: int = 1024  # longer examples keep the target and the end of the prompt
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on must be one of {LOSS_ON}, got {self.loss_on!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+
+
+@dataclass(frozen=True)
+class PolyTrainConfig(CorpusTrainConfig):
+    """Poly-PRAG: ``pool_size`` latent LoRAs shaped like per-passage experts, learned routing."""
+
+    spec: LoraSpec = field(default_factory=lambda: POLY_SPEC)
+    pool_size: int = 4  # m latent LoRAs (Poly-PRAG's small pool; 4 = sft_lora's rank budget)
+    routing_lr: float = 5e-2  # AdamW lr of the routing logits z_p (they must move O(1), not O(lr))
+    routing_init_std: float = 0.01  # z_p ~ N(0, std): near-uniform mixes, symmetry broken
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pool_size < 1:
+            raise ValueError(f"pool_size must be >= 1, got {self.pool_size}")
+        if not (self.routing_lr > 0 and math.isfinite(self.routing_lr)):
+            raise ValueError(f"routing_lr must be a positive finite number, got {self.routing_lr}")
+        if self.routing_init_std < 0:
+            raise ValueError(f"routing_init_std must be >= 0, got {self.routing_init_std}")
+
+
+@dataclass
+class PolyPool:
+    """A trained Poly-PRAG pool: m latent LoRAs and each unit's mixing weights over them."""
+
+    pool: list[Expert]
+    unit_ids: list[str]
+    weights: torch.Tensor  # (n_units, m) softmax(z_p), rows sum to 1, float32 on CPU
+
+    def routing(self, top_k: int | None = None) -> Callable[[str], dict[int, float]]:
+        """unit id -> {pool index: weight}; ``top_k`` keeps the largest k, renormalised to 1."""
+        return routing_function(self.unit_ids, self.weights, top_k)
+
+
+def routing_function(unit_ids: Sequence[str], weights: torch.Tensor,
+                     top_k: int | None = None) -> Callable[[str], dict[int, float]]:
+    """Dense (``top_k=None``, what training used) or top-k renormalised routing; unknown -> {}."""
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    table: dict[str, dict[int, float]] = {}
+    for uid, row in zip(unit_ids, weights.tolist(), strict=True):
+        keep = sorted(range(len(row)), key=lambda j: -row[j])[:top_k or len(row)]
+        total = sum(row[j] for j in keep)
+        table[uid] = {j: row[j] / total for j in sorted(keep)} if top_k else dict(enumerate(row))
+    return lambda uid: dict(table.get(uid, {}))
+
+
+# -- the head: mixed LoRAs on cached trunk states --------------------------------------------------
+
+Pool = dict[str, tuple[torch.Tensor, torch.Tensor]]  # proj -> (A (m, r, in), B (m, out, r))
+
+
+def mixture_example_ce(model: Any, states: Sequence[SupervisedStates], pool: Pool,
+                       coef: torch.Tensor, scale: float) -> torch.Tensor:
+    """Mean CE of each example (n,) under its own mix ``coef[i]`` (n, m) of the pool's LoRAs.
+
+    All examples' positions are flattened into one (N, d) block (no padding); each position
+    carries its example's coefficients, spread over that LoRA's r columns (module docstring).
+    """
+    pln, mlp, final_norm, lm_head = last_layer_parts(model)
+    dtype = pln.weight.dtype
+    lengths = torch.tensor([len(s.targets) for s in states])
+    h_mid = torch.cat([s.h_mid for s in states])  # (N, d)
+    row = torch.repeat_interleave(torch.arange(len(states)), lengths).to(h_mid.device)  # (N,)
+    m, r = pool[PROJECTIONS[0]][0].shape[:2]
+    c = coef.to(h_mid.device, dtype)[row].repeat_interleave(r, dim=1)  # (N, m·r)
+
+    def proj(name: str, x: torch.Tensor) -> torch.Tensor:
+        a, b = pool[name]
+        a_cat = a.reshape(m * r, -1).to(dtype)  # (m·r, in)
+        b_cat = b.permute(1, 0, 2).reshape(b.shape[1], m * r).to(dtype)  # (out, m·r)
+        return getattr(mlp, name)(x) + ((x @ a_cat.T) * c) @ b_cat.T * scale  # (N, out)
+
+    x = pln(h_mid)  # (N, d)
+    h = h_mid + proj("down_proj", mlp.act_fn(proj("gate_proj", x)) * proj("up_proj", x))
+    logits = lm_head(final_norm(h))  # (N, V)
+    targets = torch.cat([s.targets for s in states]).to(logits.device)  # (N,)
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
+    total = torch.zeros(len(states), device=ce.device).index_add_(0, row, ce)  # (n,)
+    return total / lengths.to(ce.device)
+
+
+def _stack(experts: Sequence[Expert], layer: int, device: torch.device) -> Pool:
+    return {p: tuple(torch.stack([e.weights[weight_key(layer, p, part)] for e in experts])
+                     .to(device, torch.float32) for part in "AB")  # type: ignore[misc]
+            for p in PROJECTIONS}
+
+
+def _unstack(pool: Pool, ids: Sequence[str], spec: LoraSpec, layer: int) -> list[Expert]:
+    return [Expert(id=eid, spec=spec, weights={
+        weight_key(layer, p, part): t[j].detach().float().cpu().clone()
+        for p, (a, b) in pool.items() for part, t in (("A", a), ("B", b))})
+        for j, eid in enumerate(ids)]
+
+
+# -- trunk states within a memory budget -----------------------------------------------------------
+
+class _States:
+    """Trunk states of every example: cached on the device or the CPU, or recomputed per chunk."""
+
+    def __init__(self, model: Any, encoded: Sequence[EncodedExample], groups: Sequence[int],
+                 states_on: str, device_budget: int, cpu_budget: int,
+                 trunk_batch_tokens: int, share_prefix: bool | None) -> None:
+        if states_on not in STATES_ON:
+            raise ValueError(f"states_on must be one of {STATES_ON}, got {states_on!r}")
+        self.model, self.encoded, self.groups = model, encoded, groups
+        self.trunk_batch_tokens = trunk_batch_tokens
+        self.device = next(model.parameters()).device
+        self.share_prefix = self.device.type == "cpu" if share_prefix is None else share_prefix
+        itemsize = next(model.parameters()).element_size()
+        need = sum(len(e.ids) - e.start for e in encoded) * model.config.hidden_size * itemsize
+        if states_on == "auto":
+            states_on = ("device" if need <= device_budget else
+                         "cpu" if need <= cpu_budget else "recompute")
+        self.mode, self.bytes = states_on, need
+        self.cache: list[SupervisedStates] = []
+        if self.mode != "recompute":
+            keep = self.device if self.mode == "device" else torch.device("cpu")
+            for lo in range(0, len(encoded), 1024):  # slices bound the device memory in flight
+                self.cache += [SupervisedStates(s.h_mid.to(keep), s.targets.to(keep))
+                               for s in self._compute(range(lo, min(lo + 1024, len(encoded))))]
+
+    def _compute(self, idx: Sequence[int]) -> list[SupervisedStates]:
+        return trunk_states(self.model, [(self.encoded[i].ids, self.encoded[i].start) for i in idx],
+                            self.trunk_batch_tokens,
+                            groups=[self.groups[i] for i in idx] if self.share_prefix else None)
+
+    def chunk(self, idx: Sequence[int]) -> dict[int, SupervisedStates]:
+        """States of ``idx`` (computed now when recomputing); ``get`` moves them to the device."""
+        if self.mode == "recompute":
+            return dict(zip(idx, self._compute(idx), strict=True))
+        return {i: self.cache[i] for i in idx}
+
+    def get(self, chunk: dict[int, SupervisedStates], idx: Sequence[int]) -> list[SupervisedStates]:
+        return [SupervisedStates(chunk[i].h_mid.to(self.device, non_blocking=True),
+                                 chunk[i].targets.to(self.device)) for i in idx]
+
+
+# -- training --------------------------------------------------------------------------------------
+
+def _encode(tokenizer: Any, jobs: Sequence[Job], config: CorpusTrainConfig
+            ) -> tuple[list[EncodedExample], list[int]]:
+    """Every example of every job, encoded, with the index of its job (unit)."""
+    if not jobs:
+        raise ValueError("the corpus is empty: no units to train on")
+    encoded, unit = [], []
+    for u, (unit_id, examples) in enumerate(jobs):
+        if not examples:
+            raise ValueError(f"unit {unit_id!r} has no training examples")
+        for ex in examples:
+            encoded.append(encode_example(tokenizer, ex, config.loss_on, config.max_seq_len))
+            unit.append(u)
+    return encoded, unit
+
+
+def _init_pool(model: Any, ids: Sequence[str], config: CorpusTrainConfig) -> tuple[Pool, int]:
+    """Seeded like per-passage experts (A kaiming-uniform, B zeros), one seed per pool LoRA id."""
+    if config.spec.n_layers != 1:
+        raise ValueError(f"corpus LoRAs sit on the last layer only (n_layers=1), got "
+                         f"{config.spec.n_layers}")
+    shapes = mlp_shapes(model, 1)
+    layer = next(iter(shapes))[0]
+    init_cfg = _ExpertConfig(spec=config.spec, seed=config.seed)
+    experts = [init_expert(eid, shapes, init_cfg) for eid in ids]
+    return _stack(experts, layer, next(model.parameters()).device), layer
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Where trunk states live and how much is alive at once (bytes / tokens)."""
+
+    states_on: str = "auto"  # "auto" | "device" | "cpu" | "recompute" (module docstring)
+    device_bytes: int = 4 << 30  # "auto" caches states on the model's device up to this size
+    cpu_bytes: int = 32 << 30  # ... else on the CPU up to this size, else recomputes per chunk
+    trunk_batch_tokens: int = 8192  # padded tokens per trunk batch
+    head_batch_tokens: int = 4096  # supervised positions whose (N, V) logits are alive at once
+    chunk_examples: int = 2048  # examples per recomputed chunk ("recompute" only)
+    # one unit's examples run their common prefix (the passage) through the trunk once; None: on
+    # CPU only. Exact either way; on CUDA the per-unit passes are launch-bound: 500 units x 5
+    # examples of a SmolLM2-135M-shaped model on an H100 took 31.9 s shared vs 2.1 s plain.
+    share_prefix: bool | None = None
+
+
+def _fit(model: Any, encoded: Sequence[EncodedExample], unit: Sequence[int], pool: Pool,
+         coef_of: Callable[[list[int]], torch.Tensor], extra_groups: list[dict[str, Any]],
+         config: CorpusTrainConfig, budget: Budget, progress: Progress | None) -> list[float]:
+    """The shared loop; returns the mean training loss of each epoch."""
+    for t in (t for pair in pool.values() for t in pair):
+        t.requires_grad_(True)
+    opt = torch.optim.AdamW([{"params": [t for pair in pool.values() for t in pair],
+                              "weight_decay": config.weight_decay}] + extra_groups,
+                            lr=config.lr)
+    states = _States(model, encoded, unit, budget.states_on, budget.device_bytes,
+                     budget.cpu_bytes, budget.trunk_batch_tokens, budget.share_prefix)
+    chunk_examples, head_batch_tokens = budget.chunk_examples, budget.head_batch_tokens
+    gen = torch.Generator().manual_seed(config.seed)
+    # whole minibatches per chunk, so recomputing changes no step (only when states are computed)
+    per_chunk = (max(1, chunk_examples // config.batch_size) * config.batch_size
+                 if states.mode == "recompute" else len(encoded))
+    epoch_losses = []
+    for _ in range(config.epochs):
+        perm = torch.randperm(len(encoded), generator=gen).tolist()
+        total = 0.0
+        for lo in range(0, len(perm), per_chunk):
+            order = perm[lo:lo + per_chunk]
+            chunk = states.chunk(order)
+            for b in range(0, len(order), config.batch_size):
+                batch = order[b:b + config.batch_size]
+                opt.zero_grad(set_to_none=True)
+                for group in _token_groups(batch, encoded, head_batch_tokens):
+                    ce = mixture_example_ce(model, states.get(chunk, group), pool,
+                                            coef_of([unit[i] for i in group]), config.spec.scale)
+                    (ce.sum() / len(batch)).backward()  # sum over groups = the batch's mean
+                    total += float(ce.detach().sum())
+                opt.step()
+                if progress:
+                    progress(len(batch))
+        epoch_losses.append(total / len(encoded))
+    return epoch_losses
+
+
+def _token_groups(batch: Sequence[int], encoded: Sequence[EncodedExample],
+                  budget: int) -> list[list[int]]:
+    """Split a minibatch so at most ``budget`` supervised positions (logits rows) are alive."""
+    groups: list[list[int]] = [[]]
+    used = 0
+    for i in batch:
+        n = len(encoded[i].ids) - encoded[i].start
+        if groups[-1] and used + n > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += n
+    return groups
+
+
+def train_sft_lora(model: Any, tokenizer: Any, jobs: Sequence[Job],
+                   config: CorpusTrainConfig | None = None, budget: Budget | None = None,
+                   progress: Progress | None = None, lora_id: str = "sft_lora") -> Expert:
+    """One LoRA on the union of all units' examples (``jobs``: (unit id, examples) pairs)."""
+    config, budget = config or CorpusTrainConfig(), budget or Budget()
+    encoded, unit = _encode(tokenizer, jobs, config)
+    pool, layer = _init_pool(model, [lora_id], config)
+    ones = torch.ones(1, 1)
+    _fit(model, encoded, unit, pool, lambda units: ones.expand(len(units), 1), [], config, budget,
+         progress)
+    return _unstack(pool, [lora_id], config.spec, layer)[0]
+
+
+def train_poly_prag(model: Any, tokenizer: Any, jobs: Sequence[Job],
+                    config: PolyTrainConfig | None = None, budget: Budget | None = None,
+                    progress: Progress | None = None, id_prefix: str = "poly") -> PolyPool:
+    """A pool of ``config.pool_size`` latent LoRAs and one routing vector per unit, jointly."""
+    config, budget = config or PolyTrainConfig(), budget or Budget()
+    encoded, unit = _encode(tokenizer, jobs, config)
+    ids = [f"{id_prefix}/{j}" for j in range(config.pool_size)]
+    pool, layer = _init_pool(model, ids, config)
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    z = (torch.randn(len(jobs), config.pool_size, generator=gen) * config.routing_init_std
+         ).to(device).requires_grad_(True)  # (n_units, m) routing logits
+    _fit(model, encoded, unit, pool, lambda units: torch.softmax(z[units], dim=-1),
+         [{"params": [z], "lr": config.routing_lr, "weight_decay": 0.0}], config, budget, progress)
+    weights = torch.softmax(z.detach().float(), dim=-1).cpu()
+    return PolyPool(pool=_unstack(pool, ids, config.spec, layer),
+                    unit_ids=[uid for uid, _ in jobs], weights=weights)
+
+
+# -- the same losses two ways (for tests and sanity checks) ----------------------------------------
+
+def _mixes(pool: Sequence[Expert], jobs: Sequence[Job],
+           routing: Callable[[str], dict[int, float]] | None) -> list[dict[int, float]]:
+    """Each example's {pool index: weight}: all 1 for a single LoRA, else its unit's routing."""
+    return [routing(uid) if routing else {0: 1.0} for uid, exs in jobs for _ in exs]
+
+
+@torch.no_grad()
+def example_losses_fast(model: Any, tokenizer: Any, jobs: Sequence[Job], pool: Sequence[Expert],
+                        routing: Callable[[str], dict[int, float]] | None,
+                        config: CorpusTrainConfig) -> list[float]:
+    """Per-example loss as training computes it: trunk states + ``mixture_example_ce``."""
+    encoded, unit = _encode(tokenizer, jobs, config)
+    device = next(model.parameters()).device
+    stacked = _stack(pool, pool[0].layers[0], device)
+    coef = torch.zeros(len(encoded), len(pool))
+    for i, mix in enumerate(_mixes(pool, jobs, routing)):
+        for j, w in mix.items():
+            coef[i, j] = w
+    states = trunk_states(model, [(e.ids, e.start) for e in encoded], groups=unit)
+    return mixture_example_ce(model, states, stacked, coef, pool[0].spec.scale).tolist()
+
+
+@torch.no_grad()
+def example_losses_reference(model: Any, tokenizer: Any, jobs: Sequence[Job],
+                             pool: Sequence[Expert],
+                             routing: Callable[[str], dict[int, float]] | None,
+                             config: CorpusTrainConfig) -> list[float]:
+    """Per-example loss by full forward passes with the inference-time adapter attached:
+    ``ExpertAdapter.activate([w_j · L_j for j])``, B scaled by the weight, as PolyPragMethod does."""
+    encoded, _ = _encode(tokenizer, jobs, config)
+    attached = isinstance(decoder_layers(model)[-1].mlp, ExpertMLP)  # the caller's adapter?
+    adapter = ExpertAdapter(model, pool[0].spec)
+    saved = {i: m.lora for i, m in adapter.mlps.items()}
+    device = next(model.parameters()).device
+    out = []
+    try:
+        for enc, mix in zip(encoded, _mixes(pool, jobs, routing), strict=True):
+            adapter.activate([_scaled(pool[j], w) for j, w in sorted(mix.items())])
+            ids = enc.ids.to(device)[None]  # (1, T)
+            logits = model(input_ids=ids).logits[0]  # (T, V)
+            out.append(float(F.cross_entropy(logits[enc.start - 1:-1].float(), ids[0, enc.start:])))
+    finally:
+        if attached:  # leave the caller's wrappers in place with their active set
+            for i, m in adapter.mlps.items():
+                m.lora = saved[i]
+        else:
+            adapter.detach()
+    return out
+
+
+def _scaled(expert: Expert, weight: float) -> Expert:
+    """``weight · Δ(expert)``: B scaled, A shared (as ``baselines.parametric.scaled_expert``)."""
+    return Expert(id=f"{expert.id}*{weight:.4g}", spec=expert.spec, weights={
+        k: v * weight if k.endswith("lora_B") else v for k, v in expert.weights.items()})
