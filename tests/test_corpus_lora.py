@@ -7,7 +7,7 @@ import torch
 from conftest import CharTokenizer, tiny_model
 
 from dmoe.augment.types import TrainingExample
-from dmoe.baselines.parametric import PolyPragMethod, scaled_expert
+from dmoe.baselines.parametric import PolyPragMethod
 from dmoe.errors import ExpertFormatError
 from dmoe.experts.corpus import (
     Budget,
@@ -19,7 +19,7 @@ from dmoe.experts.corpus import (
     train_sft_lora,
 )
 from dmoe.experts.format import load_expert, save_expert
-from dmoe.experts.lora import ExpertAdapter, LoraSpec
+from dmoe.experts.lora import ExpertAdapter, LoraSpec, scaled_expert
 from dmoe.experts.poly_format import load_poly, read_poly, save_poly
 
 

@@ -13,13 +13,12 @@ from dmoe.baselines import (
     build_method,
 )
 from dmoe.baselines.methods import first_low_confidence
-from dmoe.baselines.parametric import scaled_expert
 from dmoe.baselines.retrieval import passage_text
 from dmoe.corpus.units import KnowledgeUnit
 from dmoe.errors import DmoeError
 from dmoe.eval.datasets import Sample
 from dmoe.experts.cache import ExpertCache
-from dmoe.experts.lora import ExpertAdapter, LoraSpec, compose, random_expert
+from dmoe.experts.lora import ExpertAdapter, LoraSpec, compose, random_expert, scaled_expert
 from dmoe.prompts import encode_prompt
 
 CORPUS = [

@@ -34,7 +34,7 @@ from dmoe.baselines.retrieval import PassageRetriever, passage_text
 from dmoe.engine.decode import ExpertLoader
 from dmoe.engine.triggers import make_trigger
 from dmoe.eval.datasets import Sample
-from dmoe.experts.lora import Expert, ExpertAdapter
+from dmoe.experts.lora import Expert, ExpertAdapter, scaled_expert
 from dmoe.routing.base import Router, gate_hits
 
 
@@ -115,12 +115,6 @@ class SftLoraMethod:
 
     def close(self) -> None:
         self.runner.close()
-
-
-def scaled_expert(expert: Expert, weight: float, expert_id: str | None = None) -> Expert:
-    """``weight · Δ(expert)`` as an expert (B scaled; A shared), for weighted LoRA mixtures."""
-    weights = {k: (v * weight if k.endswith("lora_B") else v) for k, v in expert.weights.items()}
-    return Expert(id=expert_id or f"{expert.id}*{weight:.4g}", spec=expert.spec, weights=weights)
 
 
 PolyRouting = Callable[[str], Mapping[int, float]]  # unit id -> {pool index: weight} (sparse)

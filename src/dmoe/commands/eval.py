@@ -52,8 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--offset", type=int, default=0, help="skip this many questions first")
     p.add_argument("--shard", default=None, type=_shard, metavar="K/N",
                    help="answer only samples K, K+N, K+2N, ... of the selection (0 <= K < N), with "
-                        "the whole selection's corpus; for parallel workers with separate --out "
-                        "folders (scripts/eval_suite.py runs and merges them)")
+                        "the whole selection's corpus; for parallel workers, each with its own "
+                        "--out (concatenate their <dataset>/<method>.jsonl files, then "
+                        "--report-only)")
     p.add_argument("--out", required=True, type=Path, help="results directory (created/resumed)")
     p.add_argument("--data-dir", default=None,
                    help="benchmark data folder (default $DMOE_DATA_DIR or ../shared/data)")

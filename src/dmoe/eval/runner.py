@@ -14,7 +14,7 @@ it and those samples are recomputed; the newest record of an id is the one that 
 (``latest_records``). A torn last line (a crash during the write) is cut off before appending.
 
 Methods run interleaved per sample (``run_task``); ``shard`` splits a selection between parallel
-workers that write to separate output directories (merged by ``scripts/eval_suite.py``).
+workers that write to separate output directories (their JSONL files concatenate into one).
 
 This module knows nothing about how methods answer; it times nothing itself beyond what the
 ``Prediction`` reports, and measures memory around each ``answer`` call (``dmoe.eval.memory``).

@@ -49,6 +49,7 @@ from dmoe.experts.lora import (
     ExpertMLP,
     LoraSpec,
     decoder_layers,
+    scaled_expert,
     weight_key,
 )
 from dmoe.experts.train import LOSS_ON, EncodedExample, Job, encode_example, init_expert, mlp_shapes
@@ -398,7 +399,7 @@ def example_losses_reference(model: Any, tokenizer: Any, jobs: Sequence[Job],
     out = []
     try:
         for enc, mix in zip(encoded, _mixes(pool, jobs, routing), strict=True):
-            adapter.activate([_scaled(pool[j], w) for j, w in sorted(mix.items())])
+            adapter.activate([scaled_expert(pool[j], w) for j, w in sorted(mix.items())])
             ids = enc.ids.to(device)[None]  # (1, T)
             logits = model(input_ids=ids).logits[0]  # (T, V)
             out.append(float(F.cross_entropy(logits[enc.start - 1:-1].float(), ids[0, enc.start:])))
@@ -410,8 +411,3 @@ def example_losses_reference(model: Any, tokenizer: Any, jobs: Sequence[Job],
             adapter.detach()
     return out
 
-
-def _scaled(expert: Expert, weight: float) -> Expert:
-    """``weight · Δ(expert)``: B scaled, A shared (as ``baselines.parametric.scaled_expert``)."""
-    return Expert(id=f"{expert.id}*{weight:.4g}", spec=expert.spec, weights={
-        k: v * weight if k.endswith("lora_B") else v for k, v in expert.weights.items()})

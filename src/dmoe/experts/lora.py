@@ -238,3 +238,9 @@ def random_expert(expert_id: str, shapes: dict[tuple[int, str], tuple[int, int]]
         weights[weight_key(layer, proj, "A")] = torch.randn(spec.rank, in_f, generator=generator) * std
         weights[weight_key(layer, proj, "B")] = torch.randn(out_f, spec.rank, generator=generator) * std
     return Expert(id=expert_id, spec=spec, weights=weights)
+
+
+def scaled_expert(expert: Expert, weight: float, expert_id: str | None = None) -> Expert:
+    """``weight · Δ(expert)`` as an expert (B scaled; A shared), for weighted LoRA mixtures."""
+    weights = {k: (v * weight if k.endswith("lora_B") else v) for k, v in expert.weights.items()}
+    return Expert(id=expert_id or f"{expert.id}*{weight:.4g}", spec=expert.spec, weights=weights)
