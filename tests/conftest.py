@@ -46,3 +46,19 @@ def tiny_model(arch: str = "llama", layers: int = 2, seed: int = 0):
 @pytest.fixture
 def tokenizer() -> CharTokenizer:
     return CharTokenizer()
+
+
+def toy_jobs(n_units: int = 4, min_qa: int = 2) -> list[tuple[str, list]]:
+    """Training units with examples of different lengths: the passage as an LM example plus
+    ``min_qa + u % 3`` short QA pairs that share the passage as their prompt's prefix."""
+    from dmoe.augment.types import TrainingExample
+
+    jobs = []
+    for u in range(n_units):
+        passage = f"Unit {u}: the tower of town {u} is green since 19{u}7." * (1 + u % 2)
+        examples = [TrainingExample("", passage)]
+        for q in range(min_qa + u % 3):
+            prompt = f"Context: {passage}\nQ{q}: what about town {u}? A:"  # shared passage prefix
+            examples.append(TrainingExample(prompt, f" fact {u}-{q}"))
+        jobs.append((f"unit/{u}", examples))
+    return jobs

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import CharTokenizer, tiny_model
+from conftest import CharTokenizer, tiny_model, toy_jobs
 
 from dmoe.augment.types import TrainingExample
 from dmoe.baselines.parametric import PolyPragMethod
@@ -24,15 +24,7 @@ from dmoe.experts.poly_format import load_poly, read_poly, save_poly
 
 
 def _jobs(n_units: int = 4) -> list[tuple[str, list[TrainingExample]]]:
-    jobs = []
-    for u in range(n_units):
-        passage = f"Unit {u}: the tower of town {u} is green since 19{u}7." * (1 + u % 2)
-        examples = [TrainingExample("", passage)]
-        for q in range(1 + u % 3):
-            prompt = f"Context: {passage}\nQ{q}: what about town {u}? A:"
-            examples.append(TrainingExample(prompt, f" fact {u}-{q}"))
-        jobs.append((f"unit/{u}", examples))
-    return jobs
+    return toy_jobs(n_units, min_qa=1)
 
 
 @pytest.fixture(scope="module")

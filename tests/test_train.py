@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import CharTokenizer, tiny_model
+from conftest import CharTokenizer, tiny_model, toy_jobs
 
 from dmoe.augment.types import TrainingExample
 from dmoe.experts.lora import LoraSpec
@@ -19,16 +19,7 @@ from dmoe.experts.trunk import trunk_states
 
 
 def _jobs(n_units: int = 4) -> list[tuple[str, list[TrainingExample]]]:
-    """Units with 3-5 examples of different lengths: an LM passage plus short QA pairs."""
-    jobs = []
-    for u in range(n_units):
-        passage = f"Unit {u}: the tower of town {u} is green since 19{u}7." * (1 + u % 2)
-        examples = [TrainingExample("", passage)]
-        for q in range(2 + u % 3):
-            prompt = f"Context: {passage}\nQ{q}: what about town {u}? A:"  # shared passage prefix
-            examples.append(TrainingExample(prompt, f" fact {u}-{q}"))
-        jobs.append((f"unit/{u}", examples))
-    return jobs
+    return toy_jobs(n_units, min_qa=2)
 
 
 @pytest.fixture(scope="module")
