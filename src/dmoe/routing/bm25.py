@@ -336,14 +336,18 @@ class BM25Index:
     def _term_query(self, field: str, value: str, index_option: str) -> tantivy.Query:
         return tantivy.Query.term_query(self.schema, field, value, index_option=index_option)
 
-    def _bm25_query(self, query: str) -> tantivy.Query | None:
+    @staticmethod
+    def _query_terms(query: str) -> Counter[str]:
+        """Analysed query terms with their counts: the last ``MAX_QUERY_CHARS`` characters, at most
+        ``MAX_QUERY_TERMS`` distinct terms (the most frequent)."""
         if len(query) > MAX_QUERY_CHARS:
             query = query[-MAX_QUERY_CHARS:]
         counts = Counter(analyze(query))
-        if not counts:
-            return None
         if len(counts) > MAX_QUERY_TERMS:
             counts = Counter(dict(counts.most_common(MAX_QUERY_TERMS)))
+        return counts
+
+    def _bm25_query(self, counts: Counter[str]) -> tantivy.Query:
         clauses = []
         for term, n in counts.items():
             q = self._term_query("text", term, "freq")
@@ -357,12 +361,12 @@ class BM25Index:
         empty, stop-words-only, huge or malformed-unicode queries give ``[]`` or a normal result."""
         if not isinstance(query, str) or k <= 0:
             return []
-        q = self._bm25_query(query)
-        if q is None:
+        counts = self._query_terms(query)
+        if not counts:
             return []
         searcher = self._searcher
-        result = searcher.search(q, int(k), count=False)
-        bound = self.max_score(query) if result.hits else 0.0
+        result = searcher.search(self._bm25_query(counts), int(k), count=False)
+        bound = self._max_score(counts) if result.hits else 0.0
         return [
             RouteHit(expert_id=searcher.doc(addr)["id"][0], score=float(score),
                      relevance=min(1.0, float(score) / bound) if bound > 0 else 0.0)
@@ -372,11 +376,9 @@ class BM25Index:
     def max_score(self, query: str) -> float:
         """The most any document could score for ``query``: Σ_t n_t · idf_t · (k1 + 1), the BM25
         limit of every query term's frequency going to infinity (``relevance`` = score / this)."""
-        if len(query) > MAX_QUERY_CHARS:
-            query = query[-MAX_QUERY_CHARS:]
-        counts = Counter(analyze(query))
-        if len(counts) > MAX_QUERY_TERMS:
-            counts = Counter(dict(counts.most_common(MAX_QUERY_TERMS)))
+        return self._max_score(self._query_terms(query))
+
+    def _max_score(self, counts: Counter[str]) -> float:
         searcher = self._searcher
         n_docs = int(searcher.num_docs)
         k1 = float(self.manifest["bm25"]["k1"])
