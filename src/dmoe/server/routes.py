@@ -134,28 +134,29 @@ def models(request: Request) -> ModelList:
 
 # -- completions -----------------------------------------------------------------------------------
 
-@user.post("/v1/chat/completions", response_model=ChatCompletion)
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+async def _answer(request: Request, body: Any, prepare: Any, chunks: Any, build: Any) -> Any:
+    """One completion request, chat or text: ``prepare`` the prompt, then stream ``chunks`` or
+    generate once and ``build`` the response."""
     state = get_state(request)
-    prepared = await anyio.to_thread.run_sync(service.prepare_chat, state, body)
+    prepared = await anyio.to_thread.run_sync(prepare, state, body)
     model = body.model or state.model_name
     if body.stream:
-        return _sse(state, prepared, _chat_chunks(state, prepared, body, model))
+        return _sse(state, prepared, chunks(state, prepared, body, model))
     with state.admitted():
         gen = await anyio.to_thread.run_sync(service.generate, state, prepared)
-    return service.chat_completion(state, prepared, gen, model)
+    return build(state, prepared, gen, model)
+
+
+@user.post("/v1/chat/completions", response_model=ChatCompletion)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    return await _answer(request, body, service.prepare_chat, _chat_chunks,
+                         service.chat_completion)
 
 
 @user.post("/v1/completions", response_model=Completion)
 async def completions(body: CompletionRequest, request: Request) -> Any:
-    state = get_state(request)
-    prepared = await anyio.to_thread.run_sync(service.prepare_completion, state, body)
-    model = body.model or state.model_name
-    if body.stream:
-        return _sse(state, prepared, _text_chunks(state, prepared, body, model))
-    with state.admitted():
-        gen = await anyio.to_thread.run_sync(service.generate, state, prepared)
-    return service.completion(state, prepared, gen, model)
+    return await _answer(request, body, service.prepare_completion, _text_chunks,
+                         service.completion)
 
 
 def _sse(state: ServerState, prepared: service.Prepared, chunks: Any) -> StreamingResponse:
