@@ -52,7 +52,14 @@ from dmoe.experts.lora import (
     scaled_expert,
     weight_key,
 )
-from dmoe.experts.train import LOSS_ON, EncodedExample, Job, encode_example, init_expert, mlp_shapes
+from dmoe.experts.train import (
+    EncodedExample,
+    Job,
+    check_schedule,
+    encode_example,
+    init_expert,
+    mlp_shapes,
+)
 from dmoe.experts.train import TrainConfig as _ExpertConfig
 from dmoe.experts.trunk import SupervisedStates, last_layer_parts, trunk_states
 
@@ -80,18 +87,11 @@ class CorpusTrainConfig:
     max_seq_len: int = 1024  # longer examples keep the target and the end of the prompt
 
     def __post_init__(self) -> None:
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        check_schedule(self.lr, self.epochs, self.loss_on, self.max_seq_len)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.loss_on not in LOSS_ON:
-            raise ValueError(f"loss_on must be one of {LOSS_ON}, got {self.loss_on!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.max_seq_len < 2:
-            raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,18 @@ LOSS_ON = ("answer", "all")
 INITS = ("kaiming", "normal")
 
 
+def check_schedule(lr: float, epochs: int, loss_on: str, max_seq_len: int) -> None:
+    """The checks every trainer's config shares (per-passage experts and corpus-wide LoRAs)."""
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive finite number, got {lr}")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if loss_on not in LOSS_ON:
+        raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
+    if max_seq_len < 2:
+        raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How every expert of a bank is trained; ``settings_hash`` identifies it for rebuild skips."""
@@ -76,20 +88,13 @@ class TrainConfig:
     max_seq_len: int = 1024  # longer examples keep the target and the end of the prompt
 
     def __post_init__(self) -> None:
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.loss_on not in LOSS_ON:
-            raise ValueError(f"loss_on must be one of {LOSS_ON}, got {self.loss_on!r}")
+        check_schedule(self.lr, self.epochs, self.loss_on, self.max_seq_len)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.eps <= 0 or self.weight_decay < 0:
             raise ValueError(f"need eps > 0 and weight_decay >= 0, got {self.eps}, {self.weight_decay}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
-        if self.max_seq_len < 2:
-            raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
 
     def settings_hash(self) -> str:
         """Stable 16-hex id of these settings (an expert trained otherwise must be retrained)."""
