@@ -26,14 +26,12 @@ def _csv(value: str) -> list[str]:
 
 
 def _shard(value: str) -> tuple[int, int]:
-    k, sep, n = value.partition("/")
+    from dmoe.eval.runner import parse_shard
+
     try:
-        index, count = int(k), int(n)
-    except ValueError:
-        index, count = -1, 0
-    if not sep or count < 1 or not 0 <= index < count:
-        raise argparse.ArgumentTypeError(f"shard must be K/N with 0 <= K < N, got {value!r}")
-    return index, count
+        return parse_shard(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def register(sub: argparse._SubParsersAction) -> None:

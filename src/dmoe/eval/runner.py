@@ -105,9 +105,24 @@ def make_record(task: Task, method: str, sample: Sample, pred: Prediction,
 def shard(samples: list[Sample], index: int, count: int) -> list[Sample]:
     """Samples ``index, index + count, ...``: one of ``count`` disjoint parts of a selection, for
     parallel workers that keep the whole corpus (retrieval difficulty does not change)."""
+    _check_shard(index, count)
+    return samples[index::count]
+
+
+def parse_shard(value: str) -> tuple[int, int]:
+    """``"K/N"`` -> ``(K, N)``; ValueError unless 0 <= K < N."""
+    k, _, n = value.partition("/")
+    try:
+        index, count = int(k), int(n)
+    except ValueError:
+        raise ValueError(f"shard must be K/N with 0 <= K < N, got {value!r}") from None
+    _check_shard(index, count)
+    return index, count
+
+
+def _check_shard(index: int, count: int) -> None:
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"shard must be K/N with 0 <= K < N, got {index}/{count}")
-    return samples[index::count]
 
 
 def run_task(task: Task, methods: Iterable[str], build: Callable[[str], Method], out: Path,
