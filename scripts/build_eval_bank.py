@@ -26,8 +26,11 @@ from dmoe.augment.training import training_examples
 from dmoe.base_model import load_base_model
 from dmoe.eval.datasets import load_task
 from dmoe.experts.bank import ExpertBank
-from dmoe.experts.builder import ExpertJob, train_into_bank
-from dmoe.experts.corpus import (
+from dmoe.experts.format import save_expert
+from dmoe.experts.lora import LoraSpec
+from dmoe.experts.poly_format import save_poly
+from dmoe.training.builder import ExpertJob, train_into_bank
+from dmoe.training.corpus import (
     POLY_SPEC,
     SFT_SPEC,
     CorpusTrainConfig,
@@ -35,10 +38,7 @@ from dmoe.experts.corpus import (
     train_poly_prag,
     train_sft_lora,
 )
-from dmoe.experts.format import save_expert
-from dmoe.experts.lora import LoraSpec
-from dmoe.experts.poly_format import save_poly
-from dmoe.experts.train import TrainConfig
+from dmoe.training.experts import TrainConfig
 
 
 def main() -> None:

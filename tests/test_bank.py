@@ -107,8 +107,8 @@ def build(bank_dir: str, kill_at_write: int = 0) -> dict[str, list[str]]:
     """A tiny build through train_into_bank; optionally SIGKILLs itself right after the
     ``kill_at_write``-th expert file is written, before its row is committed (the worst moment)."""
     from dmoe.augment.types import TrainingExample
-    from dmoe.experts.builder import ExpertJob, train_into_bank
-    from dmoe.experts.train import TrainConfig
+    from dmoe.training.builder import ExpertJob, train_into_bank
+    from dmoe.training.experts import TrainConfig
 
     model = tiny_model("llama", layers=2)
     config = TrainConfig(lr=1e-2, epochs=2, loss_on="all")

@@ -9,7 +9,10 @@ from conftest import CharTokenizer, tiny_model, toy_jobs
 from dmoe.augment.types import TrainingExample
 from dmoe.baselines.parametric import PolyPragMethod
 from dmoe.errors import ExpertFormatError
-from dmoe.experts.corpus import (
+from dmoe.experts.format import load_expert, save_expert
+from dmoe.experts.lora import ExpertAdapter, LoraSpec, scaled_expert
+from dmoe.experts.poly_format import load_poly, read_poly, save_poly
+from dmoe.training.corpus import (
     Budget,
     CorpusTrainConfig,
     PolyTrainConfig,
@@ -18,9 +21,6 @@ from dmoe.experts.corpus import (
     train_poly_prag,
     train_sft_lora,
 )
-from dmoe.experts.format import load_expert, save_expert
-from dmoe.experts.lora import ExpertAdapter, LoraSpec, scaled_expert
-from dmoe.experts.poly_format import load_poly, read_poly, save_poly
 
 
 def _jobs(n_units: int = 4) -> list[tuple[str, list[TrainingExample]]]:

@@ -7,12 +7,12 @@ import torch
 from conftest import tiny_model
 
 from dmoe.base_model import LoadedModel, ModelSource, model_fingerprint
-from dmoe.build import BuildConfig, build
 from dmoe.engine.decode import DecodeConfig
 from dmoe.engine.triggers import AlwaysTrigger
 from dmoe.errors import BankError, WrongBaseModelError
-from dmoe.experts.train import TrainConfig
 from dmoe.knowledge import KnowledgeBase
+from dmoe.training.build import BuildConfig, build
+from dmoe.training.experts import TrainConfig
 
 DOCS = [
     {"id": "velmora", "title": "Velmora", "text": "Velmora is a coastal town founded in 1732 by "

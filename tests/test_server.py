@@ -25,10 +25,10 @@ from conftest import CharTokenizer, tiny_model
 
 from dmoe.base_model import LoadedModel, ModelSource, model_fingerprint
 from dmoe.experts.lora import LoraSpec
-from dmoe.experts.train import TrainConfig
 from dmoe.knowledge import KnowledgeBase
 from dmoe.server import ServerConfig, ServerState, create_app
 from dmoe.server.service import TextDeltas
+from dmoe.training.experts import TrainConfig
 
 USER, ADMIN = "user-key", "admin-key"
 QUESTION = "Who founded the town of Velmora?"

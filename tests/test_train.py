@@ -4,7 +4,7 @@ from conftest import CharTokenizer, tiny_model, toy_jobs
 
 from dmoe.augment.types import TrainingExample
 from dmoe.experts.lora import LoraSpec
-from dmoe.experts.train import (
+from dmoe.training.experts import (
     TrainConfig,
     encode_example,
     example_losses,
@@ -15,7 +15,7 @@ from dmoe.experts.train import (
     train_fast,
     train_reference,
 )
-from dmoe.experts.trunk import trunk_states
+from dmoe.training.trunk import trunk_states
 
 
 def _jobs(n_units: int = 4) -> list[tuple[str, list[TrainingExample]]]:

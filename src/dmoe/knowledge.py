@@ -10,7 +10,7 @@ The bank is the source of truth. Write order keeps the router from ever naming a
 add = bank first, then index; delete = index first, then bank. A crash between the two leaves drift
 that ``sync()`` repairs (run on every open: ~0.1 s at 30k experts) and ``check()`` reports.
 
-This module knows nothing about training or decoding; ``dmoe.build`` fills it, the engine reads it.
+This module knows nothing about training or decoding; ``dmoe.training.build`` fills it, the engine reads it.
 """
 
 from __future__ import annotations

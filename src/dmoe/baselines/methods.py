@@ -22,9 +22,9 @@ import torch
 from dmoe.baselines.generate import PromptRunner, decode_config, prediction
 from dmoe.baselines.protocol import MethodConfig, Prediction
 from dmoe.baselines.retrieval import PassageRetriever, passage_text
-from dmoe.eval.datasets import Sample
 from dmoe.experts.lora import ExpertAdapter
 from dmoe.routing.base import build_query
+from dmoe.samples import Sample
 
 
 class BaseMethod:

@@ -33,9 +33,9 @@ from dmoe.baselines.protocol import MethodConfig, Prediction
 from dmoe.baselines.retrieval import PassageRetriever, passage_text
 from dmoe.engine.decode import ExpertLoader
 from dmoe.engine.triggers import make_trigger
-from dmoe.eval.datasets import Sample
 from dmoe.experts.lora import Expert, ExpertAdapter, scaled_expert
 from dmoe.routing.base import Router, gate_hits
+from dmoe.samples import Sample
 
 
 class DmoeMethod:

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from dmoe.eval.datasets import Sample
+from dmoe.samples import Sample
 
 METHOD_NAMES = ("base", "rag", "flare", "prag", "prag_combine", "sft_lora", "poly_prag", "dmoe")
 

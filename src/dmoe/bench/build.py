@@ -35,8 +35,8 @@ import torch
 from dmoe.augment.types import TrainingExample
 from dmoe.base_model import load_base_model
 from dmoe.experts.format import STORAGE_DTYPES, save_expert
-from dmoe.experts.train import TrainConfig, train_fast, train_reference
 from dmoe.prompts import format_prompt
+from dmoe.training.experts import TrainConfig, train_fast, train_reference
 
 SQUAD_FILE = "squad/squad_dev_v1.1.json"  # under the benchmark data dir (dmoe.eval.datasets)
 MIXES = ("qa", "passage+qa")

@@ -28,8 +28,8 @@ import torch
 from dmoe.augment.types import TrainingExample
 from dmoe.base_model import load_base_model
 from dmoe.experts.lora import ExpertAdapter, LoraSpec
-from dmoe.experts.train import TrainConfig, train_fast
 from dmoe.prompts import format_prompt
+from dmoe.training.experts import TrainConfig, train_fast
 
 DATA_FILE = "knowledge_conflicts/nq_conflicts_bigbench.json"  # under dmoe.eval.datasets.data_dir()
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from dmoe.commands.common import add_model_args
 
 if TYPE_CHECKING:
-    from dmoe.experts.train import TrainConfig
+    from dmoe.training.experts import TrainConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def train_config_from(args: argparse.Namespace) -> TrainConfig:
     from dmoe.experts.lora import LoraSpec
-    from dmoe.experts.train import TrainConfig
+    from dmoe.training.experts import TrainConfig
 
     overrides = {k: v for k, v in (("lr", args.lr), ("epochs", args.epochs),
                                    ("loss_on", args.loss_on)) if v is not None}
@@ -58,7 +58,7 @@ def train_config_from(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     from dmoe.base_model import load_base_model
-    from dmoe.build import BuildConfig, build
+    from dmoe.training.build import BuildConfig, build
 
     config = BuildConfig(granularity=args.granularity, passage_words=args.passage_words,
                          cluster_size=args.cluster_size, augmenter=args.augmenter,

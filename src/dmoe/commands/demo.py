@@ -40,13 +40,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from dmoe.base_model import load_base_model
-    from dmoe.build import BuildConfig, build
     from dmoe.commands.ask import describe_spans
     from dmoe.engine.decode import DecodeConfig
     from dmoe.engine.triggers import EntropyTrigger
-    from dmoe.experts.train import TrainConfig
     from dmoe.knowledge import KnowledgeBase
     from dmoe.prompts import encode_prompt
+    from dmoe.training.build import BuildConfig, build
+    from dmoe.training.experts import TrainConfig
 
     lm = load_base_model(args.model, args.device, args.dtype)
     print(f"== 1) building the expert bank {args.bank} from {args.corpus}")

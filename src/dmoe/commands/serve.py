@@ -69,8 +69,8 @@ def _is_loopback(host: str) -> bool:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from dmoe.build import BuildConfig
     from dmoe.server import ServerConfig, ServerState, create_app
+    from dmoe.training.build import BuildConfig
 
     if not args.bank:
         raise ValueError("no bank given: pass --bank DIR or set $DMOE_BANK")

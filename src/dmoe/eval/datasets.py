@@ -33,27 +33,15 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from dmoe.corpus.units import KnowledgeUnit
+from dmoe.samples import Sample  # re-exported: loaders and callers use dmoe.eval.datasets.Sample
 
-Kind = Literal["span", "yesno"]
 DEFAULT_LIMIT = 300  # the paper evaluates the first 300 questions of each set
 REPO_ROOT = Path(__file__).resolve().parents[3]
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One benchmark question."""
-
-    id: str  # stable id from the source file (used to resume runs)
-    question: str
-    answers: tuple[str, ...]  # gold aliases (any one counts)
-    kind: Kind = "span"  # "yesno" -> scored by ACC
-    gold_unit_ids: tuple[str, ...] = ()  # corpus units that hold the answer (oracle routing)
-    meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 @dataclass

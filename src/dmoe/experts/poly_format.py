@@ -21,16 +21,43 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dmoe.errors import ExpertFormatError
-from dmoe.experts.corpus import PolyPool, routing_function
 from dmoe.experts.format import load_expert, save_expert
 from dmoe.experts.lora import Expert
+
+
+@dataclass
+class PolyPool:
+    """A trained Poly-PRAG pool: m latent LoRAs and each unit's mixing weights over them."""
+
+    pool: list[Expert]
+    unit_ids: list[str]
+    weights: torch.Tensor  # (n_units, m) softmax(z_p), rows sum to 1, float32 on CPU
+
+    def routing(self, top_k: int | None = None) -> Callable[[str], dict[int, float]]:
+        """unit id -> {pool index: weight}; ``top_k`` keeps the largest k, renormalised to 1."""
+        return routing_function(self.unit_ids, self.weights, top_k)
+
+
+def routing_function(unit_ids: Sequence[str], weights: torch.Tensor,
+                     top_k: int | None = None) -> Callable[[str], dict[int, float]]:
+    """Dense (``top_k=None``, what training used) or top-k renormalised routing; unknown -> {}."""
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    table: dict[str, dict[int, float]] = {}
+    for uid, row in zip(unit_ids, weights.tolist(), strict=True):
+        keep = sorted(range(len(row)), key=lambda j: -row[j])[:top_k or len(row)]
+        total = sum(row[j] for j in keep)
+        table[uid] = {j: row[j] / total for j in sorted(keep)} if top_k else dict(enumerate(row))
+    return lambda uid: dict(table.get(uid, {}))
+
 
 FORMAT, ROUTING_FORMAT, VERSION = "dmoe-poly-prag", "dmoe-poly-routing", "1"
 MANIFEST, ROUTING = "manifest.json", "routing.json"

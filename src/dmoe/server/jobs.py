@@ -1,4 +1,4 @@
-"""Background build jobs: posted documents -> ``dmoe.build.build`` into the served bank.
+"""Background build jobs: posted documents -> ``dmoe.training.build.build`` into the served bank.
 
 One worker thread runs the queued jobs one at a time. A job writes its documents to
 ``JOBS_DIR/<job id>/documents.jsonl`` (the corpus format ``dmoe build`` reads) and its status to
@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dmoe.build import BuildConfig, build
 from dmoe.errors import DmoeError
-from dmoe.experts.train import TrainConfig
 from dmoe.knowledge import KnowledgeBase
+from dmoe.training.build import BuildConfig, build
+from dmoe.training.experts import TrainConfig
 
 log = logging.getLogger("dmoe.server")
 

@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dmoe.build import BuildConfig
 from dmoe.engine.triggers import NeverTrigger
 from dmoe.experts.lora import LoraSpec
-from dmoe.experts.train import TrainConfig
 from dmoe.knowledge import KnowledgeBase
 from dmoe.server.jobs import JobRunner
 from dmoe.server.metrics import Metrics, Scraped
+from dmoe.training.build import BuildConfig
+from dmoe.training.experts import TrainConfig
 
 JOBS_DIR = "jobs"  # inside the bank directory
 

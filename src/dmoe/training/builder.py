@@ -16,7 +16,7 @@ from typing import Any
 
 from dmoe.augment.types import TrainingExample
 from dmoe.experts.bank import BankReport, ExpertBank
-from dmoe.experts.train import TrainConfig, train
+from dmoe.training.experts import TrainConfig, train
 
 
 @dataclass(frozen=True)

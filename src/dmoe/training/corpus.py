@@ -52,7 +52,8 @@ from dmoe.experts.lora import (
     scaled_expert,
     weight_key,
 )
-from dmoe.experts.train import (
+from dmoe.experts.poly_format import PolyPool
+from dmoe.training.experts import (
     EncodedExample,
     Job,
     check_schedule,
@@ -60,8 +61,8 @@ from dmoe.experts.train import (
     init_expert,
     mlp_shapes,
 )
-from dmoe.experts.train import TrainConfig as _ExpertConfig
-from dmoe.experts.trunk import SupervisedStates, last_layer_parts, trunk_states
+from dmoe.training.experts import TrainConfig as _ExpertConfig
+from dmoe.training.trunk import SupervisedStates, last_layer_parts, trunk_states
 
 # sft_lora: rank 16 (alpha 32, scale 2). One LoRA has to hold a whole corpus instead of one passage;
 # 16 = 4x a per-passage expert's rank 4 = the rank budget of a default Poly pool (m=4 x rank 4), so
@@ -111,32 +112,6 @@ class PolyTrainConfig(CorpusTrainConfig):
             raise ValueError(f"routing_lr must be a positive finite number, got {self.routing_lr}")
         if self.routing_init_std < 0:
             raise ValueError(f"routing_init_std must be >= 0, got {self.routing_init_std}")
-
-
-@dataclass
-class PolyPool:
-    """A trained Poly-PRAG pool: m latent LoRAs and each unit's mixing weights over them."""
-
-    pool: list[Expert]
-    unit_ids: list[str]
-    weights: torch.Tensor  # (n_units, m) softmax(z_p), rows sum to 1, float32 on CPU
-
-    def routing(self, top_k: int | None = None) -> Callable[[str], dict[int, float]]:
-        """unit id -> {pool index: weight}; ``top_k`` keeps the largest k, renormalised to 1."""
-        return routing_function(self.unit_ids, self.weights, top_k)
-
-
-def routing_function(unit_ids: Sequence[str], weights: torch.Tensor,
-                     top_k: int | None = None) -> Callable[[str], dict[int, float]]:
-    """Dense (``top_k=None``, what training used) or top-k renormalised routing; unknown -> {}."""
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    table: dict[str, dict[int, float]] = {}
-    for uid, row in zip(unit_ids, weights.tolist(), strict=True):
-        keep = sorted(range(len(row)), key=lambda j: -row[j])[:top_k or len(row)]
-        total = sum(row[j] for j in keep)
-        table[uid] = {j: row[j] / total for j in sorted(keep)} if top_k else dict(enumerate(row))
-    return lambda uid: dict(table.get(uid, {}))
 
 
 # -- the head: mixed LoRAs on cached trunk states --------------------------------------------------

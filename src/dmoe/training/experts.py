@@ -49,7 +49,7 @@ from dmoe.experts.lora import (
     decoder_layers,
     weight_key,
 )
-from dmoe.experts.trunk import stacked_head_logits, trunk_states
+from dmoe.training.trunk import stacked_head_logits, trunk_states
 
 LOSS_ON = ("answer", "all")
 INITS = ("kaiming", "normal")

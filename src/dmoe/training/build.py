@@ -21,9 +21,9 @@ from dmoe.augment import augment_cached, make_augmenter, training_examples
 from dmoe.augment.types import Augmentation
 from dmoe.corpus import read_corpus
 from dmoe.corpus.units import KnowledgeUnit
-from dmoe.experts.builder import ExpertJob, train_into_bank
-from dmoe.experts.train import TrainConfig
 from dmoe.knowledge import KnowledgeBase
+from dmoe.training.builder import ExpertJob, train_into_bank
+from dmoe.training.experts import TrainConfig
 
 AUGMENT_CACHE = "augment-cache.jsonl"
 
