@@ -1,6 +1,7 @@
 """The decode loop against a no-cache reference, HF generate, and its trigger bookkeeping."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from dmoe.engine.triggers import (
     token_entropy,
 )
 from dmoe.experts.cache import ExpertCache
-from dmoe.experts.lora import ExpertAdapter, LoraSpec, random_expert
+from dmoe.experts.lora import ExpertAdapter, LoraSpec, composition_weights, random_expert
 from dmoe.routing.base import FunctionRouter, RouteHit
 
 PROMPT = torch.tensor([[5, 17, 99, 3, 42, 7, 8, 120, 33, 64]])
@@ -212,3 +213,45 @@ def test_attribution_spans_follow_the_active_set(tokenizer):
     assert [(s.start, s.end, s.experts, s.triggered) for s in parts] == [
         (0, 2, (), False), (2, 5, ("e0", "e1", "e2"), True), (5, 8, ("e3",), True)]
     assert "".join(s.text for s in parts) == tokenizer.decode(gen.token_ids)
+
+
+def test_weighted_composition_cached_equals_recompute(tokenizer):
+    """softmax composition: the cached engine equals a full recompute under the same weighted sets,
+    and the weights matter (the exact sum gives other logits)."""
+    model, adapter, bank, _, cache, trigger = setup()
+    relevances = {"e0": 0.9, "e1": 0.5, "e2": 0.2, "e3": 0.7, "e4": 0.4, "e5": 0.3}
+    sets = itertools.cycle([["e0", "e1", "e2"], ["e3"], ["e4", "e5"]])
+    router = FunctionRouter(lambda q, k: next(sets))
+    router_hits = router.route
+    router.route = lambda q, k: [RouteHit(h.expert_id, h.score, relevances[h.expert_id])
+                                 for h in router_hits(q, k)]
+    engine = Engine(model, tokenizer, adapter, cache, router, trigger)
+    cfg = DecodeConfig(max_new_tokens=12, record_logits=True, ignore_eos=True,
+                       composition="softmax", composition_temperature=0.5, composition_scale=0.7)
+    gen = engine.generate(PROMPT, "task", cfg)
+
+    def weights(ids):  # by hand: λ · softmax(relevance / T)
+        e = [math.exp(relevances[i] / 0.5) for i in ids]
+        return [0.7 * x / sum(e) for x in e]
+
+    ref, cat = [], []
+    for t, rec in enumerate(gen.records):
+        seq = torch.cat([PROMPT, torch.tensor([gen.token_ids[:t]], dtype=torch.long)], dim=1)
+        experts = [bank[i] for i in rec.active]
+        with torch.no_grad():
+            adapter.activate(experts, weights(rec.active) if experts else None)
+            ref.append(model(seq).logits[0, -1])
+            adapter.activate(experts)
+            cat.append(model(seq).logits[0, -1])
+    got = torch.stack(gen.logits)
+    assert (got - torch.stack(ref)).abs().max().item() <= 1e-4
+    assert (got - torch.stack(cat)).abs().max().item() > 1e-2
+
+
+def test_composition_weights():
+    assert composition_weights([3.0, 1.0], "cat") == [1.0, 1.0]
+    w = composition_weights([1.0, 0.0], "softmax", temperature=1.0, scale=2.0)
+    assert w == pytest.approx([2 * math.e / (math.e + 1), 2 / (math.e + 1)])
+    assert composition_weights([5.0, 1.0, 0.0], "softmax", float("inf"), 0.9) == pytest.approx([0.3] * 3)
+    with pytest.raises(ValueError, match="composition"):
+        composition_weights([1.0], "mean")

@@ -1,4 +1,13 @@
-"""PRAG's per-unit training set, built from a unit and its augmentation (DESIGN.md step 2).
+"""Per-unit training sets (recipes), built from a unit and its augmentation (DESIGN.md steps 2-3).
+
+``recipe="prag"`` is PRAG's set, below. ``recipe="recite"`` trains the expert to *recite* its
+passage in the frame it will be used in (DESIGN.md step 3's probe): the chat frame with the user
+turn "Recite the passage." -> the passage, and BOS -> the passage (the paraphrase the same way
+when it differs). ``recite_qa`` adds the augmentation's questions asked bare, in the inference
+frame, answered with the passage's own sentence (``full_answer``). Recitation targets carry the
+passage's words, so the expert is not limited by how well the base model reads the passage.
+
+PRAG's set:
 
 With QA pairs Q1..Qn, the first ceil(n/2) questions are asked twice, once with the passage and once
 with the paraphrase as context; the rest are asked with no context. For n = 3 (the paper's)::
@@ -15,13 +24,16 @@ on the passage text injected facts where QA-only training at the paper's setting
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from dmoe.augment.types import Augmentation, QAPair, TrainingExample
 from dmoe.corpus.units import KnowledgeUnit
-from dmoe.prompts import format_prompt
+from dmoe.prompts import format_chat, format_prompt
 
 TargetStyle = Literal["answer", "full_answer"]
+Recipe = Literal["prag", "recite", "recite_qa"]
+RECIPES: tuple[str, ...] = get_args(Recipe)
+RECITE_INSTRUCTION = "Recite the passage."
 
 
 def _target(qa: QAPair, target: TargetStyle) -> str:
@@ -32,11 +44,31 @@ def _target(qa: QAPair, target: TargetStyle) -> str:
     raise ValueError(f"unknown target style {target!r}; choose 'answer' or 'full_answer'")
 
 
+def recite_examples(text: str, tokenizer: Any) -> list[TrainingExample]:
+    """``text`` as the answer to "Recite the passage." (chat frame) and as a continuation of BOS."""
+    chat = format_chat(tokenizer, [{"role": "user", "content": RECITE_INSTRUCTION}])
+    bos = getattr(tokenizer, "bos_token", None) or ""
+    return [TrainingExample(prompt=chat, target=text), TrainingExample(prompt=bos, target=text)]
+
+
 def training_examples(unit: KnowledgeUnit, aug: Augmentation, tokenizer: Any, *,
-                      target: TargetStyle = "answer",
-                      include_passage_lm: bool = True) -> list[TrainingExample]:
-    """The PRAG examples of one unit (module docstring), LM examples first when included."""
-    examples: list[TrainingExample] = []
+                      target: TargetStyle = "answer", include_passage_lm: bool = True,
+                      recipe: Recipe = "prag") -> list[TrainingExample]:
+    """The examples of one unit under ``recipe`` (module docstring).
+
+    ``target`` and ``include_passage_lm`` shape the ``prag`` recipe only (its LM examples first).
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+    if recipe != "prag":
+        examples = recite_examples(unit.text, tokenizer)
+        if aug.paraphrase and aug.paraphrase != unit.text:
+            examples += recite_examples(aug.paraphrase, tokenizer)
+        if recipe == "recite_qa":
+            examples += [TrainingExample(prompt=format_prompt(tokenizer, qa.question),
+                                         target=_target(qa, "full_answer")) for qa in aug.qa]
+        return examples
+    examples = []
     if include_passage_lm:
         examples.append(TrainingExample(prompt="", target=unit.text))
         if aug.paraphrase and aug.paraphrase != unit.text:

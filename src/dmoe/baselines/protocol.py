@@ -59,6 +59,9 @@ class MethodConfig:
     route_min_score: float = 0.0  # dmoe relevance gate: drop routed experts with raw score below
     route_min_relevance: float = 0.0  # ... or relevance (BM25 score / query max) below; 0.3 is
     # the calibrated value (scripts/calibrate_router.py); no hit passes -> no expert (base model)
+    composition: str = "cat"  # dmoe: "cat" (the paper's Σ Δ_i) | "softmax" (λ-scaled convex mix)
+    composition_temperature: float = 1.0  # T of softmax over router relevances (inf: 1/k each)
+    composition_scale: float = 1.0  # λ, the convex mix's overall strength
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -31,7 +31,13 @@ import torch
 from transformers import DynamicCache
 
 from dmoe.engine.triggers import NeverTrigger, TriggerPolicy, token_entropy
-from dmoe.experts.lora import Expert, ExpertAdapter, decoder_layers
+from dmoe.experts.lora import (
+    COMPOSITIONS,
+    Expert,
+    ExpertAdapter,
+    composition_weights,
+    decoder_layers,
+)
 from dmoe.routing.base import Router, build_query, gate_hits
 
 KVPolicy = Literal["recompute", "stale"]
@@ -48,6 +54,9 @@ class DecodeConfig:
     query_max_tokens: int = 128  # router query = last this-many tokens of input + generated text
     stop_strings: tuple[str, ...] = ()  # stop once the generated text contains one of these
     kv_policy: KVPolicy = "recompute"  # only matters for experts on > 1 layer (see module doc)
+    composition: str = "cat"  # "cat": Σ Δ_i (paper); "softmax": λ·softmax(relevance/T)-weighted Σ
+    composition_temperature: float = 1.0  # T of "softmax" (inf: equal weights λ/k)
+    composition_scale: float = 1.0  # λ of "softmax": the mix's overall strength
     ignore_eos: bool = False  # keep generating past EOS (benchmarks with fixed lengths)
     record_logits: bool = False  # keep each step's final logits (tests, attribution)
     profile: bool = False  # synchronise the device around timed phases (honest GPU timings)
@@ -57,6 +66,11 @@ class DecodeConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.composition not in COMPOSITIONS:
+            raise ValueError(f"composition must be one of {COMPOSITIONS}, got {self.composition!r}")
+        if not (self.composition_temperature > 0 and self.composition_scale > 0):
+            raise ValueError(f"composition temperature and scale must be > 0, got "
+                             f"{self.composition_temperature} and {self.composition_scale}")
         if self.min_relevance < 0 or self.min_score < 0:
             raise ValueError(f"min_score and min_relevance must be >= 0, got {self.min_score} "
                              f"and {self.min_relevance}")
@@ -168,7 +182,7 @@ class Engine:
             raise ValueError(f"input_ids must have shape (1, T>0), got {tuple(input_ids.shape)}")
         multi_layer = len(self.adapter.layer_ids) > 1
         seq = input_ids.to(self.model.device)
-        self._activate(list(initial_experts))
+        self._activate(list(initial_experts), [0.0] * len(initial_experts), cfg)
         out = Generation(token_ids=[], text="", records=[], finish_reason="length",
                          prefill_tokens=seq.shape[1])
 
@@ -192,7 +206,8 @@ class Engine:
                 assert self.router is not None
                 hits = gate_hits(self.router.route(query, cfg.top_k)[: cfg.top_k],
                                  cfg.min_score, cfg.min_relevance)
-                self._activate([h.expert_id for h in hits])  # no hit passes -> empty set
+                self._activate([h.expert_id for h in hits],  # no hit passes -> empty set
+                              [h.score if h.relevance is None else h.relevance for h in hits], cfg)
                 if not multi_layer:
                     logits = self._recompute_last_mlp()
                 elif cfg.kv_policy == "recompute":
@@ -234,13 +249,18 @@ class Engine:
         out.text = self._final_text(out.token_ids, cfg.stop_strings)
         return out
 
-    def _activate(self, expert_ids: list[str]) -> None:
+    def _activate(self, expert_ids: list[str], scores: list[float], cfg: DecodeConfig) -> None:
+        """Load and compose ``expert_ids`` (weights from their router ``scores``, see
+        ``composition_weights``); an empty list restores the base model."""
         if not expert_ids:
             self.adapter.activate([])
             return
         if self.load_experts is None:
             raise ValueError("initial experts given but the engine has no expert loader")
-        self.adapter.activate(self.load_experts(expert_ids))
+        weight = dict(zip(expert_ids, composition_weights(
+            scores, cfg.composition, cfg.composition_temperature, cfg.composition_scale), strict=True))
+        experts = self.load_experts(expert_ids)
+        self.adapter.activate(experts, [weight[e.id] for e in experts])
 
     def _hit_stop(self, token_ids: list[int], stops: tuple[str, ...]) -> bool:
         tail = self.tokenizer.decode(token_ids[-16:], skip_special_tokens=True)

@@ -10,6 +10,13 @@ Several active experts compose exactly as one LoRA of rank ``Σ r_i`` ("cat")::
     B_cat = cat([s_1·B_1, ..., s_k·B_k], dim=1)               # (out, Σr), s_i = alpha_i / r_i
     B_cat @ A_cat = Σ_i s_i · B_i @ A_i                       # θ_eff = θ + Σ Δθ_i
 
+Weighted composition multiplies each expert's ``s_i`` by a weight ``w_i`` (``Σ w_i Δθ_i``, still
+one rank-Σr LoRA). ``composition_weights`` gives the weights of the two rules the engine offers:
+``cat`` (all 1, the paper's exact sum) and ``softmax`` (``λ · softmax(score_i / T)``, a convex
+mix scaled by one global λ; ``T = inf`` gives ``λ / k``). On a small model a sum of k full-strength
+experts pushes the last MLP far off its training distribution; a convex mix keeps the update's size
+that of one expert.
+
 The composed pair is applied beside the frozen base weight, never merged into it:
 ``y = x @ W.T + (x @ A_cat.T) @ B_cat.T``. Per-row sets for batching are the same with a leading
 batch dimension on ``A_cat``/``B_cat`` (``(B, Σr, in)``), i.e. a gathered bmm rather than one
@@ -32,6 +39,7 @@ from torch import nn
 from dmoe.errors import ExpertFormatError, UnsupportedModelError
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+COMPOSITIONS = ("cat", "softmax")
 
 
 def weight_key(layer: int, proj: str, part: str) -> str:
@@ -97,12 +105,36 @@ class Expert:
 
 
 def compose(experts: Sequence[Expert], layer: int, proj: str, device: torch.device,
-            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate k experts' LoRAs of one projection into one rank-Σr pair (scale folded in B)."""
+            dtype: torch.dtype, weights: Sequence[float] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate k experts' LoRAs of one projection into one rank-Σr pair (scale and the
+    optional per-expert ``weights`` folded into B)."""
     assert experts, "compose needs at least one expert"
+    w = [1.0] * len(experts) if weights is None else list(weights)
+    assert len(w) == len(experts), (len(w), len(experts))
     a = torch.cat([e.pair(layer, proj)[0] for e in experts], dim=0)  # (Σr, in)
-    b = torch.cat([e.pair(layer, proj)[1] * e.spec.scale for e in experts], dim=1)  # (out, Σr)
+    b = torch.cat([e.pair(layer, proj)[1] * (e.spec.scale * wi)
+                   for e, wi in zip(experts, w, strict=True)], dim=1)  # (out, Σr)
     return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
+
+
+def composition_weights(scores: Sequence[float], rule: str = "cat", temperature: float = 1.0,
+                        scale: float = 1.0) -> list[float]:
+    """Per-expert weights of an active set from its router scores (module docstring)::
+
+        cat:     w_i = 1
+        softmax: w_i = scale * exp(s_i / T) / Σ_j exp(s_j / T)     (T = inf -> scale / k)
+    """
+    if rule not in COMPOSITIONS:
+        raise ValueError(f"composition must be one of {COMPOSITIONS}, got {rule!r}")
+    if not scores or rule == "cat":
+        return [1.0] * len(scores)
+    if not temperature > 0:
+        raise ValueError(f"composition temperature must be > 0, got {temperature}")
+    t = torch.tensor([float(x) for x in scores], dtype=torch.float64)
+    probs = torch.softmax(t / temperature, dim=0) if temperature != float("inf") else \
+        torch.full_like(t, 1.0 / len(scores))
+    return [scale * float(p) for p in probs]
 
 
 class ExpertMLP(nn.Module):
@@ -130,13 +162,15 @@ class ExpertMLP(nn.Module):
 
 
 def merged_mlp_forward(mlp: Any, x: torch.Tensor, experts: Sequence[Expert],
-                       layer: int) -> torch.Tensor:
-    """Reference: W_eff = W + Σ_i s_i B_i A_i for each projection, then the plain MLP formula."""
+                       layer: int, weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Reference: W_eff = W + Σ_i w_i s_i B_i A_i for each projection, then the plain MLP formula."""
+    ws = [1.0] * len(experts) if weights is None else list(weights)
+
     def linear(proj: str, h: torch.Tensor) -> torch.Tensor:
         w = getattr(mlp, proj).weight.to(torch.float64)
-        for e in experts:
+        for e, wi in zip(experts, ws, strict=True):
             a, b = e.pair(layer, proj)
-            w = w + e.spec.scale * (b.to(w) @ a.to(w))
+            w = w + wi * e.spec.scale * (b.to(w) @ a.to(w))
         return F.linear(h.to(torch.float64), w)
 
     h = mlp.act_fn(linear("gate_proj", x)) * linear("up_proj", x)
@@ -197,6 +231,7 @@ class ExpertAdapter:
                 layers[i].mlp = mlp
             self.mlps[i] = mlp
         self.active: tuple[Expert, ...] = ()
+        self.weights: tuple[float, ...] = ()  # per active expert (1.0 each: the exact sum)
 
     @property
     def mlp_shapes(self) -> dict[tuple[int, str], tuple[int, int]]:
@@ -208,18 +243,23 @@ class ExpertAdapter:
     def active_ids(self) -> tuple[str, ...]:
         return tuple(e.id for e in self.active)
 
-    def activate(self, experts: Sequence[Expert]) -> None:
-        """Make ``experts`` the active set (replacing the previous one); ``[]`` = base model."""
+    def activate(self, experts: Sequence[Expert], weights: Sequence[float] | None = None) -> None:
+        """Make ``experts`` the active set (replacing the previous one); ``[]`` = base model.
+        ``weights``: one per expert (default 1.0 each, the exact sum)."""
         shapes = self.mlp_shapes
         for e in experts:
             e.validate(shapes)
+        ws = tuple([1.0] * len(experts) if weights is None else (float(x) for x in weights))
+        if len(ws) != len(experts):
+            raise ValueError(f"got {len(ws)} weights for {len(experts)} experts")
         for i, mlp in self.mlps.items():
             if not experts:
                 mlp.lora = None
                 continue
             w = mlp.base.gate_proj.weight
-            mlp.lora = {p: compose(experts, i, p, w.device, w.dtype) for p in PROJECTIONS}
+            mlp.lora = {p: compose(experts, i, p, w.device, w.dtype, ws) for p in PROJECTIONS}
         self.active = tuple(experts)
+        self.weights = ws
 
     def detach(self) -> None:
         """Put the original MLP modules back."""
@@ -228,6 +268,7 @@ class ExpertAdapter:
             layers[i].mlp = mlp.base
         self.mlps.clear()
         self.active = ()
+        self.weights = ()
 
 
 def random_expert(expert_id: str, shapes: dict[tuple[int, str], tuple[int, int]], spec: LoraSpec,
