@@ -195,3 +195,29 @@ def test_methods_over_an_expert_bank(res, retriever, tmp_path):
     dm = answer(r, retriever, "dmoe", trigger="never", route_at_start=True)
     assert dm.active_experts[0] == "x-u-paris"
     bank.close()
+
+
+def test_dmoe_controls_route_elsewhere(res, retriever):
+    real = answer(res, retriever, "dmoe", trigger="never", route_at_start=True, dmoe_top_k=1)
+    assert real.active_experts == ("u-paris",)
+    shuffled = answer(res, retriever, "dmoe_shuffled", trigger="never", route_at_start=True,
+                      dmoe_top_k=1)
+    assert len(shuffled.active_experts) == 1 and shuffled.active_experts != ("u-paris",)
+    rnd = [answer(res, retriever, "dmoe_random", trigger="always", dmoe_top_k=1, seed=s)
+           for s in range(4)]
+    assert all(p.triggers == p.generated_tokens for p in rnd)  # dmoe's trigger, unchanged
+    assert len({e for p in rnd for e in p.active_experts}) >= 2  # not the one relevant expert
+
+
+def test_shuffled_router_is_a_derangement_that_keeps_scores():
+    from dmoe.routing.base import FunctionRouter
+    from dmoe.routing.simple import ShuffledRouter
+
+    ids = [f"e{i}" for i in range(7)]
+    inner = FunctionRouter(lambda q, k: ids[:k])
+    router = ShuffledRouter(inner, ids, seed=5)
+    assert sorted(router.mapping) == sorted(router.mapping.values()) == ids
+    assert all(a != b for a, b in router.mapping.items())
+    hits, real = router.route("q", 3), inner.route("q", 3)
+    assert [h.score for h in hits] == [h.score for h in real]
+    assert [h.expert_id for h in hits] == [router.mapping[h.expert_id] for h in real]

@@ -161,3 +161,54 @@ def test_fast_path_equals_reference_on_the_packaged_model():
         diff = max((r.weights[k] - f.weights[k]).abs().max().item()
                    for r, f in zip(ref, fast, strict=True) for k in r.weights)
         assert diff <= tol, (mix, share_prefix, diff)
+
+
+def _distill_jobs() -> list[tuple[str, list[TrainingExample]]]:
+    """toy_jobs with teacher prompts on the QA examples (the passage in the teacher's context)."""
+    out = []
+    for uid, examples in toy_jobs(3, min_qa=2):
+        passage = examples[0].target
+        out.append((uid, [examples[0]] + [
+            TrainingExample(ex.prompt.split("\n")[-1], ex.target, teacher_prompt=ex.prompt)
+            for ex in examples[1:]]))
+    return out
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_distill_fast_path_equals_reference(model, temperature):
+    tok = CharTokenizer()
+    jobs = _distill_jobs()
+    config = TrainConfig(lr=5e-3, epochs=2, objective="distill", distill_temperature=temperature,
+                         distill_top_k=8)
+    ref = train_reference(model, tok, jobs, config)
+    fast = train_fast(model, tok, jobs, config, head_batch_tokens=64)
+    diff = max((r.weights[k] - f.weights[k]).abs().max().item()
+               for r, f in zip(ref, fast, strict=True) for k in r.weights)
+    assert diff <= 1e-4, f"fast vs reference max |Δw| = {diff:.2e}"
+    # The objective matters: next-token training on the same examples gives other weights.
+    ntp = train_fast(model, tok, jobs, TrainConfig(lr=5e-3, epochs=2), head_batch_tokens=64)
+    assert max((n.weights[k] - f.weights[k]).abs().max().item()
+               for n, f in zip(ntp, fast, strict=True) for k in f.weights) > 1e-3
+
+
+def test_distill_loss_is_kl_to_the_teacher():
+    from dmoe.training.distill import distill_loss, top_k_targets
+
+    torch.manual_seed(0)
+    z = torch.randn(5, 50)
+    teacher = top_k_targets(z, k=50, temperature=1.0)  # full support: the exact KL
+    assert distill_loss(z, teacher, 1.0).abs().max() < 1e-5  # student == teacher -> 0
+    other = torch.randn(5, 50)
+    kl = torch.nn.functional.kl_div(torch.log_softmax(other, -1), torch.log_softmax(z, -1),
+                                    log_target=True, reduction="none").sum(-1)
+    assert torch.allclose(distill_loss(other, teacher, 1.0), kl, atol=1e-5)
+
+
+def test_distill_encodes_a_teacher_sequence_with_the_same_targets():
+    tok = CharTokenizer()
+    ex = TrainingExample("Q? ", "ans", teacher_prompt="Ctx. Q? ")
+    enc = encode_example(tok, ex, "all", 64, objective="distill")
+    assert enc.start == 3 and enc.teacher is not None  # distilled: the target only
+    t_ids, t_start = enc.teacher
+    assert t_ids[t_start:].tolist() == enc.ids[enc.start:].tolist()
+    assert encode_example(tok, ex, "all", 64).teacher is None  # ntp ignores the teacher prompt

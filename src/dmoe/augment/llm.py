@@ -141,7 +141,8 @@ class LLMAugmenter:
 def make_augmenter(name: str, *, loaded: Any = None, batch_size: int = 8,
                    **llm_kwargs: Any) -> Augmenter:
     """An augmenter by name: ``self`` (needs ``loaded``, a ``LoadedModel``), ``openai`` (endpoint
-    from the environment, see ``openai_api``), ``extractive`` / ``none`` (no LLM)."""
+    from the environment, see ``openai_api``), ``spans`` (rule-picked answers, questions written by
+    the loaded model, see ``spans``), ``extractive`` / ``none`` (no LLM)."""
     if name in ("none", "extractive"):
         return ExtractiveAugmenter()
     if name == "self":
@@ -151,8 +152,15 @@ def make_augmenter(name: str, *, loaded: Any = None, batch_size: int = 8,
 
         return LLMAugmenter(HFChatBackend.from_loaded(loaded, batch_size=batch_size),
                             **llm_kwargs)
+    if name == "spans":
+        if loaded is None:
+            raise ValueError("augmenter 'spans' needs the loaded base model (loaded=LoadedModel)")
+        from dmoe.augment.spans import SpanQuestionAugmenter
+
+        return SpanQuestionAugmenter(loaded.model, loaded.tokenizer, batch_size=batch_size,
+                                     model_id=f"{loaded.source.name}:{loaded.fingerprint}")
     if name == "openai":
         from dmoe.augment.openai_api import OpenAIChatBackend
 
         return LLMAugmenter(OpenAIChatBackend.from_env(max_workers=batch_size), **llm_kwargs)
-    raise ValueError(f"unknown augmenter {name!r}; choose one of self, openai, extractive, none")
+    raise ValueError(f"unknown augmenter {name!r}; choose one of self, spans, openai, extractive, none")

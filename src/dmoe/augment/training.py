@@ -64,9 +64,11 @@ def training_examples(unit: KnowledgeUnit, aug: Augmentation, tokenizer: Any, *,
         examples = recite_examples(unit.text, tokenizer)
         if aug.paraphrase and aug.paraphrase != unit.text:
             examples += recite_examples(aug.paraphrase, tokenizer)
-        if recipe == "recite_qa":
-            examples += [TrainingExample(prompt=format_prompt(tokenizer, qa.question),
-                                         target=_target(qa, "full_answer")) for qa in aug.qa]
+        if recipe == "recite_qa":  # the teacher prompt serves objective="distill"
+            examples += [TrainingExample(
+                prompt=format_prompt(tokenizer, qa.question), target=_target(qa, "full_answer"),
+                teacher_prompt=format_prompt(tokenizer, qa.question, [unit.text]))
+                for qa in aug.qa]
         return examples
     examples = []
     if include_passage_lm:

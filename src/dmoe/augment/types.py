@@ -27,8 +27,11 @@ class TrainingExample:
     """One supervised sequence: ``prompt`` (context) followed by ``target`` (what is learned).
 
     The trainer tokenizes ``prompt + target``; the loss covers the target tokens (answer-only) or
-    the whole sequence, by configuration.
+    the whole sequence, by configuration. ``teacher_prompt`` (optional) is the same context with
+    the unit's passage in it: under ``objective="distill"`` the target tokens are learned from the
+    frozen model reading that prompt (``dmoe.training.distill``) instead of by cross-entropy.
     """
 
     prompt: str
     target: str
+    teacher_prompt: str = ""

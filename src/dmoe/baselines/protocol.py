@@ -13,7 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from dmoe.samples import Sample
 
-METHOD_NAMES = ("base", "rag", "flare", "prag", "prag_combine", "sft_lora", "poly_prag", "dmoe")
+METHOD_NAMES = ("base", "rag", "flare", "prag", "prag_combine", "sft_lora", "poly_prag", "dmoe",
+                "dmoe_random", "dmoe_shuffled")  # the last two: dmoe's controls
 
 
 @dataclass(frozen=True)

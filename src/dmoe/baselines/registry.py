@@ -7,6 +7,9 @@ name                what it is                                           needs i
 ``rag``             BM25 top-k passages in the prompt                    –
 ``flare``           retrieve on a low-confidence token, regenerate       –
 ``dmoe``            entropy-triggered routing of final-layer experts     ``load_experts``
+``dmoe_random``     control: dmoe's trigger, uniformly random experts    ``load_experts``
+``dmoe_shuffled``   control: dmoe's routing, hits sent to other units'   ``load_experts``
+                    experts (a seeded derangement of the expert ids)
 ``prag``            merged top-k passage LoRAs for the whole answer      ``load_experts``
 ``prag_combine``    ``prag`` + the passages in the prompt                ``load_experts``
 ``sft_lora``        one corpus-wide LoRA                                 ``sft_lora``
@@ -37,6 +40,7 @@ from dmoe.engine.decode import ExpertLoader
 from dmoe.errors import DmoeError
 from dmoe.experts.lora import Expert, ExpertAdapter
 from dmoe.routing.base import Router
+from dmoe.routing.simple import RandomRouter, ShuffledRouter
 
 __all__ = ["METHOD_NAMES", "Resources", "attach_bank", "build_method"]
 
@@ -53,6 +57,7 @@ class Resources:
     load_experts: ExpertLoader | None = None  # unit id -> expert (the bank), for dmoe / prag
     router: Router | None = None  # dmoe router over expert surrogates; default: BM25 on the corpus
     expert_of: Callable[[str], str | None] | None = None  # unit id -> expert id (default: same)
+    expert_ids: Sequence[str] = ()  # every expert (controls); default: the corpus units' experts
     prag_adapter: ExpertAdapter | None = None  # if PRAG experts cover more layers
     sft_lora: Expert | None = None
     poly_pool: Sequence[Expert] = ()
@@ -74,9 +79,18 @@ def build_method(name: str, res: Resources, retriever: PassageRetriever) -> Meth
         return RagMethod(m, tok, res.adapter, retriever, cfg)
     if name == "flare":
         return FlareMethod(m, tok, res.adapter, retriever, cfg)
-    if name == "dmoe":
+    if name in ("dmoe", "dmoe_random", "dmoe_shuffled"):
         loader = _need(res.load_experts, name, "an expert bank (--experts DIR)")
-        return DmoeMethod(m, tok, res.adapter, loader, res.router or retriever, cfg)
+        router: Router = res.router or retriever
+        ids = res.expert_ids or [e for e in map(res.expert_of or (lambda u: u), retriever.units)
+                                 if e is not None]
+        if name == "dmoe_random":
+            router = RandomRouter(ids, seed=cfg.seed)
+        elif name == "dmoe_shuffled":
+            router = ShuffledRouter(router, ids, seed=cfg.seed)
+        method = DmoeMethod(m, tok, res.adapter, loader, router, cfg)
+        method.name = name
+        return method
     if name in ("prag", "prag_combine"):
         loader = _need(res.load_experts, name, "an expert bank (--experts DIR)")
         return PragMethod(m, tok, res.prag_adapter or res.adapter, loader, retriever, cfg,
@@ -101,4 +115,6 @@ def attach_bank(res: Resources, bank: Any, cache_capacity: int = 64) -> None:
     index = BM25Index.in_memory()
     index.add_many(bank.surrogates().items())
     res.router = BM25Router(index)
-    res.expert_of = {info.unit_id: info.id for info in bank.list()}.get
+    infos = bank.list()
+    res.expert_of = {info.unit_id: info.id for info in infos}.get
+    res.expert_ids = [info.id for info in infos]

@@ -1,115 +1,212 @@
-"""Probe: does one expert trained on a counterfactual passage make the model say the new fact?
+"""``dmoe bench injection``: do experts make the model state their passage's fact, and only then?
 
-For N NQ questions from ``knowledge_conflicts`` (the passage's answer entity swapped for another),
-train one expert per passage on the passage text alone (LM loss, no question), then answer the
-question greedily with that expert active and count answers that contain the substituted entity.
-Baselines: the base model (no passage) and the passage in the prompt (RAG). Used to pick
-``TrainConfig`` defaults (lr, epochs)::
+The probe behind the training defaults, run end to end with the real router and trigger:
 
-    python -m dmoe.bench.injection --n 20 --grid 1e-5:1,1e-3:10,5e-3:10 --json
+1. ``n`` counterfactual NQ questions from ``knowledge_conflicts`` (default items 300-399, a dev
+   slice disjoint from the evaluated 0-299 and from the locality questions at the file's end):
+   each passage has its answer entity swapped, so the base model cannot know the new fact.
+2. Their passages are augmented (extractive), turned into training examples by ``recipe`` and
+   trained into one expert each (``dmoe.training.experts``), held in memory.
+3. Arms, all greedy through the shared methods (``dmoe.baselines``):
+   ``base`` (no passage), ``rag`` (the passage's BM25 top-1 in the prompt), ``dmoe`` (entropy
+   trigger + BM25 over the experts' surrogates, the shipped defaults unless overridden),
+   ``dmoe_random`` (same trigger, random experts: the control) on the efficacy questions; ``base``
+   and ``dmoe`` on ``n_unrelated`` unrelated NQ questions (default items 400-499, their passages
+   not injected).
 
-Measured (packaged SmolLM2-135M, CPU, 16 new tokens): ``--n 10 --grid 1e-5:1,5e-3:10,2e-2:5`` ->
-0/10 injected for every setting; base 0/10, RAG 4/10 (the first 20: base 0/20, RAG 7/20);
-``--grid 1e-2:20`` -> 1/10 (plus "alino Sánchez" for "Chalino Sánchez"), with visibly degraded
-fluency. Weaker experts shift the answers toward the passage's wording without stating the fact.
+Printed: ``efficacy_*`` = share of answers containing the substituted answer; ``locality_dmoe`` =
+share of unrelated answers identical to base's (after SQuAD normalisation); ``own_expert_active_rate``
+= share of efficacy questions whose own expert was active for some answer token;
+``loop_rate_dmoe`` = share of dmoe answers in which a 3-gram repeats 3 or more times.
+
+``--grid`` runs several settings in one process (base and RAG answered once); each entry is
+``key=value`` pairs joined by ``;``, e.g. ``--grid "recipe=prag;recipe=recite,epochs=20"``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import re
+import dataclasses
 import time
-from pathlib import Path
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from dmoe.augment.types import TrainingExample
-from dmoe.base_model import load_base_model
-from dmoe.experts.lora import ExpertAdapter, LoraSpec
-from dmoe.prompts import format_prompt
+from dmoe.augment import make_augmenter, training_examples
+from dmoe.augment.training import RECIPES
+from dmoe.baselines.methods import BaseMethod, RagMethod
+from dmoe.baselines.parametric import DmoeMethod
+from dmoe.baselines.protocol import MethodConfig
+from dmoe.baselines.retrieval import PassageRetriever
+from dmoe.eval import metrics
+from dmoe.eval.datasets import load_task
+from dmoe.eval.metrics import extract_answer, normalize_answer
+from dmoe.experts.lora import Expert, ExpertAdapter, LoraSpec
+from dmoe.routing.bm25 import BM25Index, BM25Router
+from dmoe.routing.simple import RandomRouter
+from dmoe.samples import Sample
+from dmoe.training.build import surrogate_text
 from dmoe.training.experts import TrainConfig, train_fast
 
-DATA_FILE = "knowledge_conflicts/nq_conflicts_bigbench.json"  # under dmoe.eval.datasets.data_dir()
+
+@dataclass(frozen=True)
+class InjectionSetting:
+    """One arm of the sweep: how experts are trained and how DMoE routes them."""
+
+    recipe: str = "recite_qa"  # training examples per unit (dmoe.augment.training)
+    objective: str = "ntp"  # "ntp" | "distill" (KL to the model reading the passage, on QA)
+    augmenter: str = "extractive"  # "extractive" (cloze QA) | "spans" (model-written questions)
+    lr: float = 5e-3
+    epochs: int = 10
+    rank: int = 4
+    alpha: float = 16.0
+    tau: float = 2.0
+    route_at_start: bool = True
+    top_k: int = 1
+    composition: str = "cat"
+    composition_temperature: float = 1.0
+    composition_scale: float = 1.0
+    min_relevance: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(spec=LoraSpec(rank=self.rank, alpha=self.alpha), lr=self.lr,
+                           epochs=self.epochs, objective=self.objective)
+
+    def method_config(self, max_new_tokens: int) -> MethodConfig:
+        return MethodConfig(max_new_tokens=max_new_tokens, tau=self.tau, dmoe_top_k=self.top_k,
+                            top_k=1, route_at_start=self.route_at_start,
+                            route_min_relevance=self.min_relevance, composition=self.composition,
+                            composition_temperature=self.composition_temperature,
+                            composition_scale=self.composition_scale)
+
+    def with_overrides(self, text: str) -> InjectionSetting:
+        """``"recipe=recite,lr=1e-3"`` -> a new setting (values parsed by the field's type)."""
+        changes: dict[str, Any] = {}
+        for pair in filter(None, (p.strip() for p in text.split(","))):
+            key, _, raw = pair.partition("=")
+            current = getattr(self, key.strip(), None)
+            if current is None or not _:
+                raise ValueError(f"bad setting {pair!r}; keys: "
+                                 f"{', '.join(f.name for f in dataclasses.fields(self))}")
+            if isinstance(current, bool):
+                changes[key.strip()] = raw.strip().lower() in ("1", "true", "yes", "on")
+            else:
+                changes[key.strip()] = type(current)(raw.strip())
+        return dataclasses.replace(self, **changes)
 
 
-def load_conflicts(n: int, path: Path | None = None, max_words: int = 150) -> list[dict[str, str]]:
-    """First ``n`` examples with a passage of at most ``max_words`` words."""
-    from dmoe.eval.datasets import data_dir
+def has_loop(text: str, n: int = 3, times: int = 3) -> bool:
+    """True when some word n-gram occurs ``times`` or more times (a degenerate, looping answer)."""
+    words = text.lower().split()
+    grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return bool(grams) and max(grams.values()) >= times
 
-    path = path or data_dir() / DATA_FILE
-    out = []
-    for ex in json.loads(path.read_text())["examples"]:
-        m = re.match(r"\s*Question:\s*(.*?)\s*\nContext:\s*(.*)", ex["input"], re.S)
-        if m and len(m.group(2).split()) <= max_words:
-            out.append({"question": m.group(1), "passage": m.group(2), "answer": ex["target"]})
-        if len(out) == n:
-            break
+
+def contains(generation: str, gold: Sequence[str]) -> bool:
+    """The eval's ``contains`` on the eval's answer (first line, first sentence)."""
+    return bool(metrics.contains(extract_answer(generation), gold))
+
+
+def same_answer(a: str, b: str) -> bool:
+    return normalize_answer(extract_answer(a)) == normalize_answer(extract_answer(b))
+
+
+def _answers(method: Any, samples: Sequence[Sample]) -> list[Any]:
+    try:
+        return [method.answer(s) for s in samples]
+    finally:
+        method.close()
+
+
+def train_experts(lm: Any, units: Sequence[Any], augs: Sequence[Any],
+                  setting: InjectionSetting) -> dict[str, Expert]:
+    jobs = [(u.id, training_examples(u, a, lm.tokenizer, recipe=setting.recipe))  # type: ignore[arg-type]
+            for u, a in zip(units, augs, strict=True)]
+    experts = train_fast(lm.model, lm.tokenizer, jobs, setting.train_config())
+    return {e.id: e for e in experts}
+
+
+def run(lm: Any, settings: Sequence[InjectionSetting], n: int = 100, offset: int = 300,
+        n_unrelated: int = 100, unrelated_offset: int = 400, max_new_tokens: int = 32,
+        log: Any = print) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    task = load_task("knowledge_conflicts", offset=offset, limit=n, n_locality=0)
+    unrelated = [dataclasses.replace(s, gold_unit_ids=()) for s in load_task(
+        "knowledge_conflicts", offset=unrelated_offset, limit=n_unrelated, n_locality=0).samples]
+    units, samples = task.corpus, task.samples
+    retriever = PassageRetriever(units)
+    m, tok = lm.model, lm.tokenizer
+    adapter = ExpertAdapter(m, LoraSpec())
+    plain = MethodConfig(max_new_tokens=max_new_tokens, top_k=1)
+    base = _answers(BaseMethod(m, tok, adapter, plain), samples)
+    base_unrel = _answers(BaseMethod(m, tok, adapter, plain), unrelated)
+    rag = _answers(RagMethod(m, tok, adapter, retriever, plain), samples)
+    rag3 = _answers(RagMethod(m, tok, adapter, retriever, dataclasses.replace(plain, top_k=3)),
+                    samples)
+    gold = [s.answers for s in samples]
+    out: dict[str, Any] = {
+        "n": len(samples), "n_unrelated": len(unrelated), "slice": f"knowledge_conflicts "
+        f"{offset}-{offset + len(samples) - 1} (+ unrelated {unrelated_offset}-"
+        f"{unrelated_offset + len(unrelated) - 1})", "max_new_tokens": max_new_tokens,
+        "efficacy_base": _rate(contains(p.text, g) for p, g in zip(base, gold, strict=True)),
+        "efficacy_rag": _rate(contains(p.text, g) for p, g in zip(rag, gold, strict=True)),
+        "efficacy_rag_top3": _rate(contains(p.text, g) for p, g in zip(rag3, gold, strict=True)),
+        "settings": []}
+    log(f"base {out['efficacy_base']:.2f}, rag top-1 {out['efficacy_rag']:.2f}, rag top-3 "
+        f"{out['efficacy_rag_top3']:.2f} (n={len(samples)})")
+    trained: dict[tuple[Any, ...], dict[str, Expert]] = {}
+    augmented: dict[str, tuple[list[Any], BM25Router, float]] = {}
+    for setting in settings:
+        t0 = time.perf_counter()
+        if setting.augmenter not in augmented:  # augmentations and the router over surrogates
+            augs = make_augmenter(setting.augmenter, loaded=lm).augment(units)
+            index = BM25Index.in_memory()
+            index.add_many((u.id, surrogate_text(u, a)) for u, a in zip(units, augs, strict=True))
+            valid = _rate(a.meta.get("qa_valid", "0") != "0" for a in augs)
+            augmented[setting.augmenter] = (augs, BM25Router(index), valid)
+        augs, router, valid_units = augmented[setting.augmenter]
+        key = (setting.augmenter, setting.recipe, setting.objective, setting.lr, setting.epochs,
+               setting.rank, setting.alpha)
+        if key not in trained:
+            trained = {key: train_experts(lm, units, augs, setting)}  # keep one bank in memory
+        bank = trained[key]
+        train_s = time.perf_counter() - t0
+        cfg = setting.method_config(max_new_tokens)
+        loader = lambda ids, bank=bank: [bank[i] for i in ids]  # noqa: E731
+        dm = _answers(DmoeMethod(m, tok, adapter, loader, router, cfg), samples)
+        dm_unrel = _answers(DmoeMethod(m, tok, adapter, loader, router, cfg), unrelated)
+        rnd = _answers(DmoeMethod(m, tok, adapter, loader, RandomRouter(bank, seed=1), cfg),
+                       samples)
+        row = {**dataclasses.asdict(setting),
+               "efficacy_dmoe": _rate(contains(p.text, g) for p, g in zip(dm, gold, strict=True)),
+               "efficacy_dmoe_random": _rate(contains(p.text, g)
+                                             for p, g in zip(rnd, gold, strict=True)),
+               "locality_dmoe": _rate(same_answer(a.text, b.text)
+                                      for a, b in zip(dm_unrel, base_unrel, strict=True)),
+               "own_expert_active_rate": _rate(s.id in p.active_experts
+                                               for p, s in zip(dm, samples, strict=True)),
+               "unrelated_expert_active_rate": _rate(bool(p.active_experts) for p in dm_unrel),
+               "loop_rate_dmoe": _rate(has_loop(p.text) for p in dm + dm_unrel),
+               "units_with_model_questions": valid_units,
+               "train_s": round(train_s, 1), "seconds": round(time.perf_counter() - t0, 1),
+               "examples": [{"q": s.question, "gold": s.answers[0], "base": b.text,
+                             "rag": r.text, "dmoe": d.text}
+                            for s, b, r, d in list(zip(samples, base, rag, dm, strict=True))[:3]]}
+        out["settings"].append(row)
+        log(" ".join(f"{k}={v}" for k, v in row.items() if k != "examples"))
+    adapter.detach()
+    retriever.close()
+    out["seconds"] = round(time.perf_counter() - t_start, 1)
     return out
 
 
-@torch.no_grad()
-def answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 16) -> str:
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    out = model.generate(ids.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.eos_token_id)
-    return str(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-
-
-def hit(text: str, gold: str) -> bool:
-    return gold.lower() in text.lower()
-
-
-def run(n: int, grid: list[tuple[float, int]], baselines: bool = True) -> dict[str, Any]:
-    lm = load_base_model()
-    model, tok = lm.model, lm.tokenizer
-    items = load_conflicts(n)
-    base = [answer(model, tok, format_prompt(tok, it["question"])) for it in items] if baselines else []
-    rag = ([answer(model, tok, format_prompt(tok, it["question"], [it["passage"]])) for it in items]
-           if baselines else [])
-    print(f"base {sum(map(hit, base, [i['answer'] for i in items]))}/{len(items)}, "
-          f"rag {sum(map(hit, rag, [i['answer'] for i in items]))}/{len(items)}", flush=True)
-    result: dict[str, Any] = {
-        "n": len(items), "base_hits": sum(map(hit, base, [i["answer"] for i in items])),
-        "rag_hits": sum(map(hit, rag, [i["answer"] for i in items])), "grid": []}
-    spec = LoraSpec()
-    for lr, epochs in grid:
-        config = TrainConfig(spec=spec, lr=lr, epochs=epochs, loss_on="all")
-        jobs = [(f"q{i}", [TrainingExample("", it["passage"])]) for i, it in enumerate(items)]
-        t0 = time.perf_counter()
-        experts = train_fast(model, tok, jobs, config)
-        train_s = time.perf_counter() - t0
-        adapter = ExpertAdapter(model, spec)
-        answers = []
-        for it, expert in zip(items, experts, strict=True):
-            adapter.activate([expert])
-            answers.append(answer(model, tok, format_prompt(tok, it["question"])))
-        adapter.detach()
-        hits = [hit(a, it["answer"]) for a, it in zip(answers, items, strict=True)]
-        row = {"lr": lr, "epochs": epochs, "hits": sum(hits), "train_s": round(train_s, 1),
-               "examples": [{"q": it["question"], "gold": it["answer"], "answer": a}
-                            for it, a in list(zip(items, answers, strict=True))[:3]]}
-        result["grid"].append(row)
-        print(f"lr={lr:g} epochs={epochs}: {sum(hits)}/{len(items)} injected "
-              f"(base {result['base_hits']}, rag {result['rag_hits']}), train {train_s:.1f}s",
-              flush=True)
-    return result
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--n", type=int, default=20)
-    ap.add_argument("--grid", default="1e-5:1,1e-3:10,5e-3:5,5e-3:10,1e-2:10")
-    ap.add_argument("--no-baselines", action="store_true", help="skip the base and RAG answers")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    grid = [(float(a), int(b)) for a, b in (g.split(":") for g in args.grid.split(","))]
-    torch.manual_seed(0)
-    result = run(args.n, grid, baselines=not args.no_baselines)
-    if args.json:
-        print(json.dumps(result, indent=1))
-
-
-if __name__ == "__main__":
-    main()
+def _rate(flags: Any) -> float:
+    values = list(flags)
+    return round(sum(map(bool, values)) / max(len(values), 1), 4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from dmoe.commands.common import add_model_args
@@ -53,6 +54,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--model", default=None)
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=run_build)
+    i = bsub.add_parser(
+        "injection", help="do experts state their passage's (counterfactual) fact? vs base/RAG",
+        description="Trains one expert per counterfactual passage (knowledge_conflicts dev items "
+                    "300-399 by default) and answers their questions with base, RAG, DMoE (real "
+                    "trigger and BM25 router, the shipped defaults) and DMoE with random experts; "
+                    "plus unrelated questions for locality. See dmoe.bench.injection.\n\n"
+                    "examples:\n  dmoe bench injection --json\n"
+                    "  dmoe bench injection --n 40 --grid 'recipe=prag;recipe=recite_qa,lr=1e-2'",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(i)
+    i.add_argument("--n", type=int, default=100, help="counterfactual questions (default 100)")
+    i.add_argument("--offset", type=int, default=300, help="first item (default 300: a dev slice)")
+    i.add_argument("--n-unrelated", type=int, default=100, help="unrelated questions (locality)")
+    i.add_argument("--unrelated-offset", type=int, default=400)
+    i.add_argument("--max-new-tokens", type=int, default=32)
+    i.add_argument("--grid", default="", help="settings separated by ';', each 'key=value,...' "
+                   "over the shipped defaults (InjectionSetting fields)")
+    i.add_argument("--out", help="also write the full result (with example answers) here")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    i.set_defaults(func=run_injection)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -100,6 +121,27 @@ def _bench_augment(n_units: int, model: str | None) -> dict[str, Any]:
                            title=a["title"]) for a in squad["data"][:n_units]]
     lm = load_base_model(model)
     return measure_augmentation(units, make_augmenter("self", loaded=lm, batch_size=n_units))
+
+
+def run_injection(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dmoe.base_model import load_base_model
+    from dmoe.bench.injection import InjectionSetting, run
+
+    grid = [InjectionSetting().with_overrides(g) for g in args.grid.split(";")] if args.grid \
+        else [InjectionSetting()]
+    lm = load_base_model(args.model, args.device, args.dtype)
+    result = run(lm, grid, n=args.n, offset=args.offset, n_unrelated=args.n_unrelated,
+                 unrelated_offset=args.unrelated_offset, max_new_tokens=args.max_new_tokens,
+                 log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    if len(grid) == 1:  # one setting: its numbers at the top level
+        row = {k: v for k, v in result.pop("settings")[0].items() if k != "examples"}
+        result = {**result, **row}
+    _emit(result, args.json)
+    return 0
 
 
 def run_decode(args: argparse.Namespace) -> int:

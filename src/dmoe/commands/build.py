@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--passage-words", type=int, default=100, help="words per passage unit")
     u.add_argument("--cluster-size", type=int, default=3, help="passages per cluster unit")
     u.add_argument("--augmenter", default="extractive",
-                   choices=["extractive", "none", "self", "openai"],
+                   choices=["extractive", "none", "spans", "self", "openai"],
                    help="paraphrase + QA source (default extractive: no LLM; self: the base model;"
                         " openai: DMOE_OPENAI_BASE_URL / DMOE_OPENAI_MODEL / OPENAI_API_KEY)")
     u.add_argument("--limit", type=int, default=None, help="only the first N units")
@@ -38,8 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--lr", type=float, default=None, help="default: TrainConfig's measured default")
     t.add_argument("--epochs", type=int, default=None, help="default: TrainConfig's default")
     t.add_argument("--loss-on", choices=["answer", "all"], default=None)
+    t.add_argument("--recipe", default=None, choices=["prag", "recite", "recite_qa"],
+                   help="training examples per unit (default: BuildConfig's measured default; "
+                        "see dmoe.augment.training)")
+    t.add_argument("--objective", default=None, choices=["ntp", "distill"],
+                   help="ntp: cross-entropy; distill: KL to the model reading the passage")
     t.add_argument("--no-passage-lm", action="store_true",
-                   help="train on the QA pairs only, not on the passage text")
+                   help="prag recipe: train on the QA pairs only, not on the passage text")
     t.add_argument("--storage-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     t.add_argument("--chunk-size", type=int, default=32, help="experts trained/stored together")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -52,7 +57,8 @@ def train_config_from(args: argparse.Namespace) -> TrainConfig:
     from dmoe.training.experts import TrainConfig
 
     overrides = {k: v for k, v in (("lr", args.lr), ("epochs", args.epochs),
-                                   ("loss_on", args.loss_on)) if v is not None}
+                                   ("loss_on", args.loss_on), ("objective", args.objective))
+                 if v is not None}
     return TrainConfig(spec=LoraSpec(rank=args.rank, alpha=args.alpha), **overrides)
 
 
@@ -63,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     config = BuildConfig(granularity=args.granularity, passage_words=args.passage_words,
                          cluster_size=args.cluster_size, augmenter=args.augmenter,
                          include_passage_lm=not args.no_passage_lm, chunk_size=args.chunk_size,
-                         storage_dtype=args.storage_dtype, limit=args.limit)
+                         storage_dtype=args.storage_dtype, limit=args.limit,
+                         **({"recipe": args.recipe} if args.recipe else {}))
     train_config = train_config_from(args)
     lm = load_base_model(args.model, args.device, args.dtype)
     log = (lambda s: None) if args.json else print

@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt accepted (default: the model's context length - 1)")
     g.add_argument("--augmenter", default="extractive",
-                   choices=["extractive", "none", "self", "openai"],
+                   choices=["extractive", "none", "spans", "self", "openai"],
                    help="augmenter for documents posted to /v1/knowledge (default: extractive)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info",
                                                           "debug"])

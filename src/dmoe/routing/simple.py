@@ -1,13 +1,16 @@
-"""Ablation routers that ignore text relevance: ``random`` (seeded) and ``oracle`` (gold ids).
+"""Control and ablation routers: ``random`` (seeded), ``shuffled`` (a real router's hits sent to
+the wrong experts) and ``oracle`` (gold ids).
 
 Both answer the ``Router`` protocol. Neither knows about indexes or models.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from dmoe.routing.base import RouteHit
 
@@ -33,6 +36,30 @@ class RandomRouter:
         rng = random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "big"))
         chosen = rng.sample(self.expert_ids, min(k, len(self.expert_ids)))
         return [RouteHit(expert_id=i, score=0.0) for i in chosen]
+
+
+class ShuffledRouter:
+    """Another router's hits, each expert id replaced by its image under a seeded derangement.
+
+    The control for "is it the knowledge or just any expert?": the same triggers, the same number
+    of experts, the same scores (so the same relevance gate and composition weights) as the real
+    router, but every routed expert is some *other* unit's. Ids the derangement does not know
+    pass through unchanged.
+    """
+
+    name = "shuffled"
+
+    def __init__(self, inner: Any, expert_ids: Iterable[str], seed: int = 0) -> None:
+        ids = sorted(set(expert_ids))
+        rng = random.Random(seed)
+        shift = list(range(len(ids)))
+        rng.shuffle(shift)  # a random cycle through all ids: nobody maps to itself (n >= 2)
+        self.mapping = {ids[shift[i]]: ids[shift[(i + 1) % len(ids)]] for i in range(len(ids))}
+        self.inner = inner
+
+    def route(self, query: str, k: int) -> list[RouteHit]:
+        return [dataclasses.replace(h, expert_id=self.mapping.get(h.expert_id, h.expert_id))
+                for h in self.inner.route(query, k)]
 
 
 class OracleRouter:

@@ -38,7 +38,8 @@ class BuildConfig:
     augmenter: str = "extractive"  # extractive | none | self | openai
     augment_batch: int = 8  # units per augmentation batch
     target: str = "answer"  # QA target style: answer | full_answer
-    include_passage_lm: bool = True  # also train on the passage/paraphrase text itself
+    include_passage_lm: bool = True  # prag recipe: also train on the passage/paraphrase text
+    recipe: str = "prag"  # training examples per unit: prag | recite | recite_qa (augment.training)
     chunk_size: int = 32  # experts trained and stored together
     storage_dtype: str = "float32"  # float32 | float16 | bfloat16
     limit: int | None = None  # only the first N units (quick tries)
@@ -62,6 +63,12 @@ class BuildSummary:
                 "experts_reused": self.experts_reused, "failed": self.failed,
                 "bytes_per_expert": round(self.bytes_per_expert), "bank_size": self.bank_size,
                 "stage_s": {k: round(v, 2) for k, v in self.stage_s.items()}}
+
+
+def examples_settings(config: BuildConfig) -> dict[str, Any]:
+    """What shapes a unit's training examples besides its text and augmentation (settings hash)."""
+    return {"recipe": config.recipe, "target": config.target,
+            "include_passage_lm": config.include_passage_lm}
 
 
 def surrogate_text(unit: KnowledgeUnit, aug: Augmentation) -> str:
@@ -115,7 +122,8 @@ def build(corpus: str | Path, bank_dir: str | Path, lm: Any, config: BuildConfig
         jobs = []
         for unit, aug in zip(units, augs, strict=True):
             examples = training_examples(unit, aug, lm.tokenizer, target=config.target,  # type: ignore[arg-type]
-                                         include_passage_lm=config.include_passage_lm)
+                                         include_passage_lm=config.include_passage_lm,
+                                         recipe=config.recipe)  # type: ignore[arg-type]
             if not examples:
                 summary.failed.append(f"{unit.id}: no training examples")
                 continue
@@ -135,7 +143,8 @@ def build(corpus: str | Path, bank_dir: str | Path, lm: Any, config: BuildConfig
             report_progress("train", done, total)
 
         result = train_into_bank(lm.model, lm.tokenizer, jobs, kb.bank, train_config,
-                                 chunk_size=config.chunk_size, on_chunk=stored)
+                                 chunk_size=config.chunk_size, on_chunk=stored,
+                                 examples_settings=examples_settings(config))
         bar.close()
         kb.sync()  # safety net: one full reconcile at the end of the build
         kb.experts.invalidate()

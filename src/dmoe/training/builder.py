@@ -54,11 +54,12 @@ def pending(bank: ExpertBank, jobs: Sequence[ExpertJob], settings_hash: str) -> 
 def train_into_bank(model: Any, tokenizer: Any, jobs: Sequence[ExpertJob], bank: ExpertBank,
                     config: TrainConfig, chunk_size: int = 64, fast: bool = True,
                     on_chunk: Callable[[int, int, Sequence[ExpertJob]], None] | None = None,
-                    ) -> BuildReport:
+                    examples_settings: dict[str, Any] | None = None) -> BuildReport:
     """Train the pending jobs ``chunk_size`` at a time and store each chunk as soon as it is done.
 
     ``on_chunk(done, total, chunk)`` is called after each stored chunk with its jobs (progress
-    bars; indexing just what was stored).
+    bars; indexing just what was stored). ``examples_settings`` names what shaped the jobs'
+    examples (recipe, ...); it enters the settings hash, so changing it retrains.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -66,7 +67,7 @@ def train_into_bank(model: Any, tokenizer: Any, jobs: Sequence[ExpertJob], bank:
     if len(set(ids)) != len(ids):
         raise ValueError("expert ids must be unique within a build")
     report = BuildReport(repaired=bank.repair())
-    settings = config.settings_hash()
+    settings = config.settings_hash(examples_settings)
     todo = pending(bank, jobs, settings)
     todo_ids = {j.expert_id for j in todo}
     report.skipped = [i for i in ids if i not in todo_ids]

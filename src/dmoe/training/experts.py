@@ -49,10 +49,17 @@ from dmoe.experts.lora import (
     decoder_layers,
     weight_key,
 )
+from dmoe.training.distill import (
+    TeacherTargets,
+    base_only,
+    example_loss,
+    teacher_targets,
+)
 from dmoe.training.trunk import stacked_head_logits, trunk_states
 
 LOSS_ON = ("answer", "all")
 INITS = ("kaiming", "normal")
+OBJECTIVES = ("ntp", "distill")
 
 
 def check_schedule(lr: float, epochs: int, loss_on: str, max_seq_len: int) -> None:
@@ -86,6 +93,10 @@ class TrainConfig:
     init: str = "kaiming"  # A init: "kaiming" (uniform ±1/sqrt(in), as PEFT) or "normal"
     init_std: float = 0.02  # std of A for init="normal"
     max_seq_len: int = 1024  # longer examples keep the target and the end of the prompt
+    objective: str = "ntp"  # "ntp": cross-entropy; "distill": KL to the frozen model reading the
+    # passage on examples with a teacher_prompt (dmoe.training.distill), cross-entropy elsewhere
+    distill_temperature: float = 1.0  # T of the distillation KL
+    distill_top_k: int = 32  # teacher distribution kept per position (renormalised)
 
     def __post_init__(self) -> None:
         check_schedule(self.lr, self.epochs, self.loss_on, self.max_seq_len)
@@ -95,10 +106,17 @@ class TrainConfig:
             raise ValueError(f"need eps > 0 and weight_decay >= 0, got {self.eps}, {self.weight_decay}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if not (self.distill_temperature > 0 and math.isfinite(self.distill_temperature)):
+            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+        if self.distill_top_k < 1:
+            raise ValueError(f"distill_top_k must be >= 1, got {self.distill_top_k}")
 
-    def settings_hash(self) -> str:
-        """Stable 16-hex id of these settings (an expert trained otherwise must be retrained)."""
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+    def settings_hash(self, extra: dict[str, Any] | None = None) -> str:
+        """Stable 16-hex id of these settings plus ``extra`` (what else shaped the examples, e.g.
+        the recipe): an expert trained otherwise must be retrained."""
+        blob = json.dumps({**dataclasses.asdict(self), **(extra or {})}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -106,20 +124,35 @@ class TrainConfig:
 class EncodedExample:
     ids: torch.Tensor  # (T,) token ids of prompt + target
     start: int  # tokens ids[start:] are supervised (start >= 1)
+    teacher: tuple[torch.Tensor, int] | None = None  # (teacher_prompt + target ids, start), distill
 
 
-def encode_example(tokenizer: Any, example: TrainingExample, loss_on: str,
-                   max_seq_len: int) -> EncodedExample:
-    """Tokenize prompt and target separately (exact boundary) and concatenate them."""
-    prompt = list(tokenizer(example.prompt, add_special_tokens=False)["input_ids"]) if example.prompt else []
-    target = list(tokenizer(example.target, add_special_tokens=False)["input_ids"])
-    target = target[:max_seq_len]
+def _join(tokenizer: Any, prompt_text: str, target: list[int], max_seq_len: int) -> list[int]:
+    """Prompt tokens (cut from the left to fit ``max_seq_len``) followed by ``target``."""
+    prompt = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"]) if prompt_text else []
     prompt = prompt[len(prompt) - (max_seq_len - len(target)):] if len(target) < max_seq_len else []
-    ids = prompt + target
-    start = 1 if loss_on == "all" else max(1, len(prompt))
+    return prompt + target
+
+
+def encode_example(tokenizer: Any, example: TrainingExample, loss_on: str, max_seq_len: int,
+                   objective: str = "ntp") -> EncodedExample:
+    """Tokenize prompt and target separately (exact boundary) and concatenate them. Under
+    ``objective="distill"`` an example with a teacher prompt also gets the teacher's sequence,
+    and only its target tokens are supervised (the positions both sequences share)."""
+    target = list(tokenizer(example.target, add_special_tokens=False)["input_ids"])[:max_seq_len]
+    ids = _join(tokenizer, example.prompt, target, max_seq_len)
+    distilled = objective == "distill" and bool(example.teacher_prompt)
+    start = 1 if loss_on == "all" and not distilled else max(1, len(ids) - len(target))
     if len(ids) < 2 or start >= len(ids):
         raise ValueError(f"training example has no token to learn: {example!r}")
-    return EncodedExample(ids=torch.tensor(ids, dtype=torch.long), start=start)
+    teacher = None
+    if distilled:
+        t_ids = _join(tokenizer, example.teacher_prompt, target, max_seq_len)
+        t_start = len(t_ids) - (len(ids) - start)
+        if t_start < 1:
+            raise ValueError(f"teacher prompt leaves no context for the target: {example!r}")
+        teacher = (torch.tensor(t_ids, dtype=torch.long), t_start)
+    return EncodedExample(ids=torch.tensor(ids, dtype=torch.long), start=start, teacher=teacher)
 
 
 def expert_seed(seed: int, expert_id: str) -> int:
@@ -162,9 +195,18 @@ def _encode_jobs(tokenizer: Any, jobs: Sequence[Job], config: TrainConfig) -> li
     for expert_id, examples in jobs:
         if not examples:
             raise ValueError(f"expert {expert_id!r} has no training examples")
-        encoded.append([encode_example(tokenizer, ex, config.loss_on, config.max_seq_len)
-                        for ex in examples])
+        encoded.append([encode_example(tokenizer, ex, config.loss_on, config.max_seq_len,
+                                       config.objective) for ex in examples])
     return encoded
+
+
+def _teachers(model: Any, encoded: Sequence[Sequence[EncodedExample]],
+              config: TrainConfig) -> list[list[TeacherTargets | None]]:
+    """The frozen model's top-K targets for every example with a teacher sequence (else None)."""
+    flat = [ex.teacher for exs in encoded for ex in exs if ex.teacher is not None]
+    with base_only(model):
+        done = iter(teacher_targets(model, flat, config.distill_top_k, config.distill_temperature))
+    return [[next(done) if ex.teacher is not None else None for ex in exs] for exs in encoded]
 
 
 def train(model: Any, tokenizer: Any, jobs: Sequence[Job], config: TrainConfig,
@@ -189,6 +231,7 @@ def train_reference(model: Any, tokenizer: Any, jobs: Sequence[Job], config: Tra
     name_of = {id(m): n for n, m in model.named_modules()}
     targets = [name_of[id(m)] for m in module_of.values()]
     encoded = _encode_jobs(tokenizer, jobs, config)
+    teachers = _teachers(model, encoded, config)  # before the LoRA is attached
     device = next(model.parameters()).device
     lcfg = LoraConfig(r=config.spec.rank, lora_alpha=config.spec.alpha,  # type: ignore[arg-type]
                       lora_dropout=0.0,
@@ -198,7 +241,7 @@ def train_reference(model: Any, tokenizer: Any, jobs: Sequence[Job], config: Tra
                  for key, m in module_of.items()}
     experts = []
     try:
-        for (expert_id, _), examples in zip(jobs, encoded, strict=True):
+        for (expert_id, _), examples, targets in zip(jobs, encoded, teachers, strict=True):
             init = init_expert(expert_id, shapes, config)
             params = []
             for (i, p), mod in lora_mods.items():
@@ -209,10 +252,11 @@ def train_reference(model: Any, tokenizer: Any, jobs: Sequence[Job], config: Tra
             opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
                                     weight_decay=config.weight_decay)
             for _ in range(config.epochs):
-                for ex in examples:
+                for ex, teacher in zip(examples, targets, strict=True):
                     ids = ex.ids.to(device)[None]  # (1, T)
                     logits = peft_model(input_ids=ids).logits[0]  # (T, V)
-                    loss = F.cross_entropy(logits[ex.start - 1:-1].float(), ids[0, ex.start:])
+                    loss = example_loss(logits[ex.start - 1:-1], ids[0, ex.start:], teacher,
+                                        config.distill_temperature).mean()
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -270,6 +314,9 @@ def train_fast(model: Any, tokenizer: Any, jobs: Sequence[Job], config: TrainCon
     flat = [(ex.ids, ex.start) for exs in encoded for ex in exs]
     unit = [i for i, exs in enumerate(encoded) for _ in exs]
     states_flat = trunk_states(model, flat, trunk_batch_tokens, groups=unit if share_prefix else None)
+    teachers = [t for ts in _teachers(model, encoded, config) for t in ts]
+    for st, teacher in zip(states_flat, teachers, strict=True):
+        st.teacher = teacher
     states, k = [], 0
     for exs in encoded:
         states.append(states_flat[k:k + len(exs)])
@@ -294,7 +341,7 @@ def train_fast(model: Any, tokenizer: Any, jobs: Sequence[Job], config: TrainCon
         cur = [states[order[row]][s % len(encoded[order[row]])] for row in range(n_active)]
         for lo, hi in _row_groups([len(c.targets) for c in cur], head_batch_tokens):
             _head_step(model, cur[lo:hi], {p: (a[lo:hi], b[lo:hi]) for p, (a, b) in lora.items()},
-                       config.spec.scale)
+                       config.spec.scale, config.distill_temperature)
         masked_adamw_(params, moments, n_active, s + 1, config.lr, config.betas, config.eps,
                       config.weight_decay)
         for t in params:
@@ -323,14 +370,20 @@ def _row_groups(tokens: Sequence[int], budget: int) -> list[tuple[int, int]]:
 
 
 def _head_step(model: Any, cur: Sequence[Any], lora: dict[str, tuple[torch.Tensor, torch.Tensor]],
-               scale: float) -> None:
-    """Backward of Σ_i mean CE_i over a group of experts (row i = expert i's current example)."""
+               scale: float, temperature: float = 1.0) -> None:
+    """Backward of Σ_i mean loss_i over a group of experts (row i = expert i's current example);
+    the loss is CE, or the distillation KL on rows whose states carry teacher targets."""
     lengths = torch.tensor([len(c.targets) for c in cur])
     h_mid = torch.nn.utils.rnn.pad_sequence([c.h_mid for c in cur], batch_first=True)  # (n, P, d)
     valid = torch.arange(h_mid.shape[1])[None, :] < lengths[:, None]  # (n, P)
     logits = stacked_head_logits(model, h_mid, valid.to(h_mid.device), lora, scale)  # (N, V)
     targets = torch.cat([c.targets for c in cur])  # (N,)
     ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
+    if any(c.teacher is not None for c in cur):  # swap in the KL on the distilled rows' spans
+        bounds = [0, *torch.cumsum(lengths, 0).tolist()]
+        ce = torch.cat([ce[lo:hi] if c.teacher is None else
+                        example_loss(logits[lo:hi], targets[lo:hi], c.teacher, temperature)
+                        for c, lo, hi in zip(cur, bounds[:-1], bounds[1:], strict=True)])
     row = torch.repeat_interleave(torch.arange(len(cur)), lengths).to(ce.device)  # (N,)
     per_expert = torch.zeros(len(cur), device=ce.device).index_add_(0, row, ce)  # (n,)
     (per_expert / lengths.to(ce.device)).sum().backward()

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from dmoe.experts.lora import ExpertMLP, decoder_layers
+from dmoe.training.distill import TeacherTargets
 
 
 @dataclass
@@ -33,6 +34,7 @@ class SupervisedStates:
 
     h_mid: torch.Tensor  # (P, d) residual after the last attention at the predicting positions
     targets: torch.Tensor  # (P,) the token each of those positions must predict
+    teacher: TeacherTargets | None = None  # distillation targets at those positions, if any
 
 
 class _StopForward(Exception):
