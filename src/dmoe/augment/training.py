@@ -2,8 +2,7 @@
 
 ``recipe="prag"`` is PRAG's set, below. ``recipe="recite"`` trains the expert to *recite* its
 passage in the frame it will be used in (DESIGN.md step 3's probe): the chat frame with the user
-turn "Recite the passage." -> the passage, and BOS -> the passage (the paraphrase the same way
-when it differs). ``recite_qa`` adds the augmentation's questions asked bare, in the inference
+turn "Recite the passage." -> the passage, and BOS -> the passage. ``recite_qa`` adds the augmentation's questions asked bare, in the inference
 frame, answered with the passage's own sentence (``full_answer``). Recitation targets carry the
 passage's words, so the expert is not limited by how well the base model reads the passage.
 
@@ -62,8 +61,6 @@ def training_examples(unit: KnowledgeUnit, aug: Augmentation, tokenizer: Any, *,
         raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
     if recipe != "prag":
         examples = recite_examples(unit.text, tokenizer)
-        if aug.paraphrase and aug.paraphrase != unit.text:
-            examples += recite_examples(aug.paraphrase, tokenizer)
         if recipe == "recite_qa":  # the teacher prompt serves objective="distill"
             examples += [TrainingExample(
                 prompt=format_prompt(tokenizer, qa.question), target=_target(qa, "full_answer"),

@@ -26,10 +26,13 @@ share of unrelated answers identical to base's (after SQuAD normalisation); ``ow
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -134,7 +137,9 @@ def train_experts(lm: Any, units: Sequence[Any], augs: Sequence[Any],
 
 def run(lm: Any, settings: Sequence[InjectionSetting], n: int = 100, offset: int = 300,
         n_unrelated: int = 100, unrelated_offset: int = 400, max_new_tokens: int = 32,
-        log: Any = print) -> dict[str, Any]:
+        log: Any = print, cache_dir: Path | None = None) -> dict[str, Any]:
+    """Answer the slice with every arm under each setting (module docstring). The settings-free
+    arms (base, RAG) are kept in ``cache_dir`` when given, keyed by model and slice."""
     t_start = time.perf_counter()
     torch.manual_seed(0)
     task = load_task("knowledge_conflicts", offset=offset, limit=n, n_locality=0)
@@ -145,19 +150,22 @@ def run(lm: Any, settings: Sequence[InjectionSetting], n: int = 100, offset: int
     m, tok = lm.model, lm.tokenizer
     adapter = ExpertAdapter(m, LoraSpec())
     plain = MethodConfig(max_new_tokens=max_new_tokens, top_k=1)
-    base = _answers(BaseMethod(m, tok, adapter, plain), samples)
-    base_unrel = _answers(BaseMethod(m, tok, adapter, plain), unrelated)
-    rag = _answers(RagMethod(m, tok, adapter, retriever, plain), samples)
-    rag3 = _answers(RagMethod(m, tok, adapter, retriever, dataclasses.replace(plain, top_k=3)),
-                    samples)
+    arms = {"base": lambda: _answers(BaseMethod(m, tok, adapter, plain), samples),
+            "base_unrelated": lambda: _answers(BaseMethod(m, tok, adapter, plain), unrelated),
+            "rag": lambda: _answers(RagMethod(m, tok, adapter, retriever, plain), samples),
+            "rag_top3": lambda: _answers(RagMethod(m, tok, adapter, retriever,
+                                                   dataclasses.replace(plain, top_k=3)), samples)}
+    key = f"{lm.fingerprint}-{offset}-{len(samples)}-{unrelated_offset}-{len(unrelated)}-{max_new_tokens}"
+    texts = _cached_baselines(cache_dir, key, arms)
+    base, base_unrel, rag, rag3 = (texts[a] for a in arms)
     gold = [s.answers for s in samples]
     out: dict[str, Any] = {
         "n": len(samples), "n_unrelated": len(unrelated), "slice": f"knowledge_conflicts "
         f"{offset}-{offset + len(samples) - 1} (+ unrelated {unrelated_offset}-"
         f"{unrelated_offset + len(unrelated) - 1})", "max_new_tokens": max_new_tokens,
-        "efficacy_base": _rate(contains(p.text, g) for p, g in zip(base, gold, strict=True)),
-        "efficacy_rag": _rate(contains(p.text, g) for p, g in zip(rag, gold, strict=True)),
-        "efficacy_rag_top3": _rate(contains(p.text, g) for p, g in zip(rag3, gold, strict=True)),
+        "efficacy_base": _rate(contains(t, g) for t, g in zip(base, gold, strict=True)),
+        "efficacy_rag": _rate(contains(t, g) for t, g in zip(rag, gold, strict=True)),
+        "efficacy_rag_top3": _rate(contains(t, g) for t, g in zip(rag3, gold, strict=True)),
         "settings": []}
     log(f"base {out['efficacy_base']:.2f}, rag top-1 {out['efficacy_rag']:.2f}, rag top-3 "
         f"{out['efficacy_rag_top3']:.2f} (n={len(samples)})")
@@ -172,11 +180,11 @@ def run(lm: Any, settings: Sequence[InjectionSetting], n: int = 100, offset: int
             valid = _rate(a.meta.get("qa_valid", "0") != "0" for a in augs)
             augmented[setting.augmenter] = (augs, BM25Router(index), valid)
         augs, router, valid_units = augmented[setting.augmenter]
-        key = (setting.augmenter, setting.recipe, setting.objective, setting.lr, setting.epochs,
-               setting.rank, setting.alpha)
-        if key not in trained:
-            trained = {key: train_experts(lm, units, augs, setting)}  # keep one bank in memory
-        bank = trained[key]
+        trained_as = (setting.augmenter, setting.recipe, setting.objective, setting.lr,
+                      setting.epochs, setting.rank, setting.alpha)
+        if trained_as not in trained:  # keep one bank in memory
+            trained = {trained_as: train_experts(lm, units, augs, setting)}
+        bank = trained[trained_as]
         train_s = time.perf_counter() - t0
         cfg = setting.method_config(max_new_tokens)
         loader = lambda ids, bank=bank: [bank[i] for i in ids]  # noqa: E731
@@ -188,7 +196,7 @@ def run(lm: Any, settings: Sequence[InjectionSetting], n: int = 100, offset: int
                "efficacy_dmoe": _rate(contains(p.text, g) for p, g in zip(dm, gold, strict=True)),
                "efficacy_dmoe_random": _rate(contains(p.text, g)
                                              for p, g in zip(rnd, gold, strict=True)),
-               "locality_dmoe": _rate(same_answer(a.text, b.text)
+               "locality_dmoe": _rate(same_answer(a.text, b)
                                       for a, b in zip(dm_unrel, base_unrel, strict=True)),
                "own_expert_active_rate": _rate(s.id in p.active_experts
                                                for p, s in zip(dm, samples, strict=True)),
@@ -196,8 +204,8 @@ def run(lm: Any, settings: Sequence[InjectionSetting], n: int = 100, offset: int
                "loop_rate_dmoe": _rate(has_loop(p.text) for p in dm + dm_unrel),
                "units_with_model_questions": valid_units,
                "train_s": round(train_s, 1), "seconds": round(time.perf_counter() - t0, 1),
-               "examples": [{"q": s.question, "gold": s.answers[0], "base": b.text,
-                             "rag": r.text, "dmoe": d.text}
+               "examples": [{"q": s.question, "gold": s.answers[0], "base": b, "rag": r,
+                             "dmoe": d.text}
                             for s, b, r, d in list(zip(samples, base, rag, dm, strict=True))[:3]]}
         out["settings"].append(row)
         log(" ".join(f"{k}={v}" for k, v in row.items() if k != "examples"))
@@ -205,6 +213,21 @@ def run(lm: Any, settings: Sequence[InjectionSetting], n: int = 100, offset: int
     retriever.close()
     out["seconds"] = round(time.perf_counter() - t_start, 1)
     return out
+
+
+def _cached_baselines(cache_dir: Path | None, key: str,
+                      arms: dict[str, Any]) -> dict[str, list[str]]:
+    """Each arm's answer texts, from ``cache_dir/baselines-KEY.json`` or computed (and stored)."""
+    path = cache_dir / f"baselines-{key}.json" if cache_dir else None
+    if path is not None and path.exists():
+        return {k: list(v) for k, v in json.loads(path.read_text()).items()}
+    texts = {name: [p.text for p in answer()] for name, answer in arms.items()}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(texts))
+        os.replace(tmp, path)
+    return texts
 
 
 def _rate(flags: Any) -> float:
