@@ -169,6 +169,12 @@ class KnowledgeBase:
         self.index.close()
         self.bank.close()
 
+    def __enter__(self) -> KnowledgeBase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # -- consistency ---------------------------------------------------------------------------
 
     def sync(self) -> ReconcileReport:
