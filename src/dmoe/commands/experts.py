@@ -75,9 +75,38 @@ def _need_bank(args: argparse.Namespace) -> str:
 
 
 def _open(args: argparse.Namespace, readonly: bool) -> Any:
+    """The knowledge base to edit, or (``readonly``) just the bank: listing needs no index."""
+    from dmoe.experts.bank import ExpertBank
     from dmoe.knowledge import KnowledgeBase
 
-    return KnowledgeBase.open(_need_bank(args), readonly=readonly)
+    if readonly:
+        return _ReadOnly(ExpertBank.open(_need_bank(args), readonly=True))
+    return KnowledgeBase.open(_need_bank(args))
+
+
+class _ReadOnly:
+    """The bank behind ``list``/``show``, with the knowledge base's read methods."""
+
+    def __init__(self, bank: Any) -> None:
+        self.bank = bank
+
+    def list(self) -> Any:
+        return self.bank.list()
+
+    def info(self, expert_id: str) -> Any:
+        from dmoe.errors import BankError
+
+        try:
+            return self.bank.info(expert_id)
+        except KeyError:
+            raise BankError(f"no expert {expert_id!r} in the bank") from None
+
+    def surrogate(self, expert_id: str) -> str:
+        self.info(expert_id)
+        return str(self.bank.surrogate(expert_id))
+
+    def close(self) -> None:
+        self.bank.close()
 
 
 def run_list(args: argparse.Namespace) -> int:

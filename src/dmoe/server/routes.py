@@ -145,12 +145,19 @@ async def _answer(request: Request, body: Any, prepare: Any, chunks: Any, build:
     """One completion request, chat or text: ``prepare`` the prompt, then stream ``chunks`` or
     generate once and ``build`` the response."""
     state = get_state(request)
-    prepared = await anyio.to_thread.run_sync(prepare, state, body)
     model = body.model or state.model_name
-    if body.stream:
-        return _sse(state, prepared, chunks(state, prepared, body, model))
-    with state.admitted():
+    state.admit()  # counted before tokenizing: a flood of prompts waits in line, not in RAM
+    streaming = False
+    try:
+        prepared = await anyio.to_thread.run_sync(prepare, state, body)
+        if body.stream:
+            response = _sse(state, prepared, chunks(state, prepared, body, model))
+            streaming = True  # the stream's thread releases the admission
+            return response
         gen = await anyio.to_thread.run_sync(service.generate, state, prepared)
+    finally:
+        if not streaming:
+            state.release()
     return build(state, prepared, gen, model)
 
 
@@ -167,13 +174,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 
 
 def _sse(state: ServerState, prepared: service.Prepared, chunks: Any) -> StreamingResponse:
-    """Admit the generation, start it, and stream ``chunks(stream)`` as server-sent events."""
-    state.admit()
-    try:
-        stream = service.TokenStream(state, prepared)
-    except BaseException:
-        state.release()
-        raise
+    """Start the (admitted) generation and stream ``chunks(stream)`` as server-sent events."""
+    stream = service.TokenStream(state, prepared)
 
     async def events() -> AsyncIterator[str]:
         try:
