@@ -213,6 +213,10 @@ def test_interrupted_jobs_resume_or_fail_with_a_reason_after_a_restart(lm, tmp_p
                               stage="train"))
     state.jobs.store.save(Job("job-lost", 1, state.jobs.jobs_dir / "job-lost" / CORPUS_FILE,
                               status="queued"))
+    legacy = state.jobs.jobs_dir / "job-legacy"  # an older dmoe's job.json, stuck at "running"
+    legacy.mkdir()
+    corpus(legacy / CORPUS_FILE, {"loom": "The thermal loom was invented by Helena Marsk."})
+    (legacy / "job.json").write_text(json.dumps({"id": "job-legacy", "status": "running"}))
     state.close()
     kb = KnowledgeBase.open(bank, lm.fingerprint)  # the restart
     state = ServerState(lm, kb, ServerConfig(), build_config=SHORT, train_config=FAST)
@@ -224,8 +228,12 @@ def test_interrupted_jobs_resume_or_fail_with_a_reason_after_a_restart(lm, tmp_p
         lost = client.get("/v1/jobs/job-lost").json()
         assert lost["status"] == "failed" and "gone" in lost["error"]
         assert client.get("/v1/jobs/job-interrupted").json()["expert_ids"] == ["zorbit#0"]
+        while client.get("/v1/jobs/job-legacy").json()["status"] != "succeeded":
+            assert time.time() < deadline, client.get("/v1/jobs/job-legacy").json()
+            time.sleep(0.05)
+        assert not legacy.exists() and "loom#0" in state.kb.bank.ids()
         assert not folder.exists()  # a finished job's files are pruned
-        assert client.get("/health").json()["jobs"]["succeeded"] == 1
+        assert client.get("/health").json()["jobs"]["succeeded"] == 2
     state.close()
 
 

@@ -172,12 +172,31 @@ class JobRunner:
                 self._finish(job, "failed", "interrupted by a restart, and its documents file "
                                             "is gone")
         if self.jobs_dir.is_dir():
-            for folder in self.jobs_dir.iterdir():
+            for folder in sorted(self.jobs_dir.iterdir()):
                 known = self.store.get(folder.name)
-                if known is None or known.status in ("succeeded", "failed"):
+                if known is None and self._unfinished_legacy(folder):
+                    self._adopt(folder)
+                elif known is None or known.status in ("succeeded", "failed"):
                     shutil.rmtree(folder, ignore_errors=True)
         self._thread = threading.Thread(target=self._work, name="dmoe-build", daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def _unfinished_legacy(folder: Path) -> bool:
+        """A job folder of a dmoe that kept jobs in memory, whose ``job.json`` never finished."""
+        try:
+            status = json.loads((folder / "job.json").read_text()).get("status")
+        except (OSError, ValueError, AttributeError):
+            return False
+        return status in ("queued", "running") and (folder / CORPUS_FILE).is_file()
+
+    def _adopt(self, folder: Path) -> None:
+        corpus = folder / CORPUS_FILE
+        n = sum(1 for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip())
+        job = Job(id=folder.name, documents=n, corpus=corpus)
+        log.warning("resuming build job %s, left unfinished by an older dmoe", job.id)
+        self.store.save(job)
+        self._queue.put(job)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the running job and end the worker thread; queued jobs stay queued in the
