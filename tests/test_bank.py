@@ -8,9 +8,10 @@ import pytest
 import torch
 from conftest import CharTokenizer, tiny_model
 
-from dmoe.errors import BankError, WrongBaseModelError
+from dmoe.errors import BankDatabaseError, BankError, BankLockedError, WrongBaseModelError
 from dmoe.experts.bank import ExpertBank
 from dmoe.experts.cache import ExpertCache
+from dmoe.experts.integrity import check_bank
 from dmoe.experts.lora import Expert, LoraSpec, random_expert
 
 SPEC = LoraSpec(rank=4, alpha=16)
@@ -67,7 +68,7 @@ def test_delete_and_update_touch_one_expert(tmp_path):
     torch.testing.assert_close(bank.get("e0").weights, new.weights)
     assert bank.info("e0").content_hash == "c2" and bank.surrogates()["e0"] == "new text"
     assert not (bank.experts_dir / keep["e0"]).exists()  # the replaced file is gone
-    assert bank.info("e2").file == keep["e2"] and bank.check().ok
+    assert bank.info("e2").file == keep["e2"] and check_bank(bank.path, deep=True).ok
     with pytest.raises(BankError, match="already"):
         _add(bank, _expert("e2"))
 
@@ -82,20 +83,152 @@ def test_refuses_a_bank_for_another_model(tmp_path):
         ExpertBank.open(tmp_path / "nowhere")
 
 
-def test_check_and_repair_orphans_and_missing_files(tmp_path):
+def test_check_and_repair_quarantine_and_never_delete(tmp_path):
     bank = ExpertBank.create(tmp_path, "fp", "tiny", SPEC)
     for i in range(3):
         _add(bank, _expert(f"e{i}", i))
     (bank.experts_dir / "deadbeef-00000000.safetensors").write_bytes(b"orphan")
     (bank.experts_dir / ".tmp-123.safetensors").write_bytes(b"half")
     (bank.experts_dir / bank.info("e1").file).unlink()
-    report = bank.check()
+    report = check_bank(tmp_path)
     assert report.orphan_files == ["deadbeef-00000000.safetensors"]
     assert report.temp_files == [".tmp-123.safetensors"] and report.missing_files == ["e1"]
+    assert not report.ok and len(list(bank.experts_dir.iterdir())) == 4  # a check changes nothing
     with pytest.raises(BankError, match="missing"):
         bank.get("e1")
-    assert bank.repair().missing_files == ["e1"]
-    assert bank.check().ok and bank.ids() == ["e0", "e2"]
+    fixed = check_bank(tmp_path, repair=True)
+    assert fixed.removed_rows == ["e1"] and len(fixed.quarantined) == 2
+    quarantine = tmp_path / "quarantine"
+    assert (quarantine / "deadbeef-00000000.safetensors").read_bytes() == b"orphan"  # kept
+    assert len((quarantine / "log.jsonl").read_text().splitlines()) == 2
+    assert check_bank(tmp_path).ok and bank.ids() == ["e0", "e2"]
+
+
+def test_checksums_catch_truncation_bit_flips_and_nan(tmp_path):
+    bank = ExpertBank.create(tmp_path, "fp", "tiny", SPEC)
+    for i in range(4):
+        _add(bank, _expert(f"e{i}", i))
+    f = {i: bank.experts_dir / bank.info(f"e{i}").file for i in range(4)}
+    data = f[0].read_bytes()
+    f[0].write_bytes(data[:-100])  # truncated
+    flipped = bytearray(f[1].read_bytes())
+    flipped[-7] ^= 0x10  # one bit of one weight
+    f[1].write_bytes(bytes(flipped))
+    nan = _expert("e2", 2)
+    next(iter(nan.weights.values()))[0, 0] = float("nan")
+    from dmoe.experts.format import write_expert
+    record = {"id": "e2"}
+    written = write_expert(f[2], nan, "fp", "float32", record)  # a valid file, NaN inside
+    bank._db.execute("UPDATE experts SET checksum=?, bytes=? WHERE id='e2'",
+                     (written.checksum, written.size))
+    shallow = check_bank(tmp_path)
+    assert set(shallow.corrupt) == {"e0", "e1"}, shallow.corrupt
+    assert "truncated" in shallow.corrupt["e0"] and "checksum" in shallow.corrupt["e1"]
+    deep = check_bank(tmp_path, deep=True)
+    assert set(deep.corrupt) == {"e0", "e1", "e2"} and "non-finite" in deep.corrupt["e2"]
+    for i in range(3):  # loading refuses each of them; e3 is fine
+        with pytest.raises(BankError, match="corrupt"):
+            bank.get(f"e{i}")
+    assert bank.get("e3").id == "e3"
+    fixed = check_bank(tmp_path, deep=True, repair=True)
+    assert fixed.removed_rows == ["e0", "e1", "e2"] and len(fixed.quarantined) == 3
+    assert check_bank(tmp_path, deep=True).ok and bank.ids() == ["e3"]
+
+
+def test_a_lost_database_is_an_error_then_rebuilt_from_the_files(tmp_path):
+    bank = ExpertBank.create(tmp_path, "fp", "tiny", SPEC)
+    for i in range(3):
+        bank.add(_expert(f"d#{i}", i), unit_id=f"d#{i}", content_hash=f"h{i}", settings_hash="s",
+                 surrogate=f"v1 {i}")
+    assert bank.document_ids("d") == ["d#0", "d#1", "d#2"]
+    bank.commit_document("d", [bank.stage(_expert("d#0", 9), unit_id="d#0", content_hash="new",
+                                          settings_hash="s", surrogate="v2", doc_units=["d#0"])])
+    assert bank.ids() == ["d#0"]  # the new version has one passage: #1 and #2 are gone
+    _add(bank, _expert("other", 5))
+    want = {i.id: i for i in bank.list()}
+    files_before = sorted(p.name for p in bank.experts_dir.iterdir())
+    bank.close()
+    (tmp_path / "bank.sqlite").unlink()
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"bank.sqlite{suffix}").unlink(missing_ok=True)
+    with pytest.raises(BankDatabaseError, match="missing.*--repair"):
+        ExpertBank.open(tmp_path, readonly=True)
+    assert check_bank(tmp_path).database == "missing"
+    assert not (tmp_path / "bank.sqlite").exists()  # reading never writes
+    assert sorted(p.name for p in (tmp_path / "experts").iterdir()) == files_before
+    fixed = check_bank(tmp_path, repair=True)
+    assert fixed.rebuilt == 2 and not fixed.incomplete_documents
+    with ExpertBank.open(tmp_path, "fp") as back:
+        assert {i.id: i for i in back.list()} == want
+        assert back.surrogate("d#0") == "v2" and back.get("d#0").id == "d#0"
+    assert check_bank(tmp_path, deep=True).ok
+
+
+def test_truncated_database_is_reported_and_rebuilt(tmp_path):
+    with ExpertBank.create(tmp_path, "fp", "tiny", SPEC) as bank:
+        for i in range(3):
+            _add(bank, _expert(f"e{i}", i))
+    db = tmp_path / "bank.sqlite"
+    db.write_bytes(db.read_bytes()[:1000])
+    with pytest.raises(BankDatabaseError, match="unreadable"):
+        ExpertBank.open(tmp_path)
+    assert check_bank(tmp_path).database.startswith("unreadable")
+    assert check_bank(tmp_path, repair=True).rebuilt == 3
+    assert any(p.name.startswith("bank.sqlite") for p in (tmp_path / "quarantine").iterdir())
+    assert check_bank(tmp_path, deep=True).ok
+
+
+def test_one_writer_at_a_time(tmp_path):
+    ExpertBank.create(tmp_path, "fp", "tiny", SPEC).close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; sys.path[:0] = [sys.argv[1]]\n"
+         "from dmoe.experts.bank import ExpertBank\n"
+         "b = ExpertBank.open(sys.argv[2]); print('held', flush=True); time.sleep(60)",
+         str(Path(__file__).parent.parent / "src"), str(tmp_path)], stdout=subprocess.PIPE,
+        text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(BankLockedError, match=f"PID {holder.pid}"):
+            ExpertBank.open(tmp_path)
+        with ExpertBank.open(tmp_path, readonly=True) as reader:  # readers never wait
+            assert len(reader) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    ExpertBank.open(tmp_path).close()  # the kernel released the dead holder's lock
+
+
+def test_version_1_bank_is_refused_then_migrated(tmp_path):
+    import json
+    import sqlite3
+
+    from dmoe.experts.format import save_expert
+    from dmoe.experts.integrity import migrate_bank
+    # a bank as dmoe 0.1 wrote it: version 1, no doc_id/checksum columns, version-1 headers
+    (tmp_path / "experts").mkdir()
+    (tmp_path / "bank.json").write_text(json.dumps({
+        "format": "dmoe-bank", "version": 1, "base_fingerprint": "fp", "base_model": "tiny",
+        "spec": {"rank": 4, "alpha": 16.0, "n_layers": 1}, "dtype": "float32"}))
+    db = sqlite3.connect(tmp_path / "bank.sqlite")
+    db.execute("CREATE TABLE experts (id TEXT PRIMARY KEY, unit_id TEXT NOT NULL, content_hash "
+               "TEXT NOT NULL, settings_hash TEXT NOT NULL, surrogate TEXT NOT NULL, title TEXT "
+               "NOT NULL, meta TEXT NOT NULL, dtype TEXT NOT NULL, bytes INTEGER NOT NULL, file "
+               "TEXT NOT NULL, created TEXT NOT NULL, updated TEXT NOT NULL)")
+    for i in range(2):
+        n = save_expert(tmp_path / "experts" / f"f{i}-00000000.safetensors", _expert(f"v#{i}", i),
+                        "fp")
+        db.execute("INSERT INTO experts VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                   (f"v#{i}", f"v#{i}", "c", "s", f"text {i}", "", "{}", "float32", n,
+                    f"f{i}-00000000.safetensors", "t", "t"))
+    db.commit()
+    db.close()
+    with pytest.raises(BankError, match="dmoe bank migrate"):
+        ExpertBank.open(tmp_path)
+    assert migrate_bank(tmp_path) == 2
+    with ExpertBank.open(tmp_path, "fp") as bank:
+        assert bank.document_ids("v") == ["v#0", "v#1"] and bank.surrogate("v#1") == "text 1"
+        torch.testing.assert_close(bank.get("v#1").weights, _expert("v#1", 1).weights)
+    assert check_bank(tmp_path, deep=True).ok and migrate_bank(tmp_path) == 0
 
 
 # -- resumable build -----------------------------------------------------------------------------
@@ -103,9 +236,8 @@ def test_check_and_repair_orphans_and_missing_files(tmp_path):
 N_UNITS = 7
 
 
-def build(bank_dir: str, kill_at_write: int = 0) -> dict[str, list[str]]:
-    """A tiny build through train_into_bank; optionally SIGKILLs itself right after the
-    ``kill_at_write``-th expert file is written, before its row is committed (the worst moment)."""
+def build(bank_dir: str) -> dict[str, list[str]]:
+    """A tiny build through train_into_bank (``$DMOE_FAULT_KILL_AT`` may crash it)."""
     from dmoe.augment.types import TrainingExample
     from dmoe.training.builder import ExpertJob, train_into_bank
     from dmoe.training.experts import TrainConfig
@@ -114,21 +246,10 @@ def build(bank_dir: str, kill_at_write: int = 0) -> dict[str, list[str]]:
     config = TrainConfig(lr=1e-2, epochs=2, loss_on="all")
     jobs = [ExpertJob(f"unit {u}", (TrainingExample("", f"Town {u} has {u + 3} green towers."),),
                       content_hash=f"hash{u}", surrogate=f"town {u}") for u in range(N_UNITS)]
-    bank = ExpertBank.open_or_create(bank_dir, "fp-tiny", "tiny", config.spec)
-    if kill_at_write:
-        write, count = bank._write_file, [0]
-
-        def write_then_die(expert):
-            out = write(expert)
-            count[0] += 1
-            if count[0] == kill_at_write:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return out
-
-        bank._write_file = write_then_die  # type: ignore[method-assign]
-    report = train_into_bank(model, CharTokenizer(), jobs, bank, config, chunk_size=2)
+    with ExpertBank.open_or_create(bank_dir, "fp-tiny", "tiny", config.spec) as bank:
+        report = train_into_bank(model, CharTokenizer(), jobs, bank, config, chunk_size=2)
     return {"trained": report.trained, "skipped": report.skipped,
-            "repaired": report.repaired.orphan_files}
+            "quarantined": report.quarantined}
 
 
 def test_build_resumes_after_sigkill(tmp_path):
@@ -136,24 +257,23 @@ def test_build_resumes_after_sigkill(tmp_path):
     here = Path(__file__).parent
     src = here.parent / "src"
     code = (f"import sys; sys.path[:0] = [{str(here)!r}, {str(src)!r}]\n"
-            f"from test_bank import build; build({str(bank_dir)!r}, kill_at_write=4)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+            f"from test_bank import build; build({str(bank_dir)!r})")
+    env = {**os.environ, "DMOE_FAULT_KILL_AT": "bank.staged:4"}  # 4th file written, no row yet
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120, env=env)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    bank = ExpertBank.open(bank_dir, expected_fingerprint="fp-tiny")
-    report = bank.check()  # chunk 1 and half of chunk 2 stored; the 4th file has no row
-    assert len(bank) == 3 and len(report.orphan_files) == 1 and not report.missing_files
-    bank.close()
-    done = build(str(bank_dir))  # rerun: repairs, skips what is stored, trains the rest
-    assert len(done["repaired"]) == len(report.orphan_files)
+    report = check_bank(bank_dir)  # chunk 1 and half of chunk 2 stored; the 4th file has no row
+    assert report.experts == 3 and len(report.orphan_files) == 1 and not report.missing_files
+    done = build(str(bank_dir))  # rerun: quarantines the orphan, skips what is stored, trains the rest
+    assert len(done["quarantined"]) == len(report.orphan_files)
     assert sorted(done["trained"] + done["skipped"]) == [f"unit {u}" for u in range(N_UNITS)]
     assert len(done["skipped"]) == 3
-    bank = ExpertBank.open(bank_dir)
-    assert len(bank) == N_UNITS and bank.check().ok
+    bank = ExpertBank.open(bank_dir, readonly=True)
+    assert len(bank) == N_UNITS and check_bank(bank_dir, deep=True).ok
     again = build(str(bank_dir))
     assert again["trained"] == [] and len(again["skipped"]) == N_UNITS
     clean = build(str(tmp_path / "clean"))
     assert len(clean["trained"]) == N_UNITS
-    ref = ExpertBank.open(tmp_path / "clean")
+    ref = ExpertBank.open(tmp_path / "clean", readonly=True)
     for expert_id in ref.ids():  # the resumed bank holds the same experts as an unbroken build
         torch.testing.assert_close(bank.get(expert_id).weights, ref.get(expert_id).weights,
                                    atol=1e-5, rtol=1e-4)

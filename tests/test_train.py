@@ -167,7 +167,6 @@ def _distill_jobs() -> list[tuple[str, list[TrainingExample]]]:
     """toy_jobs with teacher prompts on the QA examples (the passage in the teacher's context)."""
     out = []
     for uid, examples in toy_jobs(3, min_qa=2):
-        passage = examples[0].target
         out.append((uid, [examples[0]] + [
             TrainingExample(ex.prompt.split("\n")[-1], ex.target, teacher_prompt=ex.prompt)
             for ex in examples[1:]]))

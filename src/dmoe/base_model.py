@@ -101,6 +101,9 @@ def resolve_model(spec: str | None) -> ModelSource:
         tried.append(f"{path} (a directory without config.json or a single .gguf)")
     elif path.is_file() and path.suffix == ".gguf":
         return ModelSource(name=path.stem, path=path, is_gguf=True)
+    elif path.is_file():
+        tried.append(f"{path.name} (a file, but not a .gguf; for a Hugging Face model pass its "
+                     f"directory, the one holding config.json)")
     else:
         tried.append(f"{path} (no such file or directory)")
     raise ModelNotFoundError(

@@ -3,53 +3,104 @@
 Layout: the bank directory (see ``dmoe.experts.bank``) with the router index inside it::
 
     BANK/
-      bank.json  bank.sqlite  experts/      # the expert bank
-      index/     router.json  tantivy/      # BM25 over each expert's surrogate text
+      bank.json  bank.sqlite  bank.lock  experts/  quarantine/   # the expert bank
+      index/     router.json  tantivy/                           # BM25 over each surrogate
 
-The bank is the source of truth. Write order keeps the router from ever naming a missing expert:
-add = bank first, then index; delete = index first, then bank. A crash between the two leaves drift
-that ``sync()`` repairs (run on every open: ~0.1 s at 30k experts) and ``check()`` reports.
+The bank is the source of truth; the index is derived data. Write order keeps the router from ever
+naming a missing expert: a document's experts are committed to the bank, then indexed; a delete
+removes them from the index, then from the bank. A crash between the two leaves drift that
+``sync()`` repairs (run on every writable open) and ``check_knowledge`` reports.
+
+Opening writable takes the bank lock and recovers from a crash: files no row points at are moved to
+``quarantine/`` (reported in the log) and the index is synced. ``readonly=True`` changes nothing on
+disk. An expert that cannot be loaded (corrupt file, non-finite weights) is dropped from the step
+that asked for it, logged, and counted in ``unusable`` / ``dropped``; the generation goes on.
 
 This module knows nothing about training or decoding; ``dmoe.training.build`` fills it, the engine reads it.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dmoe.engine.decode import Engine
 from dmoe.engine.triggers import TriggerPolicy
-from dmoe.errors import BankError
-from dmoe.experts.bank import BankReport, ExpertBank, ExpertInfo
+from dmoe.errors import BankError, ExpertUnavailableError, RouterIndexError
+from dmoe.experts.bank import DocumentChange, ExpertBank, ExpertInfo, Staged
 from dmoe.experts.cache import ExpertCache
+from dmoe.experts.integrity import QUARANTINE, BankReport, check_bank, quarantine_leftovers
+from dmoe.experts.lock import BankLock
 from dmoe.experts.lora import ExpertAdapter, LoraSpec
 from dmoe.routing.bm25 import BM25Index, BM25Router
 from dmoe.routing.consistency import ReconcileReport, reconcile
 
 INDEX_DIR = "index"
+log = logging.getLogger("dmoe.knowledge")
 
 
 @dataclass
 class CheckReport:
-    """Drift between files, rows and the index (what ``check`` found or ``repair`` fixed)."""
+    """The bank's report, the index's drift, and whether anything was repaired."""
 
     bank: BankReport = field(default_factory=BankReport)
     index: ReconcileReport | None = None
+    index_error: str | None = None  # the index could not be opened (missing, garbage)
     repaired: bool = False
 
     @property
     def ok(self) -> bool:
-        return self.bank.ok and (self.index is None or self.index.in_sync)
+        return (self.bank.ok and self.index_error is None
+                and (self.index is None or self.index.in_sync))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "repaired": self.repaired,
-                "bank": {"orphan_files": self.bank.orphan_files,
-                         "missing_files": self.bank.missing_files,
-                         "temp_files": self.bank.temp_files},
+        return {"ok": self.ok, "repaired": self.repaired, "bank": self.bank.to_dict(),
+                "index_error": self.index_error,
                 "index": self.index.to_dict() if self.index is not None else None}
+
+
+def _quarantine_index(root: Path) -> str:
+    folder = root / QUARANTINE
+    folder.mkdir(exist_ok=True)
+    target = folder / f"index.{time.time_ns()}"
+    os.replace(root / INDEX_DIR, target)
+    return target.name
+
+
+def check_knowledge(path: str | Path, *, deep: bool = False, repair: bool = False) -> CheckReport:
+    """``dmoe bank check``: the bank (``check_bank``) and its index. Without ``repair`` nothing is
+    written; with it, a missing or unreadable index is quarantined and rebuilt from the bank."""
+    root = Path(path)
+    lock = BankLock(root).acquire() if repair else None
+    try:
+        report = CheckReport(bank=check_bank(root, deep=deep, repair=repair), repaired=repair)
+        if report.bank.database != "ok" and not repair:
+            return report
+        with ExpertBank.open(root, readonly=True) as bank:
+            surrogates = bank.surrogates()
+        try:
+            index = BM25Index.open(root / INDEX_DIR, readonly=not repair)
+        except RouterIndexError as e:
+            report.index_error = str(e)
+            if not repair:
+                return report
+            if (root / INDEX_DIR).exists():
+                report.bank.quarantined.append(_quarantine_index(root))
+            index = BM25Index.create(root / INDEX_DIR)
+        with index:
+            report.index = reconcile(index, surrogates, dry_run=not repair)
+        if repair:
+            report.index_error = None
+        return report
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 class KnowledgeBase:
@@ -58,35 +109,71 @@ class KnowledgeBase:
     def __init__(self, bank: ExpertBank, index: BM25Index, cache_capacity: int = 64) -> None:
         self.bank = bank
         self.index = index
-        self.experts = ExpertCache(bank.get, capacity=cache_capacity)  # ids -> [Expert], bounded
+        self.unusable: dict[str, str] = {}  # expert id -> why it was dropped (since last change)
+        self.dropped = 0  # expert loads refused (each drop of an expert from a step)
+        self.experts = ExpertCache(self._load, capacity=cache_capacity, on_error=self._drop,
+                                   skip=(ExpertUnavailableError, KeyError))
         self.lock = threading.RLock()  # serialises writes; readers go through bank/index directly
 
     @classmethod
     def open(cls, path: str | Path, expected_fingerprint: str | None = None,
-             cache_capacity: int = 64, sync: bool = True) -> KnowledgeBase:
-        """Open an existing knowledge base, repairing bank/index drift from an interrupted write
-        (``sync=False`` leaves the drift in place, for ``check`` to report it)."""
+             cache_capacity: int = 64, sync: bool = True, readonly: bool = False) -> KnowledgeBase:
+        """Open an existing knowledge base. Writable: take the lock, quarantine what a crash left
+        behind and (``sync``) repair index drift. ``readonly``: change nothing."""
         path = Path(path)
         if not (path / "bank.json").is_file():
-            raise BankError(f"{path} is not an expert bank (no bank.json); build one with "
-                            f"`dmoe build CORPUS --bank {path}`")
-        bank = ExpertBank.open(path, expected_fingerprint)
-        kb = cls(bank, BM25Index.open_or_create(path / INDEX_DIR), cache_capacity)
-        if sync:
+            raise BankError(f"{path.name!r} is not an expert bank (no bank.json); build one with "
+                            f"`dmoe build CORPUS --bank {path.name}`")
+        bank = ExpertBank.open(path, expected_fingerprint, readonly=readonly)
+        try:
+            index = cls._open_index(path, readonly)
+            if not readonly:
+                moved = quarantine_leftovers(bank)
+                if moved:
+                    log.warning("moved %d file(s) an interrupted write left behind to %s/: %s",
+                                len(moved), QUARANTINE, ", ".join(moved[:5]))
+        except BaseException:
+            bank.close()
+            raise
+        kb = cls(bank, index, cache_capacity)
+        if sync and not readonly:
             kb.sync()
         return kb
+
+    @staticmethod
+    def _open_index(path: Path, readonly: bool) -> BM25Index:
+        try:
+            if readonly:
+                return BM25Index.open(path / INDEX_DIR, readonly=True)
+            return BM25Index.open_or_create(path / INDEX_DIR)
+        except RouterIndexError as e:
+            raise RouterIndexError(f"{e}; run `dmoe bank check --repair --bank {path.name}` to "
+                                   f"rebuild the index from the bank") from e
 
     @classmethod
     def open_or_create(cls, path: str | Path, fingerprint: str, model_name: str, spec: LoraSpec,
                        dtype: str = "float32", cache_capacity: int = 64) -> KnowledgeBase:
-        bank = ExpertBank.open_or_create(path, fingerprint, model_name, spec, dtype)
-        kb = cls(bank, BM25Index.open_or_create(Path(path) / INDEX_DIR), cache_capacity)
+        if (Path(path) / "bank.json").is_file():
+            kb = cls.open(path, fingerprint, cache_capacity)
+            if kb.bank.spec != spec:
+                kb.close()
+                raise BankError(f"{Path(path).name!r} holds experts of shape {kb.bank.spec}, "
+                                f"not {spec}")
+            return kb
+        bank = ExpertBank.create(path, fingerprint, model_name, spec, dtype)
+        kb = cls(bank, cls._open_index(Path(path), False), cache_capacity)
         kb.sync()
         return kb
 
     def close(self) -> None:
         self.index.close()
         self.bank.close()
+
+    def __enter__(self) -> KnowledgeBase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- consistency ---------------------------------------------------------------------------
 
@@ -95,16 +182,40 @@ class KnowledgeBase:
         with self.lock:
             return reconcile(self.index, self.bank.surrogates())
 
-    def check(self, repair: bool = False) -> CheckReport:
-        """Report (and with ``repair`` fix) orphan files, missing files and index drift."""
+    def check(self, repair: bool = False, deep: bool = False) -> CheckReport:
+        """Report (and with ``repair`` fix) the bank and this open index."""
         with self.lock:
-            bank_report = self.bank.repair() if repair else self.bank.check()
+            bank_report = check_bank(self.bank.path, deep=deep, repair=repair)
             index_report = reconcile(self.index, self.bank.surrogates(), dry_run=not repair)
             if repair:
-                self.experts.invalidate()
+                self.invalidate()
             return CheckReport(bank=bank_report, index=index_report, repaired=repair)
 
-    # -- reads and single-expert writes ----------------------------------------------------------
+    @property
+    def degraded(self) -> bool:
+        return bool(self.unusable)
+
+    def _load(self, expert_id: str) -> Any:
+        return self.bank.get(expert_id)
+
+    def _drop(self, expert_id: str, error: Exception) -> None:
+        self.dropped += 1
+        reason = str(error).strip("'\"")
+        if expert_id not in self.unusable:
+            log.error("expert %r dropped from generation: %s", expert_id, reason)
+        self.unusable[expert_id] = reason
+
+    def invalidate(self, expert_ids: Sequence[str] | None = None) -> None:
+        """Forget cached experts (all of them with ``None``) and their unusable marks."""
+        if expert_ids is None:
+            self.experts.invalidate()
+            self.unusable.clear()
+            return
+        for expert_id in expert_ids:
+            self.experts.invalidate(expert_id)
+            self.unusable.pop(expert_id, None)
+
+    # -- reads and writes ------------------------------------------------------------------------
 
     def router(self) -> BM25Router:
         return BM25Router(self.index)
@@ -113,9 +224,10 @@ class KnowledgeBase:
         return self.bank.list()
 
     def info(self, expert_id: str) -> ExpertInfo:
-        if not self.bank.exists(expert_id):
-            raise BankError(f"no expert {expert_id!r} in {self.bank.path}")
-        return self.bank.info(expert_id)
+        try:
+            return self.bank.info(expert_id)
+        except KeyError:
+            raise BankError(f"no expert {expert_id!r} in the bank") from None
 
     def surrogate(self, expert_id: str) -> str:
         self.info(expert_id)
@@ -127,7 +239,25 @@ class KnowledgeBase:
             self.info(expert_id)
             self.index.delete(expert_id)
             self.bank.delete(expert_id)
-            self.experts.invalidate(expert_id)
+            self.invalidate([expert_id])
+
+    def delete_document(self, doc_id: str) -> DocumentChange:
+        """Remove every expert of a document: from the index first, then (one transaction) the bank."""
+        with self.lock:
+            ids = self.bank.document_ids(doc_id)
+            if not ids:
+                raise BankError(f"no document {doc_id!r} in the bank")
+            self.index.delete_many(ids)
+            change = self.bank.delete_document(doc_id)
+            self.invalidate(ids)
+            return change
+
+    def indexed(self, change: DocumentChange, staged: Sequence[Staged]) -> None:
+        """Bring the index up to a document the bank just committed (one index commit)."""
+        with self.lock, self.index.batch():
+            self.index.delete_many(change.removed)
+            self.index.add_many((s.id, str(s.row["surrogate"])) for s in staged)
+        self.invalidate([*change.written, *change.removed])
 
     def __len__(self) -> int:
         return len(self.bank)

@@ -84,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
           f" | experts trained {d['experts_trained']}, reused {d['experts_reused']}"
           f" | bank size {d['bank_size']} | {d['bytes_per_expert']} bytes/expert")
     print("time per stage (s): " + ", ".join(f"{k} {v}" for k, v in d["stage_s"].items()))
-    for line in summary.skipped_records[:20] + summary.failed[:20]:
-        print(f"  skipped: {line}")
+    for line in summary.failed[:20]:
+        print(f"  failed: {line}")
+    if summary.experts_removed:
+        print(f"  removed {len(summary.experts_removed)} stale passage(s) of updated documents")
+    if summary.quarantined:
+        print(f"  moved {len(summary.quarantined)} leftover file(s) of an interrupted run to "
+              f"quarantine/")
     return 0

@@ -3,6 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import math
+
+
+def finite_float(text: str) -> float:
+    """An argparse ``type`` for a float that must be finite (``nan``/``inf`` are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -21,14 +33,14 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=int, default=64, help="generation cap (default 64)")
     g.add_argument("--trigger", default="entropy", choices=["entropy", "always", "never", "random"],
                    help="when to re-route experts (default: entropy > tau)")
-    g.add_argument("--tau", type=float, default=2.0, help="entropy threshold in nats (default 2.0)")
-    g.add_argument("--trigger-rate", type=float, default=0.1,
+    g.add_argument("--tau", type=finite_float, default=2.0, help="entropy threshold in nats (default 2.0)")
+    g.add_argument("--trigger-rate", type=finite_float, default=0.1,
                    help="probability per step for --trigger random (default 0.1)")
     g.add_argument("--top-k", type=int, default=3, help="experts per trigger (default 3)")
-    g.add_argument("--min-relevance", type=float, default=0.0, metavar="R",
+    g.add_argument("--min-relevance", type=finite_float, default=0.0, metavar="R",
                    help="relevance gate: drop routed experts whose BM25 score is below R x the "
                         "query's maximum attainable score; none left = base model until the next "
                         "trigger (default 0 = off; 0.3 calibrated, scripts/calibrate_router.py)")
-    g.add_argument("--min-score", type=float, default=0.0, metavar="S",
+    g.add_argument("--min-score", type=finite_float, default=0.0, metavar="S",
                    help="relevance gate on the raw BM25 score (default 0 = off)")
     g.add_argument("--seed", type=int, default=0, help="seed for random trigger/router")

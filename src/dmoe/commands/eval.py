@@ -160,7 +160,7 @@ def _attach_bank(res: object, path: Path, fingerprint: str) -> None:
     from dmoe.experts.bank import ExpertBank
 
     assert isinstance(res, Resources)
-    attach_bank(res, ExpertBank.open(path, expected_fingerprint=fingerprint))
+    attach_bank(res, ExpertBank.open(path, expected_fingerprint=fingerprint, readonly=True))
 
 def _warm_up(res: object) -> None:
     """One untimed generation so the first recorded sample does not pay one-time start-up costs."""

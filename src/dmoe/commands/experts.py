@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Any
 
 DEFAULT_BANK_ENV = "DMOE_BANK"
@@ -27,8 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls = esub.add_parser("list", help="one line per expert (or --json)")
     show = esub.add_parser("show", help="one expert's metadata and routing text")
     show.add_argument("expert_id")
-    rm = esub.add_parser("rm", help="delete experts (from the index, then the bank)")
-    rm.add_argument("expert_ids", nargs="+")
+    rm = esub.add_parser("rm", help="delete experts, or with --document whole documents "
+                                    "(from the index, then the bank)")
+    rm.add_argument("expert_ids", nargs="+", metavar="ID")
+    rm.add_argument("--document", action="store_true",
+                    help="the ids are document ids: remove every passage of each")
     for p in (ls, show, rm):
         _bank_arg(p)
         p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -37,29 +41,76 @@ def register(sub: argparse._SubParsersAction) -> None:
     rm.set_defaults(func=run_rm)
     e.set_defaults(func=lambda args: (e.print_help(), 2)[1])
 
-    b = sub.add_parser("bank", help="bank maintenance (check / repair drift)",
-                       description="Bank maintenance.\n\nexample:\n"
-                                   "  dmoe bank check --bank runs/demo-bank --repair",
+    b = sub.add_parser("bank", help="bank maintenance (check / repair / migrate)",
+                       description="Bank maintenance.\n\nexamples:\n"
+                                   "  dmoe bank check --bank runs/demo-bank --deep\n"
+                                   "  dmoe bank check --bank runs/demo-bank --repair\n"
+                                   "  dmoe bank migrate --bank runs/old-bank",
                        formatter_class=fmt)
     bsub = b.add_subparsers(dest="bank_command", metavar="SUBCOMMAND")
-    check = bsub.add_parser("check", help="report (and with --repair fix) file/row/index drift")
+    check = bsub.add_parser(
+        "check", help="verify the database, every expert file (size, header, checksum) and the "
+                      "index; exit 1 if anything is wrong",
+        description="Without --repair nothing is written. --repair takes the bank lock, rebuilds a "
+                    "missing or unreadable database from the expert files, moves orphan, "
+                    "temporary and corrupt files to BANK/quarantine/ (never deletes them), drops "
+                    "rows without a usable file (the next build retrains them) and rebuilds a "
+                    "broken index.")
     _bank_arg(check)
-    check.add_argument("--repair", action="store_true", help="fix what is found")
+    check.add_argument("--deep", action="store_true",
+                       help="also load every expert: refuse non-finite weights and wrong shapes")
+    check.add_argument("--repair", action="store_true", help="fix what is found (see above)")
     check.add_argument("--json", action="store_true")
     check.set_defaults(func=run_check)
+    mig = bsub.add_parser("migrate", help="upgrade a bank written by an older dmoe, in place")
+    _bank_arg(mig)
+    mig.set_defaults(func=run_migrate)
     b.set_defaults(func=lambda args: (b.print_help(), 2)[1])
 
 
-def _open(args: argparse.Namespace, sync: bool = True) -> Any:
-    from dmoe.knowledge import KnowledgeBase
-
+def _need_bank(args: argparse.Namespace) -> str:
     if not args.bank:
         raise ValueError(f"no bank given: pass --bank DIR or set ${DEFAULT_BANK_ENV}")
-    return KnowledgeBase.open(args.bank, sync=sync)
+    return str(args.bank)
+
+
+def _open(args: argparse.Namespace, readonly: bool) -> Any:
+    """The knowledge base to edit, or (``readonly``) just the bank: listing needs no index."""
+    from dmoe.experts.bank import ExpertBank
+    from dmoe.knowledge import KnowledgeBase
+
+    if readonly:
+        return _ReadOnly(ExpertBank.open(_need_bank(args), readonly=True))
+    return KnowledgeBase.open(_need_bank(args))
+
+
+class _ReadOnly:
+    """The bank behind ``list``/``show``, with the knowledge base's read methods."""
+
+    def __init__(self, bank: Any) -> None:
+        self.bank = bank
+
+    def list(self) -> Any:
+        return self.bank.list()
+
+    def info(self, expert_id: str) -> Any:
+        from dmoe.errors import BankError
+
+        try:
+            return self.bank.info(expert_id)
+        except KeyError:
+            raise BankError(f"no expert {expert_id!r} in the bank") from None
+
+    def surrogate(self, expert_id: str) -> str:
+        self.info(expert_id)
+        return str(self.bank.surrogate(expert_id))
+
+    def close(self) -> None:
+        self.bank.close()
 
 
 def run_list(args: argparse.Namespace) -> int:
-    kb = _open(args)
+    kb = _open(args, readonly=True)
     rows = [{"id": i.id, "unit_id": i.unit_id, "title": i.title, "dtype": i.dtype,
              "bytes": i.bytes, "updated": i.updated} for i in kb.list()]
     if args.json:
@@ -73,7 +124,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    kb = _open(args)
+    kb = _open(args, readonly=True)
     info = kb.info(args.expert_id)
     d = {**info.__dict__, "surrogate": kb.surrogate(args.expert_id),
          "spec": kb.bank.spec.__dict__, "base_fingerprint": kb.bank.fingerprint}
@@ -83,21 +134,47 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_rm(args: argparse.Namespace) -> int:
-    kb = _open(args)
-    for expert_id in args.expert_ids:
-        kb.delete(expert_id)
-        if not args.json:
-            print(f"deleted {expert_id}")
+    kb = _open(args, readonly=False)
+    deleted: list[str] = []
+    try:
+        for given in args.expert_ids:
+            if args.document:
+                ids = kb.delete_document(given).removed
+            else:
+                kb.delete(given)
+                ids = [given]
+            deleted.extend(ids)
+            if not args.json:
+                print(f"deleted {', '.join(ids)}")
+    finally:
+        kb.close()
     if args.json:
-        print(json.dumps({"deleted": args.expert_ids}))
-    kb.close()
+        print(json.dumps({"deleted": deleted}))
     return 0
 
 
 def run_check(args: argparse.Namespace) -> int:
-    kb = _open(args, sync=False)
-    report = kb.check(repair=args.repair)
+    from dmoe.knowledge import check_knowledge
+
+    report = check_knowledge(_need_bank(args), deep=args.deep, repair=args.repair)
     d = report.to_dict()
     print(json.dumps(d, indent=None if args.json else 2))
-    kb.close()
+    if not args.json:
+        bank = report.bank
+        verdict = "ok" if report.ok else "PROBLEMS FOUND"
+        print(f"{verdict}: database {bank.database}, {bank.experts} experts checked"
+              f"{' deeply' if args.deep else ''}, {len(bank.corrupt)} corrupt, "
+              f"{len(bank.missing_files)} missing, {len(bank.orphan_files)} orphan files, "
+              f"index {report.index_error or ('in sync' if report.index and report.index.in_sync else 'drifted')}"
+              + (f"; quarantined {len(bank.quarantined)}, rebuilt {bank.rebuilt} rows, removed "
+                 f"{len(bank.removed_rows)} rows (rebuild to retrain them)" if args.repair else ""),
+              file=sys.stderr)
     return 0 if report.ok or args.repair else 1
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    from dmoe.experts.integrity import migrate_bank
+
+    n = migrate_bank(_need_bank(args))
+    print(f"migrated {n} experts to bank format 2" if n else "the bank is already current")
+    return 0

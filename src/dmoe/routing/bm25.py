@@ -144,11 +144,13 @@ def _new_manifest(store_text: bool) -> dict[str, Any]:
 def _read_manifest(root: Path) -> dict[str, Any]:
     path = root / MANIFEST
     if not path.is_file():
-        raise RouterIndexError(f"no BM25 index at {root} (missing {MANIFEST})")
+        raise RouterIndexError(f"no BM25 index at {root.name} (missing {MANIFEST})")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise RouterIndexError(f"unreadable index manifest {path}: {e}") from e
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RouterIndexError(f"unreadable index manifest {MANIFEST}: {e}") from e
+    if not isinstance(manifest, dict):
+        raise RouterIndexError(f"unreadable index manifest {MANIFEST}: not an object")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise RouterIndexError(
             f"{path} is format {manifest.get('format')!r} v{manifest.get('format_version')!r}; "
@@ -178,10 +180,12 @@ class BM25Index:
             if path is None:
                 self._index = tantivy.Index(self.schema)
             else:
+                if readonly and not (path / TANTIVY_DIR / "meta.json").is_file():
+                    raise RouterIndexError(f"no tantivy index under {path.name}/{TANTIVY_DIR}")
                 (path / TANTIVY_DIR).mkdir(exist_ok=True)
                 self._index = tantivy.Index(self.schema, path=str(path / TANTIVY_DIR), reuse=True)
-        except (OSError, ValueError) as e:
-            raise RouterIndexError(f"cannot open tantivy index under {path}: {e}") from e
+        except Exception as e:  # tantivy reports a damaged index with assorted exception types
+            raise RouterIndexError(f"cannot open the tantivy index ({e})") from e
         self._index.register_tokenizer(ANALYZER_NAME, make_analyzer())
         self._writer: Any = None
         self._batch_depth = 0

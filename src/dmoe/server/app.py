@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dmoe import __version__
-from dmoe.errors import DmoeError
+from dmoe.errors import BankLockedError, DmoeError, redact
 from dmoe.server.routes import admin, user
 from dmoe.server.schemas import error_payload
 from dmoe.server.service import ApiError
@@ -62,10 +62,17 @@ def create_app(state: ServerState | None = None, *,
     return app
 
 
+def _clean(text: str | None) -> str | None:
+    """Valid UTF-8, no server paths: what any error text must be before it leaves."""
+    if text is None:
+        return None
+    return redact(text.encode("utf-8", errors="replace").decode("utf-8"))
+
+
 def _error(status: int, message: str, type_: str, param: str | None = None,
            code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_payload(message, type_, param, code), status_code=status,
-                        headers=headers)
+    return JSONResponse(error_payload(_clean(message) or "", type_, _clean(param), code),
+                        status_code=status, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -96,6 +103,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DmoeError)
     async def dmoe_error(request: Request, e: DmoeError) -> JSONResponse:
         log.error("%s: %s", type(e).__name__, e)
+        if isinstance(e, BankLockedError):
+            return _error(503, str(e), "server_busy", headers={"Retry-After": "5"})
         return _error(500, f"{type(e).__name__}: {e}", "server_error")
 
     @app.exception_handler(Exception)

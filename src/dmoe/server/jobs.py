@@ -1,19 +1,19 @@
-"""Background build jobs: posted documents -> ``dmoe.training.build.build`` into the served bank.
+"""Background build jobs: posted documents -> ``dmoe.training.build.build_into`` the served bank.
 
 One worker thread runs the queued jobs one at a time. A job writes its documents to
-``JOBS_DIR/<job id>/documents.jsonl`` (the corpus format ``dmoe build`` reads) and its status to
-``job.json`` beside it, then calls ``build`` on the server's bank directory.
+``JOBS_DIR/<job id>/documents.jsonl`` (the corpus format ``dmoe build`` reads, fsync'd before the
+job is acknowledged) and its status to the table ``jobs`` of the bank's own SQLite database, so
+jobs survive a restart: on start, a job that was queued or running when the server died is queued
+again and resumed (the build skips what is already stored), or marked failed with the reason when
+its documents are gone. A finished job's folder is removed; its row stays queryable (the newest
+``keep`` rows are kept).
 
 Locking. A build runs forward passes through the served model (the fast trainer hooks the last
 layer's norm to stop the trunk early, which would break a generation running at the same time) and
 writes the bank and the index, so the whole build holds the server's ``model_lock``: generations and
-deletes wait for it, and it waits for them. ``build`` opens its own ``KnowledgeBase`` on the same
-directory, so the server's index first releases tantivy's writer lock (``index.close()``, after
-which it stays readable and takes the writer again on its next write); afterwards the server's
-knowledge base re-reads the index, re-syncs it with the bank and forgets its cached experts, so the
-next request sees the new experts.
-
-Jobs live in memory (the newest ``keep``); a restart forgets them, not the experts they built.
+deletes wait for it, and it waits for them. The build writes through the server's own knowledge
+base (the server holds the bank lock for its lifetime), which forgets the cached experts of every
+document it commits, so the next request sees the new experts.
 """
 
 from __future__ import annotations
@@ -21,22 +21,37 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import queue
+import shutil
+import sqlite3
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dmoe.errors import DmoeError
+from dmoe.errors import DmoeError, redact
+from dmoe.experts.bank import DB_FILE
+from dmoe.faults import kill_point
 from dmoe.knowledge import KnowledgeBase
-from dmoe.training.build import BuildConfig, build
+from dmoe.training.build import BuildConfig, build_into
 from dmoe.training.experts import TrainConfig
 
 log = logging.getLogger("dmoe.server")
+CORPUS_FILE = "documents.jsonl"
+
+
+JOBS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, status TEXT NOT NULL, stage TEXT NOT NULL, done INTEGER NOT NULL,
+    total INTEGER NOT NULL, documents INTEGER NOT NULL, created REAL NOT NULL, started REAL,
+    finished REAL, expert_ids TEXT NOT NULL, summary TEXT, error TEXT);
+"""
+_JOB_COLUMNS = ("id", "status", "stage", "done", "total", "documents", "created", "started",
+                "finished", "expert_ids", "summary", "error")
 
 
 @dataclass
@@ -64,6 +79,60 @@ class Job:
                 "expert_ids": self.expert_ids, "summary": self.summary, "error": self.error}
 
 
+class JobStore:
+    """The ``jobs`` table of the bank's database (its own connection, safe across threads)."""
+
+    def __init__(self, db_path: Path, jobs_dir: Path) -> None:
+        self.jobs_dir = jobs_dir
+        self._db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.executescript(JOBS_SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def save(self, job: Job) -> None:
+        d = job.to_dict()
+        d["expert_ids"] = json.dumps(d["expert_ids"])
+        d["summary"] = None if d["summary"] is None else json.dumps(d["summary"])
+        with self._lock:
+            self._db.execute(f"INSERT OR REPLACE INTO jobs ({','.join(_JOB_COLUMNS)}) VALUES "
+                             f"({','.join('?' * len(_JOB_COLUMNS))})",
+                             tuple(d[c] for c in _JOB_COLUMNS))
+
+    def _job(self, row: tuple[Any, ...]) -> Job:
+        d = dict(zip(_JOB_COLUMNS, row, strict=True))
+        d["expert_ids"] = json.loads(d["expert_ids"])
+        d["summary"] = None if d["summary"] is None else json.loads(d["summary"])
+        return Job(corpus=self.jobs_dir / d["id"] / CORPUS_FILE, **d)
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {','.join(_JOB_COLUMNS)} FROM jobs WHERE id=?",
+                                   (job_id,)).fetchone()
+        return None if row is None else self._job(row)
+
+    def unfinished(self) -> list[Job]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {','.join(_JOB_COLUMNS)} FROM jobs WHERE status IN "
+                                    f"('queued', 'running') ORDER BY created").fetchall()
+        return [self._job(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(("queued", "running", "succeeded", "failed"), 0)
+        with self._lock:
+            for status, n in self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status"):
+                out[status] = int(n)
+        return out
+
+    def prune(self, keep: int) -> None:
+        """Keep the newest ``keep`` finished jobs' rows."""
+        with self._lock:
+            self._db.execute("DELETE FROM jobs WHERE status IN ('succeeded', 'failed') AND id NOT "
+                             "IN (SELECT id FROM jobs ORDER BY created DESC LIMIT ?)", (keep,))
+
+
 def document_id(doc: dict[str, Any]) -> str:
     """A posted document's id: its own, else a content hash (re-posting the same text is a no-op)."""
     return str(doc.get("id") or "doc-" + hashlib.sha256(doc["text"].encode()).hexdigest()[:12])
@@ -73,7 +142,7 @@ class JobRunner:
     """Queue of build jobs and the one thread that runs them."""
 
     def __init__(self, lm: Any, kb: KnowledgeBase, model_lock: threading.Lock, jobs_dir: Path,
-                 build_config: BuildConfig, train_config: TrainConfig, keep: int = 100) -> None:
+                 build_config: BuildConfig, train_config: TrainConfig, keep: int = 1000) -> None:
         self.lm = lm
         self.kb = kb
         self.model_lock = model_lock
@@ -81,76 +150,109 @@ class JobRunner:
         self.build_config = build_config
         self.train_config = train_config
         self.keep = keep
-        self._jobs: OrderedDict[str, Job] = OrderedDict()
-        self._lock = threading.Lock()  # guards _jobs
+        self.store = JobStore(kb.bank.path / DB_FILE, self.jobs_dir)
+        self._live: dict[str, Job] = {}  # the job running now (its progress is not saved per step)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="dmoe-build", daemon=True)
-            self._thread.start()
+        """Resume what a previous process left unfinished, prune finished jobs' files, and start
+        the worker thread."""
+        if self._thread is not None:
+            return
+        for job in self.store.unfinished():
+            if job.corpus.is_file():
+                job.status, job.stage, job.done, job.total = "queued", "waiting", 0, 0
+                log.warning("resuming build job %s, interrupted by a restart", job.id)
+                self.store.save(job)
+                self._queue.put(job)
+            else:
+                self._finish(job, "failed", "interrupted by a restart, and its documents file "
+                                            "is gone")
+        if self.jobs_dir.is_dir():
+            for folder in sorted(self.jobs_dir.iterdir()):
+                known = self.store.get(folder.name)
+                if known is None and self._unfinished_legacy(folder):
+                    self._adopt(folder)
+                elif known is None or known.status in ("succeeded", "failed"):
+                    shutil.rmtree(folder, ignore_errors=True)
+        self._thread = threading.Thread(target=self._work, name="dmoe-build", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _unfinished_legacy(folder: Path) -> bool:
+        """A job folder of a dmoe that kept jobs in memory, whose ``job.json`` never finished."""
+        try:
+            status = json.loads((folder / "job.json").read_text()).get("status")
+        except (OSError, ValueError, AttributeError):
+            return False
+        return status in ("queued", "running") and (folder / CORPUS_FILE).is_file()
+
+    def _adopt(self, folder: Path) -> None:
+        corpus = folder / CORPUS_FILE
+        n = sum(1 for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip())
+        job = Job(id=folder.name, documents=n, corpus=corpus)
+        log.warning("resuming build job %s, left unfinished by an older dmoe", job.id)
+        self.store.save(job)
+        self._queue.put(job)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the running job (queued ones are dropped) and end the worker thread."""
-        if self._thread is None:
-            return
-        while True:  # drop what has not started
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.status, job.error, job.finished = "failed", "server shut down", time.time()
-        self._queue.put(None)
-        self._thread.join(timeout)
-        self._thread = None
+        """Finish the running job and end the worker thread; queued jobs stay queued in the
+        database and resume on the next start."""
+        if self._thread is not None:
+            while True:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._queue.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def close(self) -> None:
+        self.stop()
+        self.store.close()
 
     # -- API -------------------------------------------------------------------------------------
 
     def submit(self, documents: Sequence[dict[str, Any]]) -> Job:
-        """Write the documents to the job's corpus file and queue the build."""
+        """Write the documents to the job's corpus file, record the job, and queue it."""
         job_id = "job-" + uuid.uuid4().hex[:12]
         folder = self.jobs_dir / job_id
         folder.mkdir(parents=True, exist_ok=True)
-        corpus = folder / "documents.jsonl"
+        corpus = folder / CORPUS_FILE
         with corpus.open("w", encoding="utf-8") as f:
             for doc in documents:
                 record = {"id": document_id(doc), "title": doc.get("title") or "", "text": doc["text"]}
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         job = Job(id=job_id, documents=len(documents), corpus=corpus)
-        with self._lock:
-            self._jobs[job_id] = job
-            while len(self._jobs) > self.keep:
-                self._jobs.popitem(last=False)
-        self._save(job)
+        self.store.save(job)
+        self.store.prune(self.keep)
+        kill_point("job.submitted")
         self.start()
         self._queue.put(job)
         return job
 
     def get(self, job_id: str) -> Job | None:
-        with self._lock:
-            return self._jobs.get(job_id)
+        return self._live.get(job_id) or self.store.get(job_id)
 
     def counts(self) -> dict[str, int]:
-        with self._lock:
-            out = dict.fromkeys(("queued", "running", "succeeded", "failed"), 0)
-            for job in self._jobs.values():
-                out[job.status] += 1
-            return out
+        return self.store.counts()
 
     # -- worker ----------------------------------------------------------------------------------
 
-    def _save(self, job: Job) -> None:
-        path = job.corpus.parent / "job.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(job.to_dict(), indent=1))
-        tmp.replace(path)
-
     def _progress(self, job: Job, stage: str, done: int, total: int) -> None:
         job.stage, job.done, job.total = stage, done, total
+
+    def _finish(self, job: Job, status: str, error: str | None = None) -> None:
+        job.status, job.error, job.finished = status, error, time.time()
+        self.store.save(job)
+        self._live.pop(job.id, None)
+        shutil.rmtree(job.corpus.parent, ignore_errors=True)
 
     def _work(self) -> None:
         while True:
@@ -162,26 +264,20 @@ class JobRunner:
             except Exception as e:  # a failed build must not kill the worker
                 if not isinstance(e, DmoeError | ValueError | FileNotFoundError):
                     log.exception("build job %s failed", job.id)
-                job.status, job.error = "failed", f"{type(e).__name__}: {e}"
-            job.finished = time.time()
-            self._save(job)
+                self._finish(job, "failed", redact(f"{type(e).__name__}: {e}"))
+            else:
+                self._finish(job, "succeeded")
 
     def _run(self, job: Job) -> None:
         with self.model_lock:
             job.status, job.started = "running", time.time()
-            self._save(job)
-            kb = self.kb
-            with kb.lock:
-                kb.index.close()  # release tantivy's writer lock for build()'s own index handle
-                try:
-                    summary = build(job.corpus, kb.bank.path, self.lm, self.build_config,
-                                    self.train_config, progress=False,
-                                    log=lambda line: log.info("%s: %s", job.id, line),
-                                    on_progress=lambda s, d, t: self._progress(job, s, d, t))
-                finally:
-                    kb.index.refresh()
-                    kb.sync()
-                    kb.experts.invalidate()
+            self._live[job.id] = job
+            self.store.save(job)
+            kill_point("job.started")
+            summary = build_into(self.kb, job.corpus, self.lm, self.build_config,
+                                 self.train_config, progress=False,
+                                 log=lambda line: log.info("%s: %s", job.id, line),
+                                 on_progress=lambda s, d, t: self._progress(job, s, d, t))
         job.summary = summary.to_dict()
         job.expert_ids = summary.expert_ids
-        job.stage, job.status = "done", "succeeded"
+        job.stage = "done"

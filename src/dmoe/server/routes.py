@@ -12,6 +12,7 @@ POST /v1/completions        user    OpenAI text completion, ``stream`` for SSE; 
 GET  /v1/experts            user    the bank's experts
 GET  /v1/experts/{id}       user    one expert (404 if unknown)
 DELETE /v1/experts/{id}     admin   remove an expert (index first, then bank)
+DELETE /v1/documents/{id}   admin   remove every expert of a document (one transaction)
 POST /v1/knowledge          admin   documents -> a background build job (202 + job)
 GET  /v1/jobs/{id}          admin   a job's status and progress
 ==========================  ======  ============================================================
@@ -110,9 +111,15 @@ admin = APIRouter(dependencies=[Depends(require_admin)])
 
 @user.get("/health")
 def health(request: Request) -> dict[str, Any]:
+    """``status`` is ``degraded`` while some routed expert could not be loaded (``unusable`` names
+    them; ``dmoe bank check --repair`` quarantines them and the next build retrains them)."""
     state = get_state(request)
-    return {"status": "ok", "model": state.model_name, "fingerprint": state.lm.fingerprint,
-            "experts": len(state.kb), "jobs": state.jobs.counts()}
+    unusable = sorted(state.kb.unusable)
+    return {"status": "degraded" if unusable else "ok", "model": state.model_name,
+            "fingerprint": state.lm.fingerprint, "experts": len(state.kb),
+            "bank": {"status": "degraded" if unusable else "ok", "unusable": unusable[:50],
+                     "dropped": state.kb.dropped},
+            "jobs": state.jobs.counts()}
 
 
 @user.get("/metrics", response_class=PlainTextResponse)
@@ -138,12 +145,19 @@ async def _answer(request: Request, body: Any, prepare: Any, chunks: Any, build:
     """One completion request, chat or text: ``prepare`` the prompt, then stream ``chunks`` or
     generate once and ``build`` the response."""
     state = get_state(request)
-    prepared = await anyio.to_thread.run_sync(prepare, state, body)
     model = body.model or state.model_name
-    if body.stream:
-        return _sse(state, prepared, chunks(state, prepared, body, model))
-    with state.admitted():
+    state.admit()  # counted before tokenizing: a flood of prompts waits in line, not in RAM
+    streaming = False
+    try:
+        prepared = await anyio.to_thread.run_sync(prepare, state, body)
+        if body.stream:
+            response = _sse(state, prepared, chunks(state, prepared, body, model))
+            streaming = True  # the stream's thread releases the admission
+            return response
         gen = await anyio.to_thread.run_sync(service.generate, state, prepared)
+    finally:
+        if not streaming:
+            state.release()
     return build(state, prepared, gen, model)
 
 
@@ -160,13 +174,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 
 
 def _sse(state: ServerState, prepared: service.Prepared, chunks: Any) -> StreamingResponse:
-    """Admit the generation, start it, and stream ``chunks(stream)`` as server-sent events."""
-    state.admit()
-    try:
-        stream = service.TokenStream(state, prepared)
-    except BaseException:
-        state.release()
-        raise
+    """Start the (admitted) generation and stream ``chunks(stream)`` as server-sent events."""
+    stream = service.TokenStream(state, prepared)
 
     async def events() -> AsyncIterator[str]:
         try:
@@ -264,6 +273,18 @@ def delete_expert(expert_id: str, request: Request) -> dict[str, Any]:
     return {"id": expert_id, "object": "expert", "deleted": True}
 
 
+@admin.delete("/v1/documents/{doc_id:path}")
+def delete_document(doc_id: str, request: Request) -> dict[str, Any]:
+    """Every passage of the document goes, in one transaction (after the running generation)."""
+    state = get_state(request)
+    with state.model_lock:
+        try:
+            change = state.kb.delete_document(doc_id)
+        except BankError as e:
+            raise ApiError(404, str(e), "doc_id", code="document_not_found") from e
+    return {"id": doc_id, "object": "document", "deleted": True, "experts": change.removed}
+
+
 @admin.post("/v1/knowledge", status_code=202, response_model=JobOut)
 def add_knowledge(body: KnowledgeRequest, request: Request) -> JobOut:
     job = get_state(request).jobs.submit([d.model_dump() for d in body.documents])
@@ -274,6 +295,5 @@ def add_knowledge(body: KnowledgeRequest, request: Request) -> JobOut:
 def get_job(job_id: str, request: Request) -> JobOut:
     job = get_state(request).jobs.get(job_id)
     if job is None:
-        raise ApiError(404, f"no job {job_id!r} (jobs are kept in memory until a restart)",
-                       "job_id", code="job_not_found")
+        raise ApiError(404, f"no job {job_id!r}", "job_id", code="job_not_found")
     return JobOut(**job.to_dict())

@@ -1,19 +1,23 @@
 """Request and response bodies of the server (pydantic), OpenAI-compatible where a client expects it.
 
 Requests forbid unknown fields, so a typo in one of dmoe's knobs is a 400 naming it rather than a
-silently ignored setting. The OpenAI fields dmoe cannot honour are accepted only at values that mean
+silently ignored setting; types are strict (``"4"`` or ``true`` is not a ``max_tokens``); every
+string must be valid Unicode (a lone surrogate such as ``"\ud800"`` is a 400, before anything
+else looks at it); every text field and list has a size limit, so no request makes the server
+tokenize or store more than a bounded amount. The OpenAI fields dmoe cannot honour are accepted only at values that mean
 "off" (``n=1``, ``logprobs`` unset, ``echo`` false …); decoding is greedy, so ``temperature`` and
 ``top_p`` are accepted and ignored. Limits that depend on the loaded model (prompt length,
-``max_tokens`` cap) are checked by ``dmoe.server.service``, not here.
+``max_tokens`` cap, prompt characters per the tokenizer's longest token) are checked by
+``dmoe.server.service`` before tokenizing, not here.
 
 This module knows nothing about the engine, the knowledge base or HTTP routing.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TRIGGERS = ("entropy", "always", "never", "random")
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
@@ -21,10 +25,47 @@ MAX_STOP_CHARS = 64
 MAX_PINNED_EXPERTS = 16
 MAX_DOC_CHARS = 200_000  # the corpus reader's default max_chars
 MAX_ID_CHARS = 200
+MAX_TEXT_CHARS = 256_000  # one message, part or prompt (the model's context bounds it further)
+MAX_QUERY_CHARS = 16_384  # task_input: the router keeps at most this much of a query
+MAX_NAME_CHARS = 256  # model, user, name
+MAX_MESSAGES = 256
+MAX_PARTS = 64
+MAX_DOCUMENTS = 256  # per knowledge request
+MAX_KNOWLEDGE_CHARS = 4_000_000  # all documents of one knowledge request together
+
+
+def _unicode_problem(value: Any, where: str = "body", depth: int = 0) -> str | None:
+    """Where ``value`` (parsed JSON) holds a string that is not valid Unicode, if anywhere."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+    elif depth < 32 and isinstance(value, dict):
+        for k, v in value.items():
+            bad = _unicode_problem(k, f"{where} (a key)") or _unicode_problem(
+                v, f"{where}.{k}" if isinstance(k, str) and _unicode_problem(k) is None else where,
+                depth + 1)
+            if bad:
+                return bad
+    elif depth < 32 and isinstance(value, list):
+        for i, v in enumerate(value):
+            bad = _unicode_problem(v, f"{where}.{i}", depth + 1)
+            if bad:
+                return bad
+    return None
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        bad = _unicode_problem(data)
+        if bad:
+            raise ValueError(f"{bad} is not valid Unicode (it holds a lone UTF-16 surrogate)")
+        return data
 
 
 # -- dmoe's knobs (extra body fields of both completion endpoints) ----------------------------------
@@ -41,8 +82,10 @@ class DmoeOptions(_Strict):
     min_score: float = Field(0.0, ge=0.0)  # gate on the raw BM25 score (no hit left: base model)
     router: Literal["bm25", "random"] = "bm25"  # how experts are ranked on a trigger
     seed: int | None = None  # seeds trigger="random" and router="random"
-    experts: list[str] = Field(default_factory=list, max_length=MAX_PINNED_EXPERTS)  # initial set
-    task_input: str | None = None  # router query seed (default: last user message / the prompt)
+    experts: list[Annotated[str, Field(max_length=MAX_ID_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_PINNED_EXPERTS)  # initial set
+    task_input: str | None = Field(None, max_length=MAX_QUERY_CHARS)  # router query seed
+    # (default: the last user message / the prompt)
 
 
 class StreamOptions(_Strict):
@@ -52,7 +95,7 @@ class StreamOptions(_Strict):
 class _Generation(DmoeOptions):
     """Fields shared by chat and text completions."""
 
-    model: str = ""  # echoed back; every request is served by the one loaded model
+    model: str = Field("", max_length=MAX_NAME_CHARS)  # echoed back; one model is served
     max_tokens: int | None = Field(None, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -62,7 +105,7 @@ class _Generation(DmoeOptions):
     n: int = Field(1, ge=1, le=1)  # one choice per request
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)  # accepted, ignored
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)  # accepted, ignored
-    user: str | None = None
+    user: str | None = Field(None, max_length=MAX_NAME_CHARS)
 
     @field_validator("stop")
     @classmethod
@@ -82,13 +125,14 @@ class _Generation(DmoeOptions):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: str = Field(max_length=MAX_TEXT_CHARS)
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: (Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+              | Annotated[list[TextPart], Field(max_length=MAX_PARTS)] | None) = None
+    name: str | None = Field(None, max_length=MAX_NAME_CHARS)
 
     def text(self) -> str:
         if self.content is None:
@@ -99,7 +143,7 @@ class ChatMessage(_Strict):
 
 
 class ChatCompletionRequest(_Generation):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)  # newer clients' name for max_tokens
     logprobs: Literal[False] | None = None  # not supported
 
@@ -108,7 +152,9 @@ class ChatCompletionRequest(_Generation):
 
 
 class CompletionRequest(_Generation):
-    prompt: str | list[str]
+    prompt: (Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+             | Annotated[list[Annotated[str, Field(max_length=MAX_TEXT_CHARS)]],
+                         Field(max_length=MAX_PARTS)])
     echo: Literal[False] = False  # not supported
     logprobs: Literal[0] | None = None  # not supported
     suffix: None = None  # not supported
@@ -133,7 +179,7 @@ class Document(_Strict):
     """One document to turn into experts (split into passage units like ``dmoe build`` does)."""
 
     id: str | None = Field(None, min_length=1, max_length=MAX_ID_CHARS)  # default: hash of text
-    title: str = Field("", max_length=1000)
+    title: str = Field("", max_length=1000)  # the reader keeps titles to one line
     text: str = Field(min_length=1, max_length=MAX_DOC_CHARS)
 
     @field_validator("text")
@@ -152,11 +198,15 @@ class Document(_Strict):
 
 
 class KnowledgeRequest(_Strict):
-    documents: list[Document] = Field(min_length=1, max_length=1000)
+    documents: list[Document] = Field(min_length=1, max_length=MAX_DOCUMENTS)
 
     @field_validator("documents")
     @classmethod
     def _unique_ids(cls, v: list[Document]) -> list[Document]:
+        total = sum(len(d.text) + len(d.title) for d in v)
+        if total > MAX_KNOWLEDGE_CHARS:
+            raise ValueError(f"the documents hold {total} characters; one request may carry at "
+                             f"most {MAX_KNOWLEDGE_CHARS} (split it into several)")
         ids = [d.id for d in v if d.id is not None]
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:

@@ -98,6 +98,11 @@ def _prepare(state: ServerState, id_prefix: str, text: str, task_input: str,
              req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,
              prompt_param: str) -> Prepared:
     cfg = state.config
+    char_limit = state.max_prompt_chars
+    if char_limit is not None and len(text) > char_limit:  # cannot fit: refuse before tokenizing
+        raise ApiError(400, f"the prompt is {len(text)} characters; no prompt over {char_limit} "
+                            f"characters fits this server's limit of {state.max_prompt_tokens} "
+                            f"tokens", prompt_param, code="context_length_exceeded")
     ids = list(state.lm.tokenizer(text, add_special_tokens=False)["input_ids"])
     if not ids:
         raise ApiError(400, "the prompt is empty", prompt_param)

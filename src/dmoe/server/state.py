@@ -62,6 +62,17 @@ class ServerConfig:
                 raise ValueError(f"{name} must not be empty (leave it unset for no key)")
 
 
+def longest_token(tokenizer: Any) -> int:
+    """Characters the longest vocabulary entry can stand for (byte-level entries: one character
+    per byte); 16 when the tokenizer has no vocabulary to ask (a conservative bound for tests'
+    byte tokenizers, whose tokens are single bytes)."""
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if get_vocab is None:
+        return 16
+    longest = max((len(t) for t in get_vocab()), default=16)
+    return max(longest, 1)
+
+
 class ServerBusy(Exception):
     """More generations are waiting than ``max_waiting`` allows."""
 
@@ -86,6 +97,7 @@ class ServerState:
                              f"{kb.bank.spec}")
         self.jobs = JobRunner(lm, kb, self.model_lock, Path(jobs_dir or kb.bank.path / JOBS_DIR),
                               build_config or BuildConfig(), train_config)
+        self.max_token_chars = longest_token(lm.tokenizer)
         ctx = getattr(lm.model.config, "max_position_embeddings", None)
         self.context_length: int | None = int(ctx) if ctx else None
         self._waiting = 0
@@ -107,10 +119,17 @@ class ServerState:
         return cls(lm, kb, config, build_config)
 
     def close(self) -> None:
-        self.jobs.stop()
+        self.jobs.close()
         with self.model_lock:
             self.engine.close()
             self.kb.close()
+
+    @property
+    def max_prompt_chars(self) -> int | None:
+        """Characters above which no prompt can fit ``max_prompt_tokens``: each token covers at
+        most ``max_token_chars`` characters (the tokenizer's longest vocabulary entry)."""
+        tokens = self.max_prompt_tokens
+        return None if tokens is None else tokens * self.max_token_chars
 
     @property
     def max_prompt_tokens(self) -> int | None:
@@ -153,4 +172,9 @@ class ServerState:
             "dmoe_expert_cache_lookups_total": ("counter", "Expert cache lookups, by result.",
                                           {(("result", "hit"),): float(cache.hits),
                                            (("result", "miss"),): float(cache.misses)}),
+            "dmoe_experts_dropped_total": ("counter", "Routed experts left out of a step because "
+                                           "their file is corrupt or unusable.",
+                                           {(): float(self.kb.dropped)}),
+            "dmoe_experts_unusable": ("gauge", "Distinct experts found unusable since the bank "
+                                      "last changed.", {(): float(len(self.kb.unusable))}),
         }

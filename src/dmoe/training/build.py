@@ -2,9 +2,9 @@
 
 Every stage is resumable: augmentations are cached by content hash + augmenter settings
 (``BANK/augment-cache.jsonl``), experts already in the bank for the same content and training
-settings are skipped, and experts are stored a chunk at a time, so an interrupted build (Ctrl-C,
-``kill -9``) loses at most the chunk in flight and the rerun finishes it. The router index is synced
-after every stored chunk.
+settings are skipped, and each document is committed (and indexed) as soon as its units are trained,
+so an interrupted build (Ctrl-C, ``kill -9``) loses at most the documents in flight and the rerun
+finishes them. A document is the unit of update: rebuilding one replaces all of its passages.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from dmoe.augment import augment_cached, make_augmenter, training_examples
 from dmoe.augment.types import Augmentation
 from dmoe.corpus import read_corpus
 from dmoe.corpus.units import KnowledgeUnit
+from dmoe.experts.bank import DocumentChange, Staged, doc_of
+from dmoe.faults import kill_point
 from dmoe.knowledge import KnowledgeBase
 from dmoe.training.builder import ExpertJob, train_into_bank
 from dmoe.training.experts import TrainConfig
@@ -56,11 +58,14 @@ class BuildSummary:
     bank_size: int = 0
     stage_s: dict[str, float] = field(default_factory=dict)
     expert_ids: list[str] = field(default_factory=list)  # every unit's expert (trained or reused)
+    experts_removed: list[str] = field(default_factory=list)  # stale units of updated documents
+    quarantined: list[str] = field(default_factory=list)  # leftovers of an interrupted run
 
     def to_dict(self) -> dict[str, Any]:
         return {"units": self.units, "skipped_records": len(self.skipped_records),
                 "skips": self.skipped_records[:50], "experts_trained": self.experts_trained,
                 "experts_reused": self.experts_reused, "failed": self.failed,
+                "experts_removed": self.experts_removed, "quarantined": self.quarantined,
                 "bytes_per_expert": round(self.bytes_per_expert), "bank_size": self.bank_size,
                 "stage_s": {k: round(v, 2) for k, v in self.stage_s.items()}}
 
@@ -83,12 +88,34 @@ def build(corpus: str | Path, bank_dir: str | Path, lm: Any, config: BuildConfig
           on_progress: Callable[[str, int, int], None] | None = None) -> BuildSummary:
     """Run the whole pipeline into ``bank_dir`` (created if missing) and return a summary.
 
-    ``on_progress(stage, done, total)`` is called as units are augmented (stage ``"augment"``) and
-    as experts are stored (``"train"``, counting the experts that needed training).
+    The bank is opened for writing (its lock is taken) before any work starts, so a second writer
+    fails at once. ``on_progress(stage, done, total)``: see ``build_into``.
+    """
+    kb = KnowledgeBase.open_or_create(bank_dir, lm.fingerprint, lm.source.name,
+                                      train_config.spec, config.storage_dtype)
+    try:
+        return build_into(kb, corpus, lm, config, train_config, progress, log, on_progress)
+    finally:
+        kb.close()
+
+
+def build_into(kb: KnowledgeBase, corpus: str | Path, lm: Any, config: BuildConfig,
+               train_config: TrainConfig, progress: bool = True,
+               log: Callable[[str], None] = print,
+               on_progress: Callable[[str, int, int], None] | None = None) -> BuildSummary:
+    """The pipeline into an open knowledge base (the server's job runner uses its own).
+
+    Every document of the corpus replaces its previous version whole: new experts are trained
+    first, then (one transaction per document) they become visible and the units the new version
+    no longer has are removed. ``on_progress(stage, done, total)`` is called as units are augmented
+    (stage ``"augment"``) and as experts are trained (``"train"``, counting those that needed it).
     """
     report_progress = on_progress or (lambda stage, done, total: None)
     summary = BuildSummary()
     clock = time.perf_counter()
+    if kb.bank.spec != train_config.spec:
+        raise ValueError(f"the bank holds experts of shape {kb.bank.spec}, the training config "
+                         f"makes {train_config.spec}")
 
     # 1) corpus -> units (bad records reported, never silently dropped)
     report = read_corpus(corpus, granularity=config.granularity,  # type: ignore[arg-type]
@@ -98,63 +125,79 @@ def build(corpus: str | Path, bank_dir: str | Path, lm: Any, config: BuildConfig
     summary.skipped_records = [str(s) for s in report.skips]
     summary.stage_s["ingest"] = time.perf_counter() - clock
     log(f"corpus: {report.summary()}" + (f" (using the first {len(units)})" if config.limit else ""))
+    for skip in summary.skipped_records[:10]:
+        log(f"  skipped {skip}")
+    if len(summary.skipped_records) > 10:
+        log(f"  ... and {len(summary.skipped_records) - 10} more (the first 50: --json)")
     if not units:
-        raise ValueError(f"no usable knowledge units in {corpus}")
+        reasons = "; ".join(summary.skipped_records[:5])
+        raise ValueError(f"no usable knowledge units in {Path(corpus).name}"
+                         + (f" ({reasons})" if reasons else ""))
 
-    kb = KnowledgeBase.open_or_create(bank_dir, lm.fingerprint, lm.source.name,
-                                      train_config.spec, config.storage_dtype)
-    try:
-        # 2) augmentation (cached in the bank directory)
-        clock = time.perf_counter()
-        augmenter = make_augmenter(config.augmenter, loaded=lm, batch_size=config.augment_batch)
-        bar = tqdm(total=len(units), desc="augment", unit="unit", disable=not progress)
+    # 2) augmentation (cached in the bank directory)
+    clock = time.perf_counter()
+    augmenter = make_augmenter(config.augmenter, loaded=lm, batch_size=config.augment_batch)
+    bar = tqdm(total=len(units), desc="augment", unit="unit", disable=not progress)
 
-        def augmented(done: int, total: int) -> None:
-            bar.update(done - bar.n)
-            report_progress("augment", done, total)
+    def augmented(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+        report_progress("augment", done, total)
 
-        augs = augment_cached(units, augmenter, Path(bank_dir) / AUGMENT_CACHE,
-                              chunk_size=config.augment_batch, on_progress=augmented)
-        bar.close()
-        summary.stage_s["augment"] = time.perf_counter() - clock
+    augs = augment_cached(units, augmenter, kb.bank.path / AUGMENT_CACHE,
+                          chunk_size=config.augment_batch, on_progress=augmented)
+    bar.close()
+    summary.stage_s["augment"] = time.perf_counter() - clock
+    kill_point("build.augmented")
 
-        # 3) training examples and jobs (a unit without examples is a reported failure)
-        jobs = []
-        for unit, aug in zip(units, augs, strict=True):
-            examples = training_examples(unit, aug, lm.tokenizer, target=config.target,  # type: ignore[arg-type]
-                                         include_passage_lm=config.include_passage_lm,
-                                         recipe=config.recipe)  # type: ignore[arg-type]
-            if not examples:
-                summary.failed.append(f"{unit.id}: no training examples")
-                continue
-            jobs.append(ExpertJob(expert_id=unit.id, examples=tuple(examples), unit_id=unit.id,
-                                  content_hash=unit.content_hash, surrogate=surrogate_text(unit, aug),
-                                  title=unit.title, meta={"augmenter": aug.source}))
+    # 3) training examples and jobs (a unit without examples is a reported failure)
+    jobs = []
+    documents = []
+    for unit, aug in zip(units, augs, strict=True):
+        doc = doc_of(unit.id)
+        if doc not in documents:
+            documents.append(doc)
+        examples = training_examples(unit, aug, lm.tokenizer, target=config.target,  # type: ignore[arg-type]
+                                     include_passage_lm=config.include_passage_lm,
+                                     recipe=config.recipe)  # type: ignore[arg-type]
+        if not examples:
+            summary.failed.append(f"{unit.id}: no training examples")
+            continue
+        jobs.append(ExpertJob(expert_id=unit.id, examples=tuple(examples), unit_id=unit.id,
+                              content_hash=unit.content_hash, surrogate=surrogate_text(unit, aug),
+                              title=unit.title, meta={"augmenter": aug.source}, doc_id=doc))
 
-        # 4) train a chunk at a time into the bank; index each stored chunk
-        clock = time.perf_counter()
-        bar = tqdm(total=len(jobs), desc="train", unit="expert", disable=not progress)
+    # 4) train a chunk at a time; commit and index each document as soon as it is complete
+    clock = time.perf_counter()
+    bar = tqdm(total=len(jobs), desc="train", unit="expert", disable=not progress)
 
-        def stored(done: int, total: int, chunk: Sequence[ExpertJob]) -> None:
-            # bank first, then index (knowledge.py); only this chunk, not a full reconcile
-            kb.index.add_many((job.expert_id, job.surrogate) for job in chunk)
-            bar.total = total
-            bar.update(done - bar.n)
-            report_progress("train", done, total)
+    def trained(done: int, total: int, chunk: Sequence[ExpertJob]) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+        report_progress("train", done, total)
 
-        result = train_into_bank(lm.model, lm.tokenizer, jobs, kb.bank, train_config,
-                                 chunk_size=config.chunk_size, on_chunk=stored,
-                                 examples_settings=examples_settings(config))
-        bar.close()
-        kb.sync()  # safety net: one full reconcile at the end of the build
-        kb.experts.invalidate()
-        summary.stage_s["train"] = time.perf_counter() - clock
-        summary.experts_trained = len(result.trained)
-        summary.experts_reused = len(result.skipped)
-        summary.expert_ids = [job.expert_id for job in jobs]
-        infos = kb.list()
-        summary.bank_size = len(infos)
-        summary.bytes_per_expert = sum(i.bytes for i in infos) / max(len(infos), 1)
-    finally:
-        kb.close()
+    def committed(change: DocumentChange, staged: Sequence[Staged]) -> None:
+        kb.indexed(change, staged)  # bank first, then index (knowledge.py)
+        kill_point("build.indexed")
+
+    result = train_into_bank(lm.model, lm.tokenizer, jobs, kb.bank, train_config,
+                             chunk_size=config.chunk_size, on_chunk=trained,
+                             on_document=committed, examples_settings=examples_settings(config))
+    with_jobs = {j.document for j in jobs}
+    for doc in documents:  # a document none of whose units could be trained: its old version goes
+        if doc not in with_jobs and kb.bank.document_ids(doc):
+            result.removed.extend(kb.delete_document(doc).removed)
+    bar.close()
+    kb.sync()  # safety net: one full reconcile at the end of the build
+    kb.invalidate()
+    summary.stage_s["train"] = time.perf_counter() - clock
+    summary.experts_trained = len(result.trained)
+    summary.experts_reused = len(result.skipped)
+    summary.experts_removed = result.removed
+    summary.failed.extend(result.failed)
+    summary.quarantined = result.quarantined
+    summary.expert_ids = [job.expert_id for job in jobs if job.expert_id not in
+                          {f.split(":", 1)[0] for f in result.failed}]
+    infos = kb.list()
+    summary.bank_size = len(infos)
+    summary.bytes_per_expert = sum(i.bytes for i in infos) / max(len(infos), 1)
     return summary

@@ -1,9 +1,13 @@
-"""Filling a bank from training jobs, resumably: train in chunks, store each chunk, skip the done.
+"""Filling a bank from training jobs, resumably and a whole document at a time.
 
-``train_into_bank`` is what ``dmoe build`` calls after augmentation. Killed at any moment (even
-``kill -9``) and rerun with the same jobs, it finishes with a consistent bank: experts already stored
-with the same content hash and training settings are skipped, a chunk in flight is simply retrained,
-and ``bank.repair()`` (run first) removes files a killed write left behind.
+``train_into_bank`` is what ``dmoe build`` calls after augmentation. Jobs are trained in chunks;
+each trained expert's file is staged at once, and as soon as every pending unit of a document is
+staged the document is committed in one transaction (``ExpertBank.commit_document``): its new
+experts become visible and its units the new version no longer has are removed together. Killed at
+any moment (even ``kill -9``) and rerun with the same jobs, it finishes with a consistent bank:
+experts already stored with the same content hash and training settings are skipped, staged files
+of an uncommitted document are quarantined when the bank is next opened for writing, and the
+document is simply retrained.
 
 This module knows nothing about corpora or augmentation: a job is an id, its examples and its texts.
 """
@@ -14,8 +18,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from dmoe.augment.types import TrainingExample
-from dmoe.experts.bank import BankReport, ExpertBank
+from dmoe.experts.bank import DocumentChange, ExpertBank, Staged, doc_of
+from dmoe.experts.integrity import quarantine_leftovers
+from dmoe.faults import kill_point
 from dmoe.training.experts import TrainConfig, train
 
 
@@ -30,13 +38,20 @@ class ExpertJob:
     surrogate: str = ""  # routing text (passage + paraphrase + QA pairs)
     title: str = ""
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    doc_id: str | None = None  # the document it belongs to (default: the unit id before '#')
+
+    @property
+    def document(self) -> str:
+        return self.doc_id if self.doc_id is not None else doc_of(self.unit_id or self.expert_id)
 
 
 @dataclass
 class BuildReport:
     trained: list[str] = field(default_factory=list)  # ids trained (added or updated) in this run
     skipped: list[str] = field(default_factory=list)  # ids already stored with the same hashes
-    repaired: BankReport = field(default_factory=BankReport)  # what repair() cleaned first
+    removed: list[str] = field(default_factory=list)  # stale units of updated documents
+    failed: list[str] = field(default_factory=list)  # "id: reason" (not stored)
+    quarantined: list[str] = field(default_factory=list)  # leftovers of an interrupted run
 
 
 def pending(bank: ExpertBank, jobs: Sequence[ExpertJob], settings_hash: str) -> list[ExpertJob]:
@@ -51,35 +66,66 @@ def pending(bank: ExpertBank, jobs: Sequence[ExpertJob], settings_hash: str) -> 
     return out
 
 
+DocumentHook = Callable[[DocumentChange, Sequence[Staged]], None]
+
+
 def train_into_bank(model: Any, tokenizer: Any, jobs: Sequence[ExpertJob], bank: ExpertBank,
                     config: TrainConfig, chunk_size: int = 64, fast: bool = True,
                     on_chunk: Callable[[int, int, Sequence[ExpertJob]], None] | None = None,
+                    on_document: DocumentHook | None = None,
                     examples_settings: dict[str, Any] | None = None) -> BuildReport:
-    """Train the pending jobs ``chunk_size`` at a time and store each chunk as soon as it is done.
+    """Train the pending jobs ``chunk_size`` at a time, committing each document once all of its
+    pending units are trained (a document whose units are all unchanged is committed first, to
+    drop the units it no longer has).
 
-    ``on_chunk(done, total, chunk)`` is called after each stored chunk with its jobs (progress
-    bars; indexing just what was stored). ``examples_settings`` names what shaped the jobs'
-    examples (recipe, ...); it enters the settings hash, so changing it retrains.
+    ``on_document(change, staged)`` follows each commit (the index update); ``on_chunk(done,
+    total, chunk)`` each trained chunk (progress bars). ``examples_settings`` names what shaped
+    the jobs' examples (recipe, ...); it enters the settings hash, so changing it retrains.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     ids = [j.expert_id for j in jobs]
     if len(set(ids)) != len(ids):
         raise ValueError("expert ids must be unique within a build")
-    report = BuildReport(repaired=bank.repair())
+    report = BuildReport(quarantined=quarantine_leftovers(bank))
     settings = config.settings_hash(examples_settings)
     todo = pending(bank, jobs, settings)
     todo_ids = {j.expert_id for j in todo}
     report.skipped = [i for i in ids if i not in todo_ids]
+    units: dict[str, list[str]] = {}  # document -> every unit id of its new version
+    for job in jobs:
+        units.setdefault(job.document, []).append(job.expert_id)
+    waiting = {doc: {j.expert_id for j in todo if j.document == doc} for doc in units}
+    staged: dict[str, list[Staged]] = {doc: [] for doc in units}
+    kept = {doc: [i for i in unit_ids if i not in todo_ids] for doc, unit_ids in units.items()}
+
+    def commit(doc: str) -> None:
+        change = bank.commit_document(doc, staged[doc], keep=kept[doc])
+        report.removed.extend(change.removed)
+        if on_document:
+            on_document(change, staged[doc])
+
+    for doc in units:  # unchanged documents: only their stale units go
+        if not waiting[doc] and set(bank.document_ids(doc)) - set(units[doc]):
+            commit(doc)
     for lo in range(0, len(todo), chunk_size):
         chunk = todo[lo:lo + chunk_size]
         experts = train(model, tokenizer, [(j.expert_id, j.examples) for j in chunk], config,
                         fast=fast)
+        kill_point("build.chunk_trained")
         for job, expert in zip(chunk, experts, strict=True):
-            store = bank.update if bank.exists(job.expert_id) else bank.add
-            store(expert, unit_id=job.unit_id or job.expert_id, content_hash=job.content_hash,
-                  settings_hash=settings, surrogate=job.surrogate, title=job.title, meta=job.meta)
-            report.trained.append(job.expert_id)
+            doc = job.document
+            waiting[doc].discard(job.expert_id)
+            if not all(bool(torch.isfinite(t).all()) for t in expert.weights.values()):
+                report.failed.append(f"{job.expert_id}: training diverged (non-finite weights)")
+            else:
+                staged[doc].append(bank.stage(
+                    expert, unit_id=job.unit_id or job.expert_id, content_hash=job.content_hash,
+                    settings_hash=settings, surrogate=job.surrogate, title=job.title,
+                    meta=job.meta, doc_id=doc, doc_units=units[doc]))
+                report.trained.append(job.expert_id)
+            if not waiting[doc]:
+                commit(doc)
         if on_chunk:
             on_chunk(lo + len(chunk), len(todo), chunk)
     return report
