@@ -25,7 +25,7 @@ def decode_config(cfg: MethodConfig, record_logits: bool = False) -> DecodeConfi
     return DecodeConfig(max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k,
                         min_score=cfg.route_min_score, min_relevance=cfg.route_min_relevance,
                         query_max_tokens=cfg.query_max_tokens, stop_strings=cfg.stop_strings,
-                        composition=cfg.composition,
+                        route_at_start=cfg.route_at_start, composition=cfg.composition,
                         composition_temperature=cfg.composition_temperature,
                         composition_scale=cfg.composition_scale, record_logits=record_logits)
 

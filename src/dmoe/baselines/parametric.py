@@ -34,7 +34,7 @@ from dmoe.baselines.retrieval import PassageRetriever, passage_text
 from dmoe.engine.decode import ExpertLoader
 from dmoe.engine.triggers import make_trigger
 from dmoe.experts.lora import Expert, ExpertAdapter, scaled_expert
-from dmoe.routing.base import Router, gate_hits
+from dmoe.routing.base import Router
 from dmoe.samples import Sample
 
 
@@ -54,14 +54,9 @@ class DmoeMethod:
 
     def answer(self, sample: Sample) -> Prediction:
         t0 = time.perf_counter()
-        initial: list[str] = []
-        if self.cfg.route_at_start:
-            hits = gate_hits(self.router.route(sample.question, self.k)[: self.k],
-                             self.cfg.route_min_score, self.cfg.route_min_relevance)
-            initial = [h.expert_id for h in hits]
         cfg = dataclasses.replace(decode_config(self.cfg), top_k=self.k)
-        gen = self.runner.run(sample.question, (), cfg, initial)
-        active = first_seen([initial] + [r.active for r in gen.records])
+        gen = self.runner.run(sample.question, (), cfg)
+        active = first_seen([r.active for r in gen.records])
         return prediction(gen, t0, triggers=gen.n_triggers, active_experts=active,
                           extra={"trigger_steps": [i for i, r in enumerate(gen.records)
                                                    if r.triggered]})

@@ -23,59 +23,77 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--questions", default=str(EXAMPLES / "demo_questions.jsonl"))
     p.add_argument("--bank", default="runs/demo-bank", help="bank directory (default runs/demo-bank)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--tau", type=float, default=2.0)
-    # Demo defaults, measured on these 8 questions with the packaged 135M model (gold answer
-    # contained in 24 new tokens; base model 0/8): lr 5e-3 x 10 epochs -> 1/8 with top-k 1, 0/8
-    # with top-k 3; lr 2e-3 x 20 -> 3/8 with top-k 1, 1/8 with top-k 3 (4/8 at the demo's 32
-    # tokens). Composing 3 experts interferes on a model this small, so the demo routes 1 expert
-    # per trigger (the paper's k is 3). A sweep on 8 questions, not a general default.
-    p.add_argument("--top-k", type=int, default=1, help="experts per trigger (demo default 1)")
-    p.add_argument("--lr", type=float, default=2e-3, help="expert learning rate (demo default)")
-    p.add_argument("--epochs", type=int, default=20, help="expert epochs (demo default)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: n, gold_contained_base, gold_contained_experts, "
+                        "answers_with_loops, and every answer")
     add_model_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Build with the shipped defaults (``BuildConfig``, ``TrainConfig``), answer with the shipped
+    decoding defaults (``MethodConfig``: trigger, tau, experts per route, gate, composition)."""
+    import dataclasses
+    import sys
+
     import torch
 
     from dmoe.base_model import load_base_model
+    from dmoe.baselines.generate import decode_config
+    from dmoe.baselines.protocol import MethodConfig
+    from dmoe.bench.injection import has_loop
     from dmoe.commands.ask import describe_spans
-    from dmoe.engine.decode import DecodeConfig
-    from dmoe.engine.triggers import EntropyTrigger
+    from dmoe.engine.triggers import make_trigger
     from dmoe.knowledge import KnowledgeBase
     from dmoe.prompts import encode_prompt
     from dmoe.training.build import BuildConfig, build
     from dmoe.training.experts import TrainConfig
 
-    lm = load_base_model(args.model, args.device, args.dtype)
-    print(f"== 1) building the expert bank {args.bank} from {args.corpus}")
-    summary = build(args.corpus, args.bank, lm, BuildConfig(),
-                    TrainConfig(lr=args.lr, epochs=args.epochs))
-    print(f"   {summary.bank_size} experts ({summary.experts_trained} trained now, "
-          f"{summary.experts_reused} reused), {summary.bytes_per_expert / 1024:.0f} KiB each")
+    out = sys.stderr if args.json else sys.stdout
 
-    kb = KnowledgeBase.open(args.bank, lm.fingerprint)
-    engine = kb.engine(lm, EntropyTrigger(args.tau))
-    cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, top_k=args.top_k)
+    def say(text: str = "") -> None:
+        print(text, file=out, flush=True)
+
+    lm = load_base_model(args.model, args.device, args.dtype)
+    say(f"== 1) building the expert bank {args.bank} from {args.corpus}")
+    summary = build(args.corpus, args.bank, lm, BuildConfig(), TrainConfig(), log=say,
+                    progress=not args.json)
+    say(f"   {summary.bank_size} experts ({summary.experts_trained} trained now, "
+        f"{summary.experts_reused} reused), {summary.bytes_per_expert / 1024:.0f} KiB each")
+
+    method = MethodConfig(max_new_tokens=args.max_new_tokens)
+    cfg = dataclasses.replace(decode_config(method), top_k=method.dmoe_top_k or method.top_k)
+    kb = KnowledgeBase.open(args.bank, lm.fingerprint, readonly=True)
+    engine = kb.engine(lm, make_trigger(method.trigger, method.tau, method.trigger_rate,
+                                        method.seed))
     rows = [json.loads(line) for line in Path(args.questions).read_text().splitlines() if line]
-    print(f"\n== 2) answering {len(rows)} questions without and with experts "
-          f"(tau={args.tau}, top-k={args.top_k})")
-    hits = {"base": 0, "dmoe": 0}
+    say(f"\n== 2) answering {len(rows)} questions without and with experts (tau={method.tau}, "
+        f"experts per route={cfg.top_k}, route at start={cfg.route_at_start}, "
+        f"min relevance={cfg.min_relevance}, composition={cfg.composition})")
+    answers = []
     for row in rows:
         ids = torch.tensor([encode_prompt(lm.tokenizer, row["question"])])
         base = engine.generate(ids, row["question"], cfg, routing=False)  # the plain base model
         gen = engine.generate(ids, row["question"], cfg)
         ok = {k: any(a.lower() in g.text.lower() for a in row["answers"])
               for k, g in (("base", base), ("dmoe", gen))}
-        for k in hits:
-            hits[k] += ok[k]
-        print(f"\nQ: {row['question']}   (gold: {row['answers'][0]})")
-        print(f"  base model : {base.text.strip()!r}{'  ✓' if ok['base'] else ''}")
-        print(f"  with experts: {gen.text.strip()!r}{'  ✓' if ok['dmoe'] else ''}")
+        answers.append({"question": row["question"], "gold": row["answers"], "base": base.text,
+                        "experts": gen.text, "base_ok": ok["base"], "experts_ok": ok["dmoe"],
+                        "active": sorted({e for r in gen.records for e in r.active})})
+        say(f"\nQ: {row['question']}   (gold: {row['answers'][0]})")
+        say(f"  base model : {base.text.strip()!r}{'  ✓' if ok['base'] else ''}")
+        say(f"  with experts: {gen.text.strip()!r}{'  ✓' if ok['dmoe'] else ''}")
         for line in describe_spans(gen, lm.tokenizer, kb):
-            print("  " + line)
-    n = len(rows)
-    print(f"\n== gold answer contained: base model {hits['base']}/{n}, with experts {hits['dmoe']}/{n}")
+            say("  " + line)
     kb.close()
+    result = {"n": len(answers),
+              "gold_contained_base": sum(a["base_ok"] for a in answers),
+              "gold_contained_experts": sum(a["experts_ok"] for a in answers),
+              "answers_with_loops": sum(has_loop(a["experts"]) for a in answers),
+              "answers": answers}
+    say(f"\n== gold answer contained: base model {result['gold_contained_base']}/{len(answers)}, "
+        f"with experts {result['gold_contained_experts']}/{len(answers)}; answers with loops: "
+        f"{result['answers_with_loops']}")
+    if args.json:
+        print(json.dumps(result))
     return 0

@@ -38,7 +38,7 @@ from dmoe.experts.lora import (
     composition_weights,
     decoder_layers,
 )
-from dmoe.routing.base import Router, build_query, gate_hits
+from dmoe.routing.base import RouteHit, Router, build_query, gate_hits
 
 KVPolicy = Literal["recompute", "stale"]
 
@@ -54,6 +54,7 @@ class DecodeConfig:
     query_max_tokens: int = 128  # router query = last this-many tokens of input + generated text
     stop_strings: tuple[str, ...] = ()  # stop once the generated text contains one of these
     kv_policy: KVPolicy = "recompute"  # only matters for experts on > 1 layer (see module doc)
+    route_at_start: bool = False  # also route on the task input before prefill (0 in the loop)
     composition: str = "cat"  # "cat": Σ Δ_i (paper); "softmax": λ·softmax(relevance/T)-weighted Σ
     composition_temperature: float = 1.0  # T of "softmax" (inf: equal weights λ/k)
     composition_scale: float = 1.0  # λ of "softmax": the mix's overall strength
@@ -182,7 +183,15 @@ class Engine:
             raise ValueError(f"input_ids must have shape (1, T>0), got {tuple(input_ids.shape)}")
         multi_layer = len(self.adapter.layer_ids) > 1
         seq = input_ids.to(self.model.device)
-        self._activate(list(initial_experts), [0.0] * len(initial_experts), cfg)
+
+        # 0) the initial active set: pinned experts, or a route on the task input
+        if not initial_experts and routing and cfg.route_at_start and self.router is not None:
+            query = build_query(task_input, "", self.tokenizer, cfg.query_max_tokens)
+            hits = gate_hits(self.router.route(query, cfg.top_k)[: cfg.top_k],
+                             cfg.min_score, cfg.min_relevance)
+            self._activate_hits(hits, cfg)
+        else:
+            self._activate(list(initial_experts), [0.0] * len(initial_experts), cfg)
         out = Generation(token_ids=[], text="", records=[], finish_reason="length",
                          prefill_tokens=seq.shape[1])
 
@@ -206,8 +215,7 @@ class Engine:
                 assert self.router is not None
                 hits = gate_hits(self.router.route(query, cfg.top_k)[: cfg.top_k],
                                  cfg.min_score, cfg.min_relevance)
-                self._activate([h.expert_id for h in hits],  # no hit passes -> empty set
-                              [h.score if h.relevance is None else h.relevance for h in hits], cfg)
+                self._activate_hits(hits, cfg)  # no hit passes -> empty set
                 if not multi_layer:
                     logits = self._recompute_last_mlp()
                 elif cfg.kv_policy == "recompute":
@@ -248,6 +256,11 @@ class Engine:
 
         out.text = self._final_text(out.token_ids, cfg.stop_strings)
         return out
+
+    def _activate_hits(self, hits: Sequence[RouteHit], cfg: DecodeConfig) -> None:
+        """Routed hits become the active set, weighted by relevance (else raw score)."""
+        self._activate([h.expert_id for h in hits],
+                       [h.score if h.relevance is None else h.relevance for h in hits], cfg)
 
     def _activate(self, expert_ids: list[str], scores: list[float], cfg: DecodeConfig) -> None:
         """Load and compose ``expert_ids`` (weights from their router ``scores``, see
