@@ -1,9 +1,10 @@
 r"""Build an expert bank for one benchmark's corpus, for `dmoe eval --bank` (experiment script).
 
 Reads top to bottom: load the task's corpus (same selection as the eval run, since some corpora
-follow --limit), augment each unit without an LLM (extractive paraphrase + cloze QA), turn that into
-PRAG training examples (+ the passage as a language-modelling example), train one final-layer
-expert per unit with the fast trainer and store it in a bank with its routing surrogate. From the
+follow --limit), augment each unit (``--augmenter``, default extractive: no LLM), turn that into
+training examples by ``--recipe`` (default: ``BuildConfig``'s, the shipped one), train one
+final-layer expert per unit with the fast trainer (``TrainConfig`` defaults unless overridden) and
+store it in a bank with its routing surrogate (``surrogate_text``, as ``dmoe build`` does). From the
 same examples it can also (or, with --no-bank, only) train the comparison methods' corpus-wide
 LoRAs: one sft_lora (`dmoe eval --sft-lora FILE`) and a Poly-PRAG pool (`dmoe eval --poly DIR`).
 
@@ -21,14 +22,15 @@ import time
 
 from tqdm import tqdm
 
-from dmoe.augment.extractive import ExtractiveAugmenter
-from dmoe.augment.training import training_examples
+from dmoe.augment import make_augmenter
+from dmoe.augment.training import RECIPES, training_examples
 from dmoe.base_model import load_base_model
 from dmoe.eval.datasets import load_task
 from dmoe.experts.bank import ExpertBank
 from dmoe.experts.format import save_expert
 from dmoe.experts.lora import LoraSpec
 from dmoe.experts.poly_format import save_poly
+from dmoe.training.build import BuildConfig, surrogate_text
 from dmoe.training.builder import ExpertJob, train_into_bank
 from dmoe.training.corpus import (
     POLY_SPEC,
@@ -38,7 +40,7 @@ from dmoe.training.corpus import (
     train_poly_prag,
     train_sft_lora,
 )
-from dmoe.training.experts import TrainConfig
+from dmoe.training.experts import OBJECTIVES, TrainConfig
 
 
 def main() -> None:
@@ -46,6 +48,12 @@ def main() -> None:
     ap.add_argument("--dataset", required=True)
     ap.add_argument("--limit", type=int, default=300)
     ap.add_argument("--offset", type=int, default=0)
+    ap.add_argument("--squad-corpus", default="all", choices=["all", "selection"],
+                    help="as dmoe eval --squad-corpus")
+    ap.add_argument("--recipe", default=BuildConfig.recipe, choices=RECIPES,
+                    help=f"training examples per unit (default {BuildConfig.recipe})")
+    ap.add_argument("--objective", default=TrainConfig.objective, choices=OBJECTIVES)
+    ap.add_argument("--augmenter", default="extractive", choices=["extractive", "spans"])
     ap.add_argument("--bank", help="expert bank folder (per-passage experts, for dmoe / prag)")
     ap.add_argument("--no-bank", action="store_true", help="skip the per-passage experts")
     ap.add_argument("--lr", type=float, default=TrainConfig.lr, help="per-passage expert lr")
@@ -76,24 +84,27 @@ def main() -> None:
         ap.error("--no-bank with nothing to train: add --sft-lora FILE and/or --poly DIR")
 
     lm = load_base_model()
-    task = load_task(args.dataset, offset=args.offset, limit=args.limit or None)
+    extra = {"corpus_scope": args.squad_corpus} if args.dataset == "squad" else {}
+    task = load_task(args.dataset, offset=args.offset, limit=args.limit or None, **extra)
     units = task.corpus
-    augs = ExtractiveAugmenter().augment(units)
+    augs = make_augmenter(args.augmenter, loaded=lm).augment(units)
     jobs = []
     for unit, aug in zip(units, augs, strict=True):
-        examples = training_examples(unit, aug, lm.tokenizer)
-        surrogate = "\n".join([unit.title, unit.text, aug.paraphrase]
-                              + [f"{qa.question} {qa.answer}" for qa in aug.qa])
+        examples = training_examples(unit, aug, lm.tokenizer, recipe=args.recipe)
         jobs.append(ExpertJob(expert_id=unit.id, examples=tuple(examples), unit_id=unit.id,
-                              content_hash=unit.content_hash, surrogate=surrogate, title=unit.title))
+                              content_hash=unit.content_hash, surrogate=surrogate_text(unit, aug),
+                              title=unit.title))
     if args.bank:
-        config = TrainConfig(spec=LoraSpec(), lr=args.lr, epochs=args.epochs)
+        config = TrainConfig(spec=LoraSpec(), lr=args.lr, epochs=args.epochs,
+                             objective=args.objective)
         bank = ExpertBank.open_or_create(args.bank, lm.fingerprint, lm.source.name, config.spec,
                                           dtype=args.dtype)
         bar = tqdm(total=len(jobs), desc=f"train {args.dataset}", unit="expert")
         t0 = time.perf_counter()
         report = train_into_bank(lm.model, lm.tokenizer, jobs, bank, config, chunk_size=32,
-                                 on_chunk=lambda done, total, _chunk: bar.update(done - bar.n))
+                                 on_chunk=lambda done, total, _chunk: bar.update(done - bar.n),
+                                 examples_settings={"recipe": args.recipe,
+                                                    "augmenter": args.augmenter})
         bar.close()
         print(f"{len(report.trained)} trained, {len(report.skipped)} skipped in "
               f"{time.perf_counter() - t0:.1f}s; bank {args.bank} holds {len(bank)} experts")

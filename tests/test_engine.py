@@ -1,5 +1,6 @@
 """The decode loop against a no-cache reference, HF generate, and its trigger bookkeeping."""
 
+import functools
 import itertools
 import math
 
@@ -20,6 +21,10 @@ from dmoe.engine.triggers import (
 from dmoe.experts.cache import ExpertCache
 from dmoe.experts.lora import ExpertAdapter, LoraSpec, composition_weights, random_expert
 from dmoe.routing.base import FunctionRouter, RouteHit
+
+# The paper's routing mechanics (3 experts, routes on triggers only, no relevance gate), stated
+# explicitly so these tests do not follow the shipped defaults.
+PaperDecode = functools.partial(DecodeConfig, top_k=3, route_at_start=False, min_relevance=0.0)
 
 PROMPT = torch.tensor([[5, 17, 99, 3, 42, 7, 8, 120, 33, 64]])
 
@@ -52,7 +57,7 @@ def reference_logits(model, adapter, bank, prompt, gen):
 def test_cached_engine_equals_no_cache_recompute(tokenizer, arch):
     model, adapter, bank, router, cache, trigger = setup(arch)
     engine = Engine(model, tokenizer, adapter, cache, router, trigger)
-    gen = engine.generate(PROMPT, "task", DecodeConfig(max_new_tokens=12, record_logits=True,
+    gen = engine.generate(PROMPT, "task", PaperDecode(max_new_tokens=12, record_logits=True,
                                                        ignore_eos=True))
     assert [r.triggered for r in gen.records].count(True) == 3
     assert {r.active for r in gen.records} == {("e0", "e1", "e2"), ("e3",), ("e4", "e5")}
@@ -72,7 +77,7 @@ def test_cached_engine_equals_no_cache_recompute(tokenizer, arch):
 def test_multi_layer_experts_need_recompute(tokenizer, policy, should_agree):
     model, adapter, bank, router, cache, trigger = setup(layers=3, n_layers=2, schedule=(2, 6))
     engine = Engine(model, tokenizer, adapter, cache, router, trigger)
-    cfg = DecodeConfig(max_new_tokens=10, record_logits=True, ignore_eos=True, kv_policy=policy)
+    cfg = PaperDecode(max_new_tokens=10, record_logits=True, ignore_eos=True, kv_policy=policy)
     gen = engine.generate(PROMPT, "task", cfg)
     diff = (torch.stack(gen.logits) - reference_logits(model, adapter, bank, PROMPT, gen)).abs().max()
     if should_agree:
@@ -88,7 +93,7 @@ def test_no_experts_equals_hf_generate(tokenizer, arch):
     model = tiny_model(arch)
     adapter = ExpertAdapter(model, LoraSpec())
     engine = Engine(model, tokenizer, adapter)
-    gen = engine.generate(PROMPT, config=DecodeConfig(max_new_tokens=20))
+    gen = engine.generate(PROMPT, config=PaperDecode(max_new_tokens=20))
     hf = model.generate(PROMPT, max_new_tokens=20, do_sample=False)[0, PROMPT.shape[1]:].tolist()
     assert gen.token_ids == hf
     assert gen.n_triggers == 0
@@ -97,7 +102,7 @@ def test_no_experts_equals_hf_generate(tokenizer, arch):
 def test_trigger_records_query_and_active_set(tokenizer):
     model, adapter, bank, router, cache, _ = setup()
     engine = Engine(model, tokenizer, adapter, cache, router, AlwaysTrigger())
-    gen = engine.generate(PROMPT, "what is x?", DecodeConfig(max_new_tokens=4, ignore_eos=True,
+    gen = engine.generate(PROMPT, "what is x?", PaperDecode(max_new_tokens=4, ignore_eos=True,
                                                               query_max_tokens=12))
     assert gen.n_triggers == 4 and len(gen.trigger_s) == 4
     assert router.queries[0] == "what is x?"
@@ -110,7 +115,7 @@ def test_trigger_records_query_and_active_set(tokenizer):
 def test_routing_off_decodes_like_the_base_model(tokenizer):
     model, adapter, bank, router, cache, _ = setup()
     engine = Engine(model, tokenizer, adapter, cache, router, AlwaysTrigger())
-    cfg = DecodeConfig(max_new_tokens=6, ignore_eos=True)
+    cfg = PaperDecode(max_new_tokens=6, ignore_eos=True)
     off = engine.generate(PROMPT, "q", cfg, routing=False)
     plain = Engine(model, tokenizer, adapter).generate(PROMPT, config=cfg)
     assert off.n_triggers == 0 and not router.queries
@@ -138,7 +143,7 @@ class ScoredRouter:
 def test_relevance_gate_sets_the_active_set(tokenizer, gate, expected):
     model, adapter, bank, _, cache, trigger = setup()  # triggers at steps 0, 3, 7
     engine = Engine(model, tokenizer, adapter, cache, ScoredRouter(), trigger)
-    cfg = DecodeConfig(max_new_tokens=10, record_logits=True, ignore_eos=True, min_relevance=gate)
+    cfg = PaperDecode(max_new_tokens=10, record_logits=True, ignore_eos=True, min_relevance=gate)
     gen = engine.generate(PROMPT, "task", cfg)
     active = [r.active for r in gen.records]
     assert active == [expected[0]] * 3 + [expected[1]] * 4 + [expected[2]] * 3
@@ -149,29 +154,29 @@ def test_relevance_gate_sets_the_active_set(tokenizer, gate, expected):
 
 def test_gate_thresholds_are_validated():
     with pytest.raises(ValueError, match="min_relevance"):
-        DecodeConfig(min_relevance=-0.1)
+        PaperDecode(min_relevance=-0.1)
 
 
 def test_active_set_persists_between_triggers(tokenizer):
     model, adapter, bank, router, cache, _ = setup()
     engine = Engine(model, tokenizer, adapter, cache, router, ScheduleTrigger.at([2]))
-    gen = engine.generate(PROMPT, "q", DecodeConfig(max_new_tokens=6, ignore_eos=True))
+    gen = engine.generate(PROMPT, "q", PaperDecode(max_new_tokens=6, ignore_eos=True))
     assert [r.active for r in gen.records] == [(), ()] + [("e0", "e1", "e2")] * 4
 
 
 def test_stop_conditions(tokenizer):
     model = tiny_model()
     engine = Engine(model, tokenizer, ExpertAdapter(model, LoraSpec()))
-    full = engine.generate(PROMPT, config=DecodeConfig(max_new_tokens=30, ignore_eos=True))
+    full = engine.generate(PROMPT, config=PaperDecode(max_new_tokens=30, ignore_eos=True))
     assert full.finish_reason == "length" and len(full.token_ids) == 30
     # EOS: make the model's own 3rd token the EOS id.
     engine.eos_ids = {full.token_ids[2]}
-    assert engine.generate(PROMPT, config=DecodeConfig(max_new_tokens=30)).finish_reason == "eos"
+    assert engine.generate(PROMPT, config=PaperDecode(max_new_tokens=30)).finish_reason == "eos"
     engine.eos_ids = {256}
     text = full.text
     printable = next((c for c in text[3:] if c.strip()), None)
     if printable is not None:
-        gen = engine.generate(PROMPT, config=DecodeConfig(max_new_tokens=30, stop_strings=(printable,)))
+        gen = engine.generate(PROMPT, config=PaperDecode(max_new_tokens=30, stop_strings=(printable,)))
         assert gen.finish_reason == "stop" and printable not in gen.text
 
 
@@ -181,9 +186,9 @@ def test_bad_input_rejected(tokenizer):
     with pytest.raises(ValueError, match="input_ids"):
         engine.generate(torch.tensor([[]], dtype=torch.long))
     with pytest.raises(ValueError, match="max_new_tokens"):
-        DecodeConfig(max_new_tokens=0)
+        PaperDecode(max_new_tokens=0)
     with pytest.raises(ValueError, match="kv_policy"):
-        DecodeConfig(kv_policy="maybe")  # type: ignore[arg-type]
+        PaperDecode(kv_policy="maybe")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="router needs"):
         Engine(model, tokenizer, ExpertAdapter(model, LoraSpec()), router=FunctionRouter(list))
 
@@ -208,7 +213,7 @@ def test_attribution_spans_follow_the_active_set(tokenizer):
 
     model, adapter, bank, router, cache, _ = setup()
     engine = Engine(model, tokenizer, adapter, cache, router, ScheduleTrigger.at([2, 5]))
-    gen = engine.generate(PROMPT, "q", DecodeConfig(max_new_tokens=8, ignore_eos=True))
+    gen = engine.generate(PROMPT, "q", PaperDecode(max_new_tokens=8, ignore_eos=True))
     parts = spans(gen, tokenizer)
     assert [(s.start, s.end, s.experts, s.triggered) for s in parts] == [
         (0, 2, (), False), (2, 5, ("e0", "e1", "e2"), True), (5, 8, ("e3",), True)]
@@ -226,7 +231,7 @@ def test_weighted_composition_cached_equals_recompute(tokenizer):
     router.route = lambda q, k: [RouteHit(h.expert_id, h.score, relevances[h.expert_id])
                                  for h in router_hits(q, k)]
     engine = Engine(model, tokenizer, adapter, cache, router, trigger)
-    cfg = DecodeConfig(max_new_tokens=12, record_logits=True, ignore_eos=True,
+    cfg = PaperDecode(max_new_tokens=12, record_logits=True, ignore_eos=True,
                        composition="softmax", composition_temperature=0.5, composition_scale=0.7)
     gen = engine.generate(PROMPT, "task", cfg)
 

@@ -28,7 +28,8 @@ CORPUS = [
     KnowledgeUnit("u-moon", "The Moon orbits the Earth.", "Moon"),
 ]
 SAMPLE = Sample("q1", "What is the capital of France?", ("Paris",), gold_unit_ids=("u-paris",))
-CFG = MethodConfig(max_new_tokens=6, stop_strings=(), top_k=2)
+CFG = MethodConfig(max_new_tokens=6, stop_strings=(), top_k=2, dmoe_top_k=0, route_at_start=False,
+                   route_min_relevance=0.0)  # the paper's routing, not the shipped defaults
 
 
 @pytest.fixture(scope="module")

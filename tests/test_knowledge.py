@@ -1,5 +1,6 @@
 """dmoe build on a tiny model, and the bank + index staying consistent."""
 
+import functools
 import json
 
 import pytest
@@ -13,6 +14,10 @@ from dmoe.errors import BankError, WrongBaseModelError
 from dmoe.knowledge import KnowledgeBase
 from dmoe.training.build import BuildConfig, build
 from dmoe.training.experts import TrainConfig
+
+# The paper's routing mechanics (3 experts, routes on triggers only, no relevance gate), stated
+# explicitly so these tests do not follow the shipped defaults.
+PaperDecode = functools.partial(DecodeConfig, top_k=3, route_at_start=False, min_relevance=0.0)
 
 DOCS = [
     {"id": "velmora", "title": "Velmora", "text": "Velmora is a coastal town founded in 1732 by "
@@ -53,7 +58,7 @@ def test_build_then_route_then_rebuild_skips(lm, corpus, tmp_path):
     assert hits[0].expert_id == "velmora#0"
     engine = kb.engine(lm, AlwaysTrigger())
     gen = engine.generate(torch.tensor([[1, 2, 3]]), "Velmora lighthouse",
-                          DecodeConfig(max_new_tokens=3, ignore_eos=True))
+                          PaperDecode(max_new_tokens=3, ignore_eos=True))
     assert gen.records[0].active[0] == "velmora#0"
     engine.close()
     kb.close()

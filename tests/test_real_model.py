@@ -1,5 +1,7 @@
 """The packaged SmolLM2-135M-Instruct, end to end (marked slow: ~30 s on a 2-core CPU)."""
 
+import functools
+
 import pytest
 import torch
 
@@ -8,6 +10,10 @@ from dmoe.engine.decode import DecodeConfig, Engine
 from dmoe.errors import ModelNotFoundError
 from dmoe.experts.lora import ExpertAdapter, LoraSpec
 from dmoe.prompts import encode_prompt
+
+# The paper's routing mechanics (3 experts, routes on triggers only, no relevance gate), stated
+# explicitly so these tests do not follow the shipped defaults.
+PaperDecode = functools.partial(DecodeConfig, top_k=3, route_at_start=False, min_relevance=0.0)
 
 
 def test_missing_model_names_what_was_tried(tmp_path):
@@ -45,7 +51,7 @@ def test_packaged_model_answers_and_matches_generate(smollm):
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     engine = Engine(model, tok, ExpertAdapter(model, LoraSpec()))
     ids = torch.tensor([encode_prompt(tok, "What is the capital of France?")])
-    gen = engine.generate(ids, config=DecodeConfig(max_new_tokens=24))
+    gen = engine.generate(ids, config=PaperDecode(max_new_tokens=24))
     assert "Paris" in gen.text
     hf = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
     assert gen.token_ids == hf

@@ -11,6 +11,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from dmoe.engine.decode import DecodeConfig as _D
+from dmoe.engine.triggers import DEFAULT_TAU
+from dmoe.experts.lora import Composition
 from dmoe.samples import Sample
 
 METHOD_NAMES = ("base", "rag", "flare", "prag", "prag_combine", "sft_lora", "poly_prag", "dmoe",
@@ -49,20 +52,21 @@ class MethodConfig:
     max_new_tokens: int = 32  # generation cap per (re)generation
     stop_strings: tuple[str, ...] = ("\n",)  # answers are one line (see eval.metrics)
     top_k: int = 3  # passages (rag, flare, prag, poly_prag) and, unless dmoe_top_k, dmoe experts
-    dmoe_top_k: int = 0  # experts per dmoe trigger; 0 = top_k (the paper: 3 for both)
+    dmoe_top_k: int = _D.top_k  # experts per dmoe route; 0 = top_k (the paper: 3 for both)
     query_max_tokens: int = 128  # router / retriever query = last this-many tokens
     flare_threshold: float = 0.5  # FLARE retrieves at the first token whose max prob is below this
     flare_max_retrievals: int = 2  # FLARE retrievals (= regenerations) per sample at most
     trigger: str = "entropy"  # dmoe trigger policy: entropy | always | never | random
-    tau: float = 2.0  # dmoe entropy threshold in nats (paper 2.0)
+    tau: float = DEFAULT_TAU  # dmoe entropy threshold in nats (paper 2.0)
     trigger_rate: float = 0.1  # for trigger=random
-    route_at_start: bool = False  # dmoe: also route on the question before prefill
-    route_min_score: float = 0.0  # dmoe relevance gate: drop routed experts with raw score below
-    route_min_relevance: float = 0.0  # ... or relevance (BM25 score / query max) below; 0.3 is
-    # the calibrated value (scripts/calibrate_router.py); no hit passes -> no expert (base model)
-    composition: str = "cat"  # dmoe: "cat" (the paper's Σ Δ_i) | "softmax" (λ-scaled convex mix)
-    composition_temperature: float = 1.0  # T of softmax over router relevances (inf: 1/k each)
-    composition_scale: float = 1.0  # λ, the convex mix's overall strength
+    # dmoe's routing knobs default to the engine's shipped defaults (DecodeConfig)
+    route_at_start: bool = _D.route_at_start  # dmoe: also route on the question before prefill
+    route_min_score: float = _D.min_score  # dmoe relevance gate: drop experts with raw score below
+    route_min_relevance: float = _D.min_relevance  # ... or relevance (BM25 score / query max)
+    # below (scripts/calibrate_router.py); no hit passes -> no expert (base model)
+    composition: Composition = _D.composition  # "cat" (the paper's Σ Δ_i) | "softmax" (λ-scaled mix)
+    composition_temperature: float = _D.composition_temperature  # T of softmax over relevances
+    composition_scale: float = _D.composition_scale  # λ, the convex mix's overall strength
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -46,11 +46,11 @@ from dmoe.baselines.retrieval import PassageRetriever
 from dmoe.eval import metrics
 from dmoe.eval.datasets import load_task
 from dmoe.eval.metrics import extract_answer, normalize_answer
-from dmoe.experts.lora import Expert, ExpertAdapter, LoraSpec
+from dmoe.experts.lora import Composition, Expert, ExpertAdapter, LoraSpec
 from dmoe.routing.bm25 import BM25Index, BM25Router
 from dmoe.routing.simple import RandomRouter
 from dmoe.samples import Sample
-from dmoe.training.build import surrogate_text
+from dmoe.training.build import BuildConfig, surrogate_text
 from dmoe.training.experts import TrainConfig, train_fast
 
 # Generation stops where the eval's answer extraction cuts anyway (first line, first sentence:
@@ -60,22 +60,23 @@ STOPS = ("\n", ". ", "! ", "? ")
 
 @dataclass(frozen=True)
 class InjectionSetting:
-    """One arm of the sweep: how experts are trained and how DMoE routes them."""
+    """One arm of the sweep: how experts are trained and how DMoE routes them (defaults: the
+    shipped ones, read from ``BuildConfig``, ``TrainConfig`` and ``MethodConfig``)."""
 
-    recipe: str = "recite_qa"  # training examples per unit (dmoe.augment.training)
-    objective: str = "ntp"  # "ntp" | "distill" (KL to the model reading the passage, on QA)
+    recipe: str = BuildConfig.recipe  # training examples per unit (dmoe.augment.training)
+    objective: str = TrainConfig.objective  # "ntp" | "distill" (KL to the model reading it)
     augmenter: str = "extractive"  # "extractive" (cloze QA) | "spans" (model-written questions)
-    lr: float = 5e-3
-    epochs: int = 10
-    rank: int = 4
-    alpha: float = 16.0
-    tau: float = 2.0
-    route_at_start: bool = True
-    top_k: int = 1
-    composition: str = "cat"
-    composition_temperature: float = 1.0
-    composition_scale: float = 1.0
-    min_relevance: float = 0.3
+    lr: float = TrainConfig.lr
+    epochs: int = TrainConfig.epochs
+    rank: int = LoraSpec.rank
+    alpha: float = LoraSpec.alpha
+    tau: float = MethodConfig.tau
+    route_at_start: bool = MethodConfig.route_at_start
+    top_k: int = MethodConfig.dmoe_top_k
+    composition: Composition = MethodConfig.composition
+    composition_temperature: float = MethodConfig.composition_temperature
+    composition_scale: float = MethodConfig.composition_scale
+    min_relevance: float = MethodConfig.route_min_relevance
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:

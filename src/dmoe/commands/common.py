@@ -29,18 +29,34 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_decode_args(p: argparse.ArgumentParser) -> None:
+    """Decoding flags; routing defaults are the engine's shipped ones (``DecodeConfig``)."""
+    from dmoe.engine.decode import DecodeConfig as D
+    from dmoe.engine.triggers import DEFAULT_TAU
+
     g = p.add_argument_group("decoding")
     g.add_argument("--max-new-tokens", type=int, default=64, help="generation cap (default 64)")
     g.add_argument("--trigger", default="entropy", choices=["entropy", "always", "never", "random"],
                    help="when to re-route experts (default: entropy > tau)")
-    g.add_argument("--tau", type=finite_float, default=2.0, help="entropy threshold in nats (default 2.0)")
+    g.add_argument("--tau", type=finite_float, default=DEFAULT_TAU,
+                   help=f"entropy threshold in nats (default {DEFAULT_TAU})")
     g.add_argument("--trigger-rate", type=finite_float, default=0.1,
                    help="probability per step for --trigger random (default 0.1)")
-    g.add_argument("--top-k", type=int, default=3, help="experts per trigger (default 3)")
-    g.add_argument("--min-relevance", type=finite_float, default=0.0, metavar="R",
+    g.add_argument("--top-k", type=int, default=D.top_k,
+                   help=f"experts per route (default {D.top_k}; the paper's is 3)")
+    g.add_argument("--route-at-start", action=argparse.BooleanOptionalAction,
+                   default=D.route_at_start,
+                   help="also route on the question before the first token (default: "
+                        f"{'on' if D.route_at_start else 'off'})")
+    g.add_argument("--composition", default=D.composition, choices=["cat", "softmax"],
+                   help="how k experts combine: cat = their exact sum (the paper), softmax = a "
+                        "lambda-scaled convex mix by router relevance (default %(default)s)")
+    g.add_argument("--composition-scale", type=finite_float, default=D.composition_scale,
+                   metavar="LAMBDA", help="lambda of --composition softmax (default %(default)s)")
+    g.add_argument("--min-relevance", type=finite_float, default=D.min_relevance, metavar="R",
                    help="relevance gate: drop routed experts whose BM25 score is below R x the "
                         "query's maximum attainable score; none left = base model until the next "
-                        "trigger (default 0 = off; 0.3 calibrated, scripts/calibrate_router.py)")
+                        f"trigger (default {D.min_relevance}, calibrated by "
+                        "scripts/calibrate_router.py; 0 = off, the paper)")
     g.add_argument("--min-score", type=finite_float, default=0.0, metavar="S",
                    help="relevance gate on the raw BM25 score (default 0 = off)")
     g.add_argument("--seed", type=int, default=0, help="seed for random trigger/router")

@@ -33,6 +33,7 @@ from transformers import DynamicCache
 from dmoe.engine.triggers import NeverTrigger, TriggerPolicy, token_entropy
 from dmoe.experts.lora import (
     COMPOSITIONS,
+    Composition,
     Expert,
     ExpertAdapter,
     composition_weights,
@@ -48,14 +49,18 @@ class DecodeConfig:
     """Knobs of one generation."""
 
     max_new_tokens: int = 64  # hard cap on generated tokens
-    top_k: int = 3  # experts per trigger (paper: 3)
+    # The routing defaults below are dmoe's shipped defaults (ask, demo, eval, server and the
+    # benches read them from here), chosen on dev slices: results/dev/README.md.
+    top_k: int = 1  # experts per trigger (paper: 3; on a 135M model 3 summed experts loop)
     min_score: float = 0.0  # relevance gate: drop routed hits whose raw score is below this
-    min_relevance: float = 0.0  # ... or whose relevance (BM25: score / query max) is below this
+    min_relevance: float = 0.3  # ... or whose relevance (BM25: score / query max) is below this
+    # (0.3: scripts/calibrate_router.py on knowledge_conflicts 300-600; 0 = off, the paper)
     query_max_tokens: int = 128  # router query = last this-many tokens of input + generated text
     stop_strings: tuple[str, ...] = ()  # stop once the generated text contains one of these
     kv_policy: KVPolicy = "recompute"  # only matters for experts on > 1 layer (see module doc)
-    route_at_start: bool = False  # also route on the task input before prefill (0 in the loop)
-    composition: str = "cat"  # "cat": Σ Δ_i (paper); "softmax": λ·softmax(relevance/T)-weighted Σ
+    route_at_start: bool = True  # also route on the task input before prefill (0 in the loop);
+    # a confident (wrong) model would otherwise never trigger
+    composition: Composition = "cat"  # "cat": Σ Δ_i (paper); "softmax": λ·softmax(relevance/T)-weighted Σ
     composition_temperature: float = 1.0  # T of "softmax" (inf: equal weights λ/k)
     composition_scale: float = 1.0  # λ of "softmax": the mix's overall strength
     ignore_eos: bool = False  # keep generating past EOS (benchmarks with fixed lengths)

@@ -24,11 +24,14 @@ class TriggerPolicy(Protocol):
     def __call__(self, step: int, entropy: float) -> bool: ...
 
 
+DEFAULT_TAU = 2.0  # nats; the paper's τ, kept on dev data (results/dev/README.md)
+
+
 @dataclass(frozen=True)
 class EntropyTrigger:
     """Trigger when TU_t > tau (paper: tau = 2.0)."""
 
-    tau: float = 2.0
+    tau: float = DEFAULT_TAU
 
     def __call__(self, step: int, entropy: float) -> bool:
         return entropy > self.tau
@@ -82,7 +85,7 @@ class ScheduleTrigger:
 TRIGGERS = ("entropy", "always", "never", "random")
 
 
-def make_trigger(name: str, tau: float = 2.0, rate: float = 0.1, seed: int = 0) -> TriggerPolicy:
+def make_trigger(name: str, tau: float = DEFAULT_TAU, rate: float = 0.1, seed: int = 0) -> TriggerPolicy:
     """Build a policy by name: entropy (tau), always, never, random (rate, seed)."""
     if name == "entropy":
         return EntropyTrigger(tau)

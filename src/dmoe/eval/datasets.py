@@ -127,7 +127,12 @@ def load_hotpotqa(root: Path, offset: int = 0, limit: int | None = DEFAULT_LIMIT
     return Task("hotpotqa", samples, _dedupe(corpus))
 
 
-def load_squad(root: Path, offset: int = 0, limit: int | None = DEFAULT_LIMIT) -> Task:
+def load_squad(root: Path, offset: int = 0, limit: int | None = DEFAULT_LIMIT,
+               corpus_scope: str = "all") -> Task:
+    """``corpus_scope="all"``: every dev paragraph (the default); ``"selection"``: only the
+    paragraphs of the selected questions (a small corpus, like HotpotQA's; cheap dev banks)."""
+    if corpus_scope not in ("all", "selection"):
+        raise ValueError(f"corpus_scope must be 'all' or 'selection', got {corpus_scope!r}")
     raw = _read_json(root / "squad" / "squad_dev_v1.1.json")
     samples, corpus = [], []
     for a, article in enumerate(raw["data"]):
@@ -139,7 +144,11 @@ def load_squad(root: Path, offset: int = 0, limit: int | None = DEFAULT_LIMIT) -
                 answers = tuple(dict.fromkeys(x["text"] for x in qa["answers"]))
                 samples.append(Sample(id=qa["id"], question=qa["question"], answers=answers,
                                       gold_unit_ids=(uid,)))
-    return Task("squad", _slice(samples, offset, limit), corpus)
+    chosen = _slice(samples, offset, limit)
+    if corpus_scope == "selection":
+        gold = {u for s in chosen for u in s.gold_unit_ids}
+        corpus = [u for u in corpus if u.id in gold]
+    return Task("squad", chosen, corpus)
 
 
 def load_strategyqa(root: Path, offset: int = 0, limit: int | None = DEFAULT_LIMIT,

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,8 @@ from torch import nn
 from dmoe.errors import ExpertFormatError, UnsupportedModelError
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-COMPOSITIONS = ("cat", "softmax")
+Composition = Literal["cat", "softmax"]
+COMPOSITIONS: tuple[str, ...] = get_args(Composition)
 
 
 def weight_key(layer: int, proj: str, part: str) -> str:

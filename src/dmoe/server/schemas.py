@@ -19,6 +19,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dmoe.engine.decode import DecodeConfig as _D
+from dmoe.engine.triggers import DEFAULT_TAU
+from dmoe.experts.lora import Composition
+
 TRIGGERS = ("entropy", "always", "never", "random")
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
 MAX_STOP_CHARS = 64
@@ -75,10 +79,13 @@ class DmoeOptions(_Strict):
 
     method: Literal["dmoe", "base"] = "dmoe"  # "base": the frozen model, no experts
     trigger: Literal["entropy", "always", "never", "random"] = "entropy"  # when to re-route
-    tau: float = Field(2.0, ge=0.0, le=100.0)  # entropy threshold in nats for trigger="entropy"
+    tau: float = Field(DEFAULT_TAU, ge=0.0, le=100.0)  # entropy threshold (nats), trigger="entropy"
     trigger_rate: float = Field(0.1, ge=0.0, le=1.0)  # probability per step for trigger="random"
-    top_k: int = Field(3, ge=1, le=16)  # experts per trigger (not top-k sampling: decoding is greedy)
-    min_relevance: float = Field(0.0, ge=0.0, le=1.0)  # gate: BM25 score / query max below -> drop
+    top_k: int = Field(_D.top_k, ge=1, le=16)  # experts per route (decoding is greedy, not top-k)
+    route_at_start: bool = _D.route_at_start  # also route on the task input before the 1st token
+    composition: Composition = _D.composition  # "cat": the exact sum | "softmax": λ-scaled mix
+    composition_scale: float = Field(_D.composition_scale, gt=0.0, le=10.0)  # λ of "softmax"
+    min_relevance: float = Field(_D.min_relevance, ge=0.0, le=1.0)  # gate: score / query max
     min_score: float = Field(0.0, ge=0.0)  # gate on the raw BM25 score (no hit left: base model)
     router: Literal["bm25", "random"] = "bm25"  # how experts are ranked on a trigger
     seed: int | None = None  # seeds trigger="random" and router="random"

@@ -123,7 +123,9 @@ def _prepare(state: ServerState, id_prefix: str, text: str, task_input: str,
     check_experts(state, req.experts)
     options = DmoeOptions.model_validate(req.model_dump(include=set(DmoeOptions.model_fields)))
     decode = DecodeConfig(max_new_tokens=n, top_k=req.top_k, stop_strings=req.stop_strings(),
-                          min_score=req.min_score, min_relevance=req.min_relevance)
+                          min_score=req.min_score, min_relevance=req.min_relevance,
+                          route_at_start=req.route_at_start, composition=req.composition,
+                          composition_scale=req.composition_scale)
     return Prepared(request_id=id_prefix + uuid.uuid4().hex[:24], created=int(time.time()),
                     input_ids=ids, task_input=task_input, decode=decode, options=options)
 
