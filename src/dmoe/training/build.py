@@ -41,7 +41,9 @@ class BuildConfig:
     augment_batch: int = 8  # units per augmentation batch
     target: str = "answer"  # QA target style: answer | full_answer
     include_passage_lm: bool = True  # prag recipe: also train on the passage/paraphrase text
-    recipe: str = "prag"  # training examples per unit: prag | recite | recite_qa (augment.training)
+    # training examples per unit: prag | recite | recite_qa (dmoe.augment.training). recite_qa won
+    # the dev sweep (results/dev/README.md): the expert learns to say its passage in the answer frame
+    recipe: str = "recite_qa"
     chunk_size: int = 32  # experts trained and stored together
     storage_dtype: str = "float32"  # float32 | float16 | bfloat16
     limit: int | None = None  # only the first N units (quick tries)
