@@ -48,8 +48,8 @@ def main() -> None:
     ap.add_argument("--dataset", required=True)
     ap.add_argument("--limit", type=int, default=300)
     ap.add_argument("--offset", type=int, default=0)
-    ap.add_argument("--squad-corpus", default="all", choices=["all", "selection"],
-                    help="as dmoe eval --squad-corpus")
+    ap.add_argument("--corpus-scope", default="full", choices=["full", "gold"],
+                    help="as dmoe eval --corpus-scope")
     ap.add_argument("--recipe", default=BuildConfig.recipe, choices=RECIPES,
                     help=f"training examples per unit (default {BuildConfig.recipe})")
     ap.add_argument("--objective", default=TrainConfig.objective, choices=OBJECTIVES)
@@ -84,8 +84,8 @@ def main() -> None:
         ap.error("--no-bank with nothing to train: add --sft-lora FILE and/or --poly DIR")
 
     lm = load_base_model()
-    extra = {"corpus_scope": args.squad_corpus} if args.dataset == "squad" else {}
-    task = load_task(args.dataset, offset=args.offset, limit=args.limit or None, **extra)
+    task = load_task(args.dataset, offset=args.offset, limit=args.limit or None,
+                     corpus_scope=args.corpus_scope)
     units = task.corpus
     augs = make_augmenter(args.augmenter, loaded=lm).augment(units)
     jobs = []

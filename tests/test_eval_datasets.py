@@ -89,3 +89,14 @@ def test_formats_parse_from_any_path(tmp_path, monkeypatch):
     task = load_task("knowledge_conflicts", limit=2)
     assert [s.id for s in task.samples] == ["kc-0", "kc-1", "kc-loc-3", "kc-loc-4"]
     assert task.samples[2].answers == ("old3",) and [u.text for u in task.corpus] == ["ctx 0", "ctx 1"]
+
+
+@needs_data
+def test_gold_corpus_scope_keeps_only_the_answers_units():
+    full = load_task("hotpotqa", offset=300, limit=20)
+    gold = load_task("hotpotqa", offset=300, limit=20, corpus_scope="gold")
+    wanted = {u for s in gold.samples for u in s.gold_unit_ids}
+    assert {u.id for u in gold.corpus} == wanted and len(full.corpus) > len(gold.corpus) > 0
+    assert gold.samples == full.samples
+    with pytest.raises(ValueError, match="corpus_scope"):
+        load_task("squad", corpus_scope="selection")

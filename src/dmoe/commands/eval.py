@@ -48,9 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=DEFAULT_LIMIT,
                    help=f"questions per dataset (default {DEFAULT_LIMIT}; 0 = all)")
     p.add_argument("--offset", type=int, default=0, help="skip this many questions first")
-    p.add_argument("--squad-corpus", default="all", choices=["all", "selection"],
-                   help="SQuAD corpus: all 2,067 dev paragraphs (default) or only the selected "
-                        "questions' paragraphs (cheap dev banks; say so when reporting)")
+    p.add_argument("--corpus-scope", default="full", choices=["full", "gold"],
+                   help="full: each dataset's corpus (default); gold: only the units holding the "
+                        "selected questions' answers (cheap dev banks, no distractors; say so)")
     p.add_argument("--shard", default=None, type=_shard, metavar="K/N",
                    help="answer only samples K, K+N, K+2N, ... of the selection (0 <= K < N), with "
                         "the whole selection's corpus; for parallel workers, each with its own "
@@ -146,8 +146,8 @@ def _evaluate(args: argparse.Namespace, config: object) -> None:
         "offset": args.offset, "shard": args.shard, "config": asdict(config), "model": str(lm.source.path),
         "device": str(lm.device), "platform": platform.platform()})
     for name in args.datasets:
-        extra = {"corpus_scope": args.squad_corpus} if name == "squad" else {}
-        task = load_task(name, args.data_dir, offset=args.offset, limit=args.limit or None, **extra)
+        task = load_task(name, args.data_dir, offset=args.offset, limit=args.limit or None,
+                         corpus_scope=args.corpus_scope)
         if args.shard is not None:
             task.samples = shard(task.samples, *args.shard)
         retriever = PassageRetriever(task.corpus)

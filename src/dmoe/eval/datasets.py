@@ -127,12 +127,7 @@ def load_hotpotqa(root: Path, offset: int = 0, limit: int | None = DEFAULT_LIMIT
     return Task("hotpotqa", samples, _dedupe(corpus))
 
 
-def load_squad(root: Path, offset: int = 0, limit: int | None = DEFAULT_LIMIT,
-               corpus_scope: str = "all") -> Task:
-    """``corpus_scope="all"``: every dev paragraph (the default); ``"selection"``: only the
-    paragraphs of the selected questions (a small corpus, like HotpotQA's; cheap dev banks)."""
-    if corpus_scope not in ("all", "selection"):
-        raise ValueError(f"corpus_scope must be 'all' or 'selection', got {corpus_scope!r}")
+def load_squad(root: Path, offset: int = 0, limit: int | None = DEFAULT_LIMIT) -> Task:
     raw = _read_json(root / "squad" / "squad_dev_v1.1.json")
     samples, corpus = [], []
     for a, article in enumerate(raw["data"]):
@@ -144,11 +139,7 @@ def load_squad(root: Path, offset: int = 0, limit: int | None = DEFAULT_LIMIT,
                 answers = tuple(dict.fromkeys(x["text"] for x in qa["answers"]))
                 samples.append(Sample(id=qa["id"], question=qa["question"], answers=answers,
                                       gold_unit_ids=(uid,)))
-    chosen = _slice(samples, offset, limit)
-    if corpus_scope == "selection":
-        gold = {u for s in chosen for u in s.gold_unit_ids}
-        corpus = [u for u in corpus if u.id in gold]
-    return Task("squad", chosen, corpus)
+    return Task("squad", _slice(samples, offset, limit), corpus)
 
 
 def load_strategyqa(root: Path, offset: int = 0, limit: int | None = DEFAULT_LIMIT,
@@ -217,9 +208,24 @@ LOADERS: dict[str, Callable[..., Task]] = {
 }
 
 
+CORPUS_SCOPES = ("full", "gold")
+
+
 def load_task(name: str, data: str | Path | None = None, offset: int = 0,
-              limit: int | None = DEFAULT_LIMIT, **kwargs: Any) -> Task:
-    """Load benchmark ``name`` (see the module docstring) from the data directory."""
+              limit: int | None = DEFAULT_LIMIT, corpus_scope: str = "full",
+              **kwargs: Any) -> Task:
+    """Load benchmark ``name`` (see the module docstring) from the data directory.
+
+    ``corpus_scope="gold"`` keeps only the units that hold the selected questions' answers (their
+    ``gold_unit_ids``): a small corpus without distractors, for cheap dev banks. Say so when
+    reporting: routing and retrieval are easier than over the full corpus.
+    """
     if name not in LOADERS:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(LOADERS)}")
-    return LOADERS[name](data_dir(data), offset=offset, limit=limit, **kwargs)
+    if corpus_scope not in CORPUS_SCOPES:
+        raise ValueError(f"corpus_scope must be one of {CORPUS_SCOPES}, got {corpus_scope!r}")
+    task = LOADERS[name](data_dir(data), offset=offset, limit=limit, **kwargs)
+    if corpus_scope == "gold":
+        gold = {u for s in task.samples for u in s.gold_unit_ids}
+        task.corpus = [u for u in task.corpus if u.id in gold]
+    return task
