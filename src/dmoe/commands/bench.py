@@ -152,7 +152,8 @@ def run_injection(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     if len(grid) == 1:  # one setting: its numbers at the top level
-        row = {k: v for k, v in result.pop("settings")[0].items() if k != "examples"}
+        row = {k: v for k, v in result.pop("settings")[0].items()
+               if k not in ("examples", "seconds")}  # top-level seconds: the whole run
         result = {**result, **row}
     _emit(result, args.json)
     return 0
