@@ -89,7 +89,7 @@ def served(lm, tmp_path):
 
 def chat(client: TestClient, content: str = "Tell me about Velmora.", **extra) -> dict:
     body = {"model": "t", "max_tokens": 4, "messages": [{"role": "user", "content": content}],
-            "trigger": "always", "top_k": 2, **extra}
+            "trigger": "always", "top_k": 2, "min_relevance": 0.0, **extra}  # no gate: always routed
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
     return r.json()

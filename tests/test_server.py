@@ -35,7 +35,8 @@ QUESTION = "Who founded the town of Velmora?"
 DOC = {"id": "velmora", "title": "Velmora",
        "text": "Velmora is a river town founded by Tamsin Oker in 1702. Velmora has seven green "
                "towers and a salt market."}
-ALWAYS = {"trigger": "always", "top_k": 1}  # route at every token: the new expert is always used
+ALWAYS = {"trigger": "always", "top_k": 1, "min_relevance": 0.0}  # route at every token, no gate:
+# the new expert is always used
 
 
 class LiveServer:

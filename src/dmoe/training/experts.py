@@ -52,6 +52,7 @@ from dmoe.experts.lora import (
 from dmoe.training.distill import (
     TeacherTargets,
     base_only,
+    distill_loss,
     example_loss,
     teacher_targets,
 )
@@ -255,8 +256,9 @@ def train_reference(model: Any, tokenizer: Any, jobs: Sequence[Job], config: Tra
                 for ex, teacher in zip(examples, targets, strict=True):
                     ids = ex.ids.to(device)[None]  # (1, T)
                     logits = peft_model(input_ids=ids).logits[0]  # (T, V)
-                    loss = example_loss(logits[ex.start - 1:-1], ids[0, ex.start:], teacher,
-                                        config.distill_temperature).mean()
+                    seg, tgt = logits[ex.start - 1:-1], ids[0, ex.start:]
+                    loss = (F.cross_entropy(seg.float(), tgt) if teacher is None
+                            else distill_loss(seg, teacher, config.distill_temperature).mean())
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
