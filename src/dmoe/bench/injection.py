@@ -29,7 +29,6 @@ import dataclasses
 import json
 import os
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,7 @@ from dmoe.baselines.protocol import MethodConfig
 from dmoe.baselines.retrieval import PassageRetriever
 from dmoe.eval import metrics
 from dmoe.eval.datasets import load_task
-from dmoe.eval.metrics import extract_answer, normalize_answer
+from dmoe.eval.metrics import extract_answer, has_loop, normalize_answer
 from dmoe.experts.lora import Composition, Expert, ExpertAdapter, LoraSpec
 from dmoe.routing.bm25 import BM25Index, BM25Router
 from dmoe.routing.simple import RandomRouter
@@ -108,13 +107,6 @@ class InjectionSetting:
             else:
                 changes[key.strip()] = type(current)(raw.strip())
         return dataclasses.replace(self, **changes)
-
-
-def has_loop(text: str, n: int = 3, times: int = 3) -> bool:
-    """True when some word n-gram occurs ``times`` or more times (a degenerate, looping answer)."""
-    words = text.lower().split()
-    grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
-    return bool(grams) and max(grams.values()) >= times
 
 
 def contains(generation: str, gold: Sequence[str]) -> bool:

@@ -41,9 +41,9 @@ def run(args: argparse.Namespace) -> int:
     from dmoe.base_model import load_base_model
     from dmoe.baselines.generate import decode_config
     from dmoe.baselines.protocol import MethodConfig
-    from dmoe.bench.injection import has_loop
     from dmoe.commands.ask import describe_spans
     from dmoe.engine.triggers import make_trigger
+    from dmoe.eval.metrics import has_loop
     from dmoe.knowledge import KnowledgeBase
     from dmoe.prompts import encode_prompt
     from dmoe.training.build import BuildConfig, build

@@ -130,3 +130,10 @@ def score(generation: str, golds: Iterable[str], kind: str = "span") -> dict[str
         scored = yes_no_label(answer) or answer  # "No, they are not." answers a yes/no gold "no"
     return {"answer": answer, "em": exact_match(scored, golds), "f1": f1(scored, golds),
             "contains": contains(answer, golds)}
+
+
+def has_loop(text: str, n: int = 3, times: int = 3) -> bool:
+    """True when some word n-gram occurs ``times`` or more times (a degenerate, looping answer)."""
+    words = text.lower().split()
+    grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return bool(grams) and max(grams.values()) >= times
