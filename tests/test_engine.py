@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from dmoe.engine.decode import DecodeConfig, Engine
+from dmoe.engine.decode import DecodeConfig, Engine, repeated_ngram_tokens
 from dmoe.engine.triggers import (
     AlwaysTrigger,
     EntropyTrigger,
@@ -22,9 +22,10 @@ from dmoe.experts.cache import ExpertCache
 from dmoe.experts.lora import ExpertAdapter, LoraSpec, composition_weights, random_expert
 from dmoe.routing.base import FunctionRouter, RouteHit
 
-# The paper's routing mechanics (3 experts, routes on triggers only, no relevance gate), stated
+# The paper's mechanics (3 experts, routes on triggers only, no relevance gate, plain greedy), stated
 # explicitly so these tests do not follow the shipped defaults.
-PaperDecode = functools.partial(DecodeConfig, top_k=3, route_at_start=False, min_relevance=0.0)
+PaperDecode = functools.partial(DecodeConfig, top_k=3, route_at_start=False, min_relevance=0.0,
+                                no_repeat_ngram=0)
 
 PROMPT = torch.tensor([[5, 17, 99, 3, 42, 7, 8, 120, 33, 64]])
 
@@ -260,3 +261,32 @@ def test_composition_weights():
     assert composition_weights([5.0, 1.0, 0.0], "softmax", float("inf"), 0.9) == pytest.approx([0.3] * 3)
     with pytest.raises(ValueError, match="composition"):
         composition_weights([1.0], "mean")
+
+
+def test_repeated_ngram_tokens():
+    assert repeated_ngram_tokens([1, 2, 3, 1, 2], 3) == [3]  # "1 2" was followed by 3
+    assert repeated_ngram_tokens([1, 2, 1, 4, 1], 2) == [2, 4]
+    assert repeated_ngram_tokens([7, 7], 1) == [7]
+    assert repeated_ngram_tokens([1, 2, 3], 0) == [] and repeated_ngram_tokens([1], 3) == []
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_no_repeat_ngram_is_greedy_among_allowed_tokens(tokenizer, n):
+    """Each token is the argmax of the step's logits over the tokens that repeat no n-gram (the
+    no-cache reference of a plain run over the same prefix), and no n-gram occurs twice."""
+    model, adapter, bank, router, cache, trigger = setup()
+    engine = Engine(model, tokenizer, adapter, cache, router, trigger)
+    plain = engine.generate(PROMPT, "task", PaperDecode(max_new_tokens=24, ignore_eos=True))
+    grams = lambda ids: [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]  # noqa: E731
+    assert len(set(grams(plain.token_ids))) < len(grams(plain.token_ids)), "tiny model must loop"
+    gen = engine.generate(PROMPT, "task", PaperDecode(max_new_tokens=24, ignore_eos=True,
+                                                       no_repeat_ngram=n, record_logits=True))
+    assert len(set(grams(gen.token_ids))) == len(grams(gen.token_ids))
+    ref = reference_logits(model, adapter, bank, PROMPT, gen)
+    for t, token in enumerate(gen.token_ids):
+        allowed = ref[t].clone()
+        banned = repeated_ngram_tokens(gen.token_ids[:t], n)
+        allowed[banned] = float("-inf")
+        assert token == int(allowed.argmax())
+    with pytest.raises(ValueError, match="no_repeat_ngram"):
+        DecodeConfig(no_repeat_ngram=-1)

@@ -15,9 +15,10 @@ from dmoe.knowledge import KnowledgeBase
 from dmoe.training.build import BuildConfig, build
 from dmoe.training.experts import TrainConfig
 
-# The paper's routing mechanics (3 experts, routes on triggers only, no relevance gate), stated
+# The paper's mechanics (3 experts, routes on triggers only, no relevance gate, plain greedy), stated
 # explicitly so these tests do not follow the shipped defaults.
-PaperDecode = functools.partial(DecodeConfig, top_k=3, route_at_start=False, min_relevance=0.0)
+PaperDecode = functools.partial(DecodeConfig, top_k=3, route_at_start=False, min_relevance=0.0,
+                                no_repeat_ngram=0)
 
 DOCS = [
     {"id": "velmora", "title": "Velmora", "text": "Velmora is a coastal town founded in 1732 by "

@@ -11,9 +11,10 @@ from dmoe.errors import ModelNotFoundError
 from dmoe.experts.lora import ExpertAdapter, LoraSpec
 from dmoe.prompts import encode_prompt
 
-# The paper's routing mechanics (3 experts, routes on triggers only, no relevance gate), stated
+# The paper's mechanics (3 experts, routes on triggers only, no relevance gate, plain greedy), stated
 # explicitly so these tests do not follow the shipped defaults.
-PaperDecode = functools.partial(DecodeConfig, top_k=3, route_at_start=False, min_relevance=0.0)
+PaperDecode = functools.partial(DecodeConfig, top_k=3, route_at_start=False, min_relevance=0.0,
+                                no_repeat_ngram=0)
 
 
 def test_missing_model_names_what_was_tried(tmp_path):

@@ -305,6 +305,7 @@ def test_bad_requests_get_4xx_with_a_reason(live):
         (dict(extra_body={"tua": 1.0}), "tua"),
         (dict(n=2), "n"),
         (dict(extra_body={"trigger": "sometimes"}), "trigger"),
+        (dict(extra_body={"no_repeat_ngram": -1}), "no_repeat_ngram"),
     ]
     for kwargs, reason in cases:
         kwargs = {"model": "tiny", "messages": msgs, "max_tokens": 4, **kwargs}

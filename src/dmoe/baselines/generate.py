@@ -27,7 +27,8 @@ def decode_config(cfg: MethodConfig, record_logits: bool = False) -> DecodeConfi
                         query_max_tokens=cfg.query_max_tokens, stop_strings=cfg.stop_strings,
                         route_at_start=cfg.route_at_start, composition=cfg.composition,
                         composition_temperature=cfg.composition_temperature,
-                        composition_scale=cfg.composition_scale, record_logits=record_logits)
+                        composition_scale=cfg.composition_scale,
+                        no_repeat_ngram=cfg.no_repeat_ngram, record_logits=record_logits)
 
 
 def first_seen(ids: Sequence[Sequence[str]]) -> tuple[str, ...]:

@@ -67,6 +67,8 @@ class MethodConfig:
     composition: Composition = _D.composition  # "cat" (the paper's Σ Δ_i) | "softmax" (λ-scaled mix)
     composition_temperature: float = _D.composition_temperature  # T of softmax over relevances
     composition_scale: float = _D.composition_scale  # λ, the convex mix's overall strength
+    no_repeat_ngram: int = _D.no_repeat_ngram  # every method: greedy never repeats a generated
+    # n-gram of this length (0 = off)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -81,6 +83,8 @@ class MethodConfig:
         if self.route_min_score < 0 or self.route_min_relevance < 0:
             raise ValueError(f"route_min_score and route_min_relevance must be >= 0, got "
                              f"{self.route_min_score} and {self.route_min_relevance}")
+        if self.no_repeat_ngram < 0:
+            raise ValueError(f"no_repeat_ngram must be >= 0 (0 = off), got {self.no_repeat_ngram}")
         if self.flare_max_retrievals < 0:
             raise ValueError(f"flare_max_retrievals must be >= 0, got {self.flare_max_retrievals}")
 

@@ -76,6 +76,7 @@ class InjectionSetting:
     composition_temperature: float = MethodConfig.composition_temperature
     composition_scale: float = MethodConfig.composition_scale
     min_relevance: float = MethodConfig.route_min_relevance
+    no_repeat_ngram: int = MethodConfig.no_repeat_ngram
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -91,7 +92,8 @@ class InjectionSetting:
                             top_k=1, route_at_start=self.route_at_start,
                             route_min_relevance=self.min_relevance, composition=self.composition,
                             composition_temperature=self.composition_temperature,
-                            composition_scale=self.composition_scale)
+                            composition_scale=self.composition_scale,
+                            no_repeat_ngram=self.no_repeat_ngram)
 
     def with_overrides(self, text: str) -> InjectionSetting:
         """``"recipe=recite,lr=1e-3"`` -> a new setting (values parsed by the field's type)."""

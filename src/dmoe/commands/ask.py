@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, top_k=args.top_k,
                        min_score=args.min_score, min_relevance=args.min_relevance,
                        route_at_start=args.route_at_start, composition=args.composition,
-                       composition_scale=args.composition_scale)
+                       composition_scale=args.composition_scale,
+                       no_repeat_ngram=args.no_repeat_ngram)
     gen = engine.generate(ids, args.question, cfg, on_token=printer)
     sys.stdout.write(gen.text[len(printer.printed):] + "\n")
     if args.show_experts:

@@ -72,6 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--grid", default="", help="settings separated by ';', each 'key=value,...' "
                    "over the shipped defaults (InjectionSetting fields)")
     i.add_argument("--out", help="also write the full result (with example answers) here")
+    i.add_argument("--cache-dir", default=None,
+                   help="keep the base and RAG answers here, keyed by model and slice, so a rerun "
+                        "with other settings answers only the dmoe arms (default: no cache)")
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.set_defaults(func=run_injection)
     f = bsub.add_parser("faults", help="kill -9 at every crash point, corrupt every file, fuzz "
@@ -148,7 +151,8 @@ def run_injection(args: argparse.Namespace) -> int:
     lm = load_base_model(args.model, args.device, args.dtype)
     result = run(lm, grid, n=args.n, offset=args.offset, n_unrelated=args.n_unrelated,
                  unrelated_offset=args.unrelated_offset, max_new_tokens=args.max_new_tokens,
-                 log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                 log=lambda msg: print(msg, file=sys.stderr, flush=True),
+                 cache_dir=Path(args.cache_dir) if args.cache_dir else None)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     if len(grid) == 1:  # one setting: its numbers at the top level

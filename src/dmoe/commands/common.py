@@ -52,6 +52,9 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
                         "lambda-scaled convex mix by router relevance (default %(default)s)")
     g.add_argument("--composition-scale", type=finite_float, default=D.composition_scale,
                    metavar="LAMBDA", help="lambda of --composition softmax (default %(default)s)")
+    g.add_argument("--no-repeat-ngram", type=int, default=D.no_repeat_ngram, metavar="N",
+                   help="never repeat an n-gram of the generated text (greedy takes the best "
+                        "other token; default %(default)s, 0 = plain greedy)")
     g.add_argument("--min-relevance", type=finite_float, default=D.min_relevance, metavar="R",
                    help="relevance gate: drop routed experts whose BM25 score is below R x the "
                         "query's maximum attainable score; none left = base model until the next "

@@ -85,6 +85,7 @@ class DmoeOptions(_Strict):
     route_at_start: bool = _D.route_at_start  # also route on the task input before the 1st token
     composition: Composition = _D.composition  # "cat": the exact sum | "softmax": λ-scaled mix
     composition_scale: float = Field(_D.composition_scale, gt=0.0, le=10.0)  # λ of "softmax"
+    no_repeat_ngram: int = Field(_D.no_repeat_ngram, ge=0, le=16)  # 0 = plain greedy
     min_relevance: float = Field(_D.min_relevance, ge=0.0, le=1.0)  # gate: score / query max
     min_score: float = Field(0.0, ge=0.0)  # gate on the raw BM25 score (no hit left: base model)
     router: Literal["bm25", "random"] = "bm25"  # how experts are ranked on a trigger

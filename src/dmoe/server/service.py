@@ -125,7 +125,8 @@ def _prepare(state: ServerState, id_prefix: str, text: str, task_input: str,
     decode = DecodeConfig(max_new_tokens=n, top_k=req.top_k, stop_strings=req.stop_strings(),
                           min_score=req.min_score, min_relevance=req.min_relevance,
                           route_at_start=req.route_at_start, composition=req.composition,
-                          composition_scale=req.composition_scale)
+                          composition_scale=req.composition_scale,
+                          no_repeat_ngram=req.no_repeat_ngram)
     return Prepared(request_id=id_prefix + uuid.uuid4().hex[:24], created=int(time.time()),
                     input_ids=ids, task_input=task_input, decode=decode, options=options)
 

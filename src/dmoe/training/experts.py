@@ -80,12 +80,11 @@ class TrainConfig:
     """How every expert of a bank is trained; ``settings_hash`` identifies it for rebuild skips."""
 
     spec: LoraSpec = field(default_factory=LoraSpec)  # rank / alpha / layers of each expert
-    # lr / epochs: the paper's 1e-5 x 1 leaves an expert inert. 5e-3 x 10 is DESIGN.md's probe
-    # (7/20 facts injected from the passage alone); the dmoe.bench.injection rerun on 10 other NQ
-    # counterfactuals gave 0/10 for 1e-5x1, 5e-3x10 and 2e-2x5, 1/10 (+1 near miss) for 1e-2x20
-    # with visibly degraded fluency (RAG 4/10, base 0/10): not settled; kept at DESIGN.md's value.
+    # lr / epochs: the paper's 1e-5 x 1 leaves an expert inert. With the recite_qa recipe,
+    # 5e-3 x 5 injects as often as 5e-3 x 10 and 2e-3 x 10 (oracle-routed, knowledge_conflicts
+    # 500-539: 0.325 / 0.325 / 0.35) with fewer loops and 35% less training: results/dev/README.md.
     lr: float = 5e-3  # AdamW learning rate
-    epochs: int = 10  # passes over each expert's examples
+    epochs: int = 5  # passes over each expert's examples
     loss_on: str = "answer"  # "answer": target tokens only; "all": every token after the first
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
     eps: float = 1e-8  # AdamW epsilon
