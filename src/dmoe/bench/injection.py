@@ -26,6 +26,7 @@ share of unrelated answers identical to base's (after SQuAD normalisation); ``ow
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -139,7 +140,7 @@ def run(lm: Any, settings: Sequence[InjectionSetting], n: int = 100, offset: int
         n_unrelated: int = 100, unrelated_offset: int = 400, max_new_tokens: int = 32,
         log: Any = print, cache_dir: Path | None = None) -> dict[str, Any]:
     """Answer the slice with every arm under each setting (module docstring). The settings-free
-    arms (base, RAG) are kept in ``cache_dir`` when given, keyed by model and slice."""
+    arms (base, RAG) are kept in ``cache_dir`` when given, keyed by model, slice and decoding."""
     t_start = time.perf_counter()
     torch.manual_seed(0)
     task = load_task("knowledge_conflicts", offset=offset, limit=n, n_locality=0)
@@ -155,7 +156,8 @@ def run(lm: Any, settings: Sequence[InjectionSetting], n: int = 100, offset: int
             "rag": lambda: _answers(RagMethod(m, tok, adapter, retriever, plain), samples),
             "rag_top3": lambda: _answers(RagMethod(m, tok, adapter, retriever,
                                                    dataclasses.replace(plain, top_k=3)), samples)}
-    key = f"{lm.fingerprint}-{offset}-{len(samples)}-{unrelated_offset}-{len(unrelated)}-{max_new_tokens}"
+    decoding = hashlib.sha256(repr(plain).encode()).hexdigest()[:8]  # max_new_tokens, greedy, ...
+    key = f"{lm.fingerprint}-{offset}-{len(samples)}-{unrelated_offset}-{len(unrelated)}-{decoding}"
     texts = _cached_baselines(cache_dir, key, arms)
     base, base_unrel, rag, rag3 = (texts[a] for a in arms)
     gold = [s.answers for s in samples]
