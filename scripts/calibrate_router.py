@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--unrelated-limit", type=int, default=300)
     ap.add_argument("--transfer-limit", type=int, default=300)
     ap.add_argument("--abs", type=float, default=10.0, help="chosen absolute threshold to transfer")
-    ap.add_argument("--norm", type=float, default=0.3, help="chosen normalised threshold to transfer")
+    ap.add_argument("--norm", type=float, default=0.4, help="chosen normalised threshold to transfer")
     ap.add_argument("--per-term", type=float, default=2.0)
     args = ap.parse_args()
 

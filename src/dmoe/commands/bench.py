@@ -73,8 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "over the shipped defaults (InjectionSetting fields)")
     i.add_argument("--out", help="also write the full result (with example answers) here")
     i.add_argument("--cache-dir", default=None,
-                   help="keep the base and RAG answers here, keyed by model and slice, so a rerun "
-                        "with other settings answers only the dmoe arms (default: no cache)")
+                   help="keep the base and RAG answers here, keyed by model, slice and decoding, so a "
+                        "rerun with other settings answers only the dmoe arms (default: none)")
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.set_defaults(func=run_injection)
     f = bsub.add_parser("faults", help="kill -9 at every crash point, corrupt every file, fuzz "
