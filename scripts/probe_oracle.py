@@ -33,8 +33,7 @@ from dmoe.augment import make_augmenter, training_examples
 from dmoe.augment.types import TrainingExample
 from dmoe.base_model import load_base_model
 from dmoe.baselines.parametric import DmoeMethod
-from dmoe.baselines.protocol import MethodConfig
-from dmoe.bench.injection import STOPS, contains
+from dmoe.bench.injection import InjectionSetting, contains
 from dmoe.eval.datasets import load_task
 from dmoe.eval.metrics import has_loop
 from dmoe.experts.lora import ExpertAdapter, LoraSpec
@@ -91,9 +90,9 @@ def main() -> None:
         train_s = time.perf_counter() - t0
         for nrn in opts.get("nrn", "0").split("/"):
             router = OracleRouter()
-            cfg = MethodConfig(max_new_tokens=args.max_new_tokens, stop_strings=STOPS, top_k=1,
-                               dmoe_top_k=1, route_at_start=True, route_min_relevance=0.0,
-                               no_repeat_ngram=int(nrn))
+            # the bench's decoding (shipped defaults), no gate: the oracle's hits carry no relevance
+            cfg = InjectionSetting(min_relevance=0.0, no_repeat_ngram=int(nrn)).method_config(
+                args.max_new_tokens)
             method = DmoeMethod(lm.model, tok, adapter, lambda ids, b=bank: [b[i] for i in ids],
                                 router, cfg)
             answers = []
