@@ -222,3 +222,32 @@ def test_shuffled_router_is_a_derangement_that_keeps_scores():
     hits, real = router.route("q", 3), inner.route("q", 3)
     assert [h.score for h in hits] == [h.score for h in real]
     assert [h.expert_id for h in hits] == [router.mapping[h.expert_id] for h in real]
+
+
+BATCH = [SAMPLE, Sample("q2", "Where does the Nile flow?", ("sea",)),
+         Sample("q3", "What orbits the Earth?", ("Moon",)),
+         Sample("q4", "Rome is the capital of which country, and since when?", ("Italy",))]
+
+
+@pytest.mark.parametrize("name", [n for n in METHOD_NAMES if n != "flare"])
+def test_answer_batch_equals_answer(res, retriever, name):
+    """Every one-generation method answers a batch exactly as it answers one by one (dmoe's controls
+    included; the dmoe arms re-route at every step)."""
+    import dataclasses
+
+    res = dataclasses.replace(res, config=dataclasses.replace(
+        CFG, max_new_tokens=8, trigger="always", route_at_start=True))
+    method = build_method(name, res, retriever)
+    try:
+        one = [method.answer(s) for s in BATCH]
+        many = method.answer_batch(BATCH)
+    finally:
+        method.close()
+    for a, b in zip(one, many, strict=True):
+        assert (a.text, a.generated_tokens, a.prefill_tokens, a.triggers, a.active_experts,
+                a.retrieved) == (b.text, b.generated_tokens, b.prefill_tokens, b.triggers,
+                                 b.active_experts, b.retrieved)
+        assert b.extra.pop("batch_size") == len(BATCH) and a.extra == b.extra
+    assert res.adapter.active == () and all(m.lora is None for m in res.adapter.mlps.values())
+    if name.startswith("dmoe") or name.startswith("prag") or name in ("sft_lora", "poly_prag"):
+        assert any(p.active_experts for p in one), "the batch must hold experts to prove anything"

@@ -139,3 +139,23 @@ def test_methods_interleave_per_sample_and_shards_split(tmp_path, resources):
     with pytest.raises(SystemExit):
         main(["eval", "--shard", "3/2", "--out", str(tmp_path)])
     retriever.close()
+
+
+def test_batched_run_records_the_same_answers(tmp_path, resources):
+    retriever = PassageRetriever(CORPUS)
+    build = lambda name: build_method(name, resources, retriever)  # noqa: E731
+    methods = ["base", "rag", "flare"]  # flare has no answer_batch: answered one by one
+    assert run_task(TASK, methods, build, tmp_path / "b1", progress=False) == dict.fromkeys(methods, 3)
+    assert run_task(TASK, methods, build, tmp_path / "b2", progress=False, batch_size=2) == \
+        dict.fromkeys(methods, 3)
+    for m in methods:
+        one, two = (read_records(results_path(tmp_path / d, TASK.name, m)) for d in ("b1", "b2"))
+        assert [(r["id"], r["prediction"], r["generated_tokens"]) for r in one] == \
+            [(r["id"], r["prediction"], r["generated_tokens"]) for r in two]
+        assert [r["extra"].get("batch_size") for r in two] == \
+            ([None] * 3 if m == "flare" else [2, 2, None])  # the last batch holds one sample
+    with pytest.raises(ValueError, match="batch_size"):
+        run_task(TASK, methods, build, tmp_path / "b0", progress=False, batch_size=0)
+    with pytest.raises(SystemExit):
+        main(["eval", "--batch-size", "0", "--out", str(tmp_path)])
+    retriever.close()

@@ -64,3 +64,40 @@ def test_packaged_model_answers_and_matches_generate(smollm):
 def test_packaged_model_cache_is_reused(smollm):
     again = load_base_model(None, "cpu")
     assert again.fingerprint == smollm.fingerprint
+
+
+@pytest.mark.slow
+def test_packaged_model_batch_equals_single_sequence(smollm):
+    """Four rows with different questions, expert sets and swap steps, on the real model."""
+    from dmoe.engine.batch import BatchEngine, Request
+    from dmoe.engine.triggers import ScheduleTrigger
+    from dmoe.experts.lora import random_expert
+    from dmoe.routing.base import FunctionRouter
+
+    model, tok = smollm.model, smollm.tokenizer
+    adapter = ExpertAdapter(model, LoraSpec())
+    g = torch.Generator().manual_seed(0)
+    bank = {f"e{i}": random_expert(f"e{i}", adapter.mlp_shapes, LoraSpec(), g, std=0.02)
+            for i in range(4)}
+    router = FunctionRouter(lambda q, k: [f"e{len(q) % 4}", f"e{(len(q) + 1) % 4}"][:k])
+    load = lambda ids: [bank[i] for i in ids]  # noqa: E731
+    cfg = PaperDecode(max_new_tokens=12, record_logits=True)
+    questions = ["What is the capital of France?", "Who wrote Hamlet?",
+                 "Name a planet with rings.", "Why is the sky blue? Explain briefly."]
+    reqs = [Request(torch.tensor([encode_prompt(tok, q)]), q, cfg,
+                    initial_experts=["e1"] if i == 1 else (),
+                    trigger=ScheduleTrigger.at([i, i + 4])) for i, q in enumerate(questions)]
+    refs = []
+    for r in reqs:
+        engine = Engine(model, tok, adapter, load, router, r.trigger)
+        refs.append(engine.generate(r.input_ids, r.task_input, r.config, r.initial_experts))
+        engine.close()
+    engine = Engine(model, tok, adapter, load, router)
+    gens = BatchEngine(engine, max_batch=4).run(reqs)
+    engine.close()
+    adapter.detach()
+    for gen, ref in zip(gens, refs, strict=True):
+        assert gen.token_ids == ref.token_ids
+        assert [r.active for r in gen.records] == [r.active for r in ref.records]
+        n = len(ref.logits)
+        assert (torch.stack(gen.logits[:n]) - torch.stack(ref.logits)).abs().max() <= 1e-4

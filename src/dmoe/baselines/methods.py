@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dmoe.baselines.generate import PromptRunner, decode_config, prediction
+from dmoe.baselines.generate import Fields, Job, OneShotMethod, PromptRunner, decode_config
 from dmoe.baselines.protocol import MethodConfig, Prediction
 from dmoe.baselines.retrieval import PassageRetriever, passage_text
 from dmoe.experts.lora import ExpertAdapter
@@ -27,7 +27,7 @@ from dmoe.routing.base import build_query
 from dmoe.samples import Sample
 
 
-class BaseMethod:
+class BaseMethod(OneShotMethod):
     """The frozen model with no external knowledge."""
 
     name = "base"
@@ -37,16 +37,11 @@ class BaseMethod:
         self.cfg = config or MethodConfig()
         self.runner = PromptRunner(model, tokenizer, adapter)
 
-    def answer(self, sample: Sample) -> Prediction:
-        t0 = time.perf_counter()
-        gen = self.runner.run(sample.question, (), decode_config(self.cfg))
-        return prediction(gen, t0)
-
-    def close(self) -> None:
-        self.runner.close()
+    def prepare(self, sample: Sample) -> tuple[Job, Fields]:
+        return Job(sample.question, (), decode_config(self.cfg)), lambda gen: {}
 
 
-class RagMethod:
+class RagMethod(OneShotMethod):
     """Basic-RAG: BM25 top-k passages for the question in the prompt."""
 
     name = "rag"
@@ -57,15 +52,10 @@ class RagMethod:
         self.retriever = retriever
         self.runner = PromptRunner(model, tokenizer, adapter)
 
-    def answer(self, sample: Sample) -> Prediction:
-        t0 = time.perf_counter()
+    def prepare(self, sample: Sample) -> tuple[Job, Fields]:
         units = self.retriever.retrieve(sample.question, self.cfg.top_k)
-        gen = self.runner.run(sample.question, [passage_text(u) for u in units],
-                              decode_config(self.cfg))
-        return prediction(gen, t0, retrieved=tuple(u.id for u in units))
-
-    def close(self) -> None:
-        self.runner.close()
+        job = Job(sample.question, [passage_text(u) for u in units], decode_config(self.cfg))
+        return job, lambda gen: {"retrieved": tuple(u.id for u in units)}
 
 
 def first_low_confidence(logits: list[torch.Tensor], threshold: float) -> int | None:

@@ -24,12 +24,18 @@ greedy ``Engine`` and the one prompt frame.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from dmoe.baselines.generate import PromptRunner, decode_config, first_seen, prediction
-from dmoe.baselines.protocol import MethodConfig, Prediction
+from dmoe.baselines.generate import (
+    Fields,
+    Job,
+    OneShotMethod,
+    PromptRunner,
+    decode_config,
+    first_seen,
+)
+from dmoe.baselines.protocol import MethodConfig
 from dmoe.baselines.retrieval import PassageRetriever, passage_text
 from dmoe.engine.decode import ExpertLoader
 from dmoe.engine.triggers import make_trigger
@@ -38,7 +44,7 @@ from dmoe.routing.base import Router
 from dmoe.samples import Sample
 
 
-class DmoeMethod:
+class DmoeMethod(OneShotMethod):
     """DMoE: entropy-triggered BM25 routing of final-layer experts during decoding."""
 
     name = "dmoe"
@@ -52,20 +58,14 @@ class DmoeMethod:
         trigger = make_trigger(self.cfg.trigger, self.cfg.tau, self.cfg.trigger_rate, self.cfg.seed)
         self.runner = PromptRunner(model, tokenizer, adapter, load_experts, router, trigger)
 
-    def answer(self, sample: Sample) -> Prediction:
-        t0 = time.perf_counter()
+    def prepare(self, sample: Sample) -> tuple[Job, Fields]:
         cfg = dataclasses.replace(decode_config(self.cfg), top_k=self.k)
-        gen = self.runner.run(sample.question, (), cfg)
-        active = first_seen([r.active for r in gen.records])
-        return prediction(gen, t0, triggers=gen.n_triggers, active_experts=active,
-                          extra={"trigger_steps": [i for i, r in enumerate(gen.records)
-                                                   if r.triggered]})
-
-    def close(self) -> None:
-        self.runner.close()
+        return Job(sample.question, (), cfg), lambda gen: {
+            "triggers": gen.n_triggers, "active_experts": first_seen([r.active for r in gen.records]),
+            "extra": {"trigger_steps": [i for i, r in enumerate(gen.records) if r.triggered]}}
 
 
-class PragMethod:
+class PragMethod(OneShotMethod):
     """PRAG (``with_passages=False``) or PRAG-combine (``True``): merged top-k passage LoRAs."""
 
     def __init__(self, model: Any, tokenizer: Any, adapter: ExpertAdapter,
@@ -79,20 +79,16 @@ class PragMethod:
         self.retriever = retriever
         self.runner = PromptRunner(model, tokenizer, adapter, load_experts)
 
-    def answer(self, sample: Sample) -> Prediction:
-        t0 = time.perf_counter()
+    def prepare(self, sample: Sample) -> tuple[Job, Fields]:
         units = self.retriever.retrieve(sample.question, self.cfg.top_k)
         ids = [e for e in (self.expert_of(u.id) for u in units) if e is not None]
         passages = [passage_text(u) for u in units] if self.with_passages else []
-        gen = self.runner.run(sample.question, passages, decode_config(self.cfg), ids)
-        return prediction(gen, t0, active_experts=tuple(ids),
-                          retrieved=tuple(u.id for u in units) if self.with_passages else ())
-
-    def close(self) -> None:
-        self.runner.close()
+        retrieved = tuple(u.id for u in units) if self.with_passages else ()
+        return (Job(sample.question, passages, decode_config(self.cfg), ids),
+                lambda gen: {"active_experts": tuple(ids), "retrieved": retrieved})
 
 
-class SftLoraMethod:
+class SftLoraMethod(OneShotMethod):
     """One corpus-wide LoRA, active for every answer."""
 
     name = "sft_lora"
@@ -103,19 +99,15 @@ class SftLoraMethod:
         self.lora = lora
         self.runner = PromptRunner(model, tokenizer, adapter, lambda ids: [lora])
 
-    def answer(self, sample: Sample) -> Prediction:
-        t0 = time.perf_counter()
-        gen = self.runner.run(sample.question, (), decode_config(self.cfg), [self.lora.id])
-        return prediction(gen, t0, active_experts=(self.lora.id,))
-
-    def close(self) -> None:
-        self.runner.close()
+    def prepare(self, sample: Sample) -> tuple[Job, Fields]:
+        job = Job(sample.question, (), decode_config(self.cfg), [self.lora.id])
+        return job, lambda gen: {"active_experts": (self.lora.id,)}
 
 
 PolyRouting = Callable[[str], Mapping[int, float]]  # unit id -> {pool index: weight} (sparse)
 
 
-class PolyPragMethod:
+class PolyPragMethod(OneShotMethod):
     """Poly-PRAG: the top-k passages' routing weights mix a small pool of latent LoRAs."""
 
     name = "poly_prag"
@@ -129,8 +121,12 @@ class PolyPragMethod:
         self.pool = list(pool)
         self.routing = routing
         self.retriever = retriever
-        self._mix: list[Expert] = []
-        self.runner = PromptRunner(model, tokenizer, adapter, lambda ids: self._mix)
+        self.runner = PromptRunner(model, tokenizer, adapter, self._load_mix)
+
+    def _load_mix(self, ids: Sequence[str]) -> list[Expert]:
+        """``"j*w"`` -> w · pool[j] (``prepare`` names a mixture's terms so; w round-trips)."""
+        terms = [i.split("*") for i in ids]
+        return [scaled_expert(self.pool[int(j)], float(w), f"{j}*{w}") for j, w in terms]
 
     def mixture(self, unit_ids: Sequence[str]) -> dict[int, float]:
         """Summed pool weights of the given passages (Σ_p w_p)."""
@@ -143,15 +139,9 @@ class PolyPragMethod:
                 total[j] = total.get(j, 0.0) + float(w)
         return {j: w for j, w in total.items() if w != 0.0}
 
-    def answer(self, sample: Sample) -> Prediction:
-        t0 = time.perf_counter()
+    def prepare(self, sample: Sample) -> tuple[Job, Fields]:
         units = self.retriever.retrieve(sample.question, self.cfg.top_k)
-        mix = self.mixture([u.id for u in units])
-        self._mix = [scaled_expert(self.pool[j], w) for j, w in sorted(mix.items())]
-        ids = [e.id for e in self._mix]
-        gen = self.runner.run(sample.question, (), decode_config(self.cfg), ids)
-        return prediction(gen, t0, active_experts=tuple(self.pool[j].id for j in sorted(mix)),
-                          extra={"mixture": {self.pool[j].id: w for j, w in sorted(mix.items())}})
-
-    def close(self) -> None:
-        self.runner.close()
+        mix = sorted(self.mixture([u.id for u in units]).items())
+        job = Job(sample.question, (), decode_config(self.cfg), [f"{j}*{w!r}" for j, w in mix])
+        return job, lambda gen: {"active_experts": tuple(self.pool[j].id for j, _ in mix),
+                                 "extra": {"mixture": {self.pool[j].id: w for j, w in mix}}}

@@ -8,23 +8,32 @@ How it measures (printed with the numbers):
   machine noise hits all of them alike; one warm-up round is discarded;
 - tokens/s per arm = median over runs of (generated tokens / wall time incl. prefill);
 - ``engine_dmoe``: ``n_store`` random experts written to disk as expert files; the router returns k
-  random stored ids; the expert cache is disabled so every trigger loads its experts from disk;
+  pseudo-random stored ids (from a hash of the query); the expert cache is disabled so every trigger loads its experts from disk;
   tau is set to a quantile of the base model's own entropies so that >= 10% of steps trigger;
 - ``trigger_cost_in_decode_steps`` = median(trigger time incl. route + load + swap + recompute)
   / median(one-token decode step) over the dmoe runs.
+
+Batched arms (``batch_sizes``, ``dmoe.engine.batch``): B copies of the prompt list's first B prompts
+(cycled) run as one batch of exactly ``max_new_tokens`` tokens each; tokens/s = B * max_new_tokens /
+wall time incl. every row's prefill, median over repeats, arms interleaved per repeat.
+``ratio_dmoe_vs_no_experts_b8`` compares batch 8 with DMoE triggers (the same tau and store; each
+row swaps at its own steps) to batch 8 without experts. ``batch_matches_single``: every row of
+the largest batch's dmoe run decoded the same tokens as ``Engine.generate`` alone (the router
+picks experts from a hash of the query, so both see the same routes in any call order).
 """
 
 from __future__ import annotations
 
-import random
 import statistics
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dmoe.engine.batch import BatchEngine, Request
 from dmoe.engine.decode import DecodeConfig, Engine
 from dmoe.engine.triggers import EntropyTrigger
 from dmoe.experts.cache import ExpertCache, directory_loader
@@ -55,7 +64,8 @@ def _time(fn: Any, sync: bool) -> tuple[Any, float]:
 
 def bench_decode(model_spec: str | None = None, device: str | None = None,
                  max_new_tokens: int = 48, repeats: int = 3, n_store: int = 64, top_k: int = 3,
-                 target_trigger_rate: float = 0.2, seed: int = 0) -> dict[str, Any]:
+                 target_trigger_rate: float = 0.2, seed: int = 0,
+                 batch_sizes: tuple[int, ...] = (1, 4, 8, 16)) -> dict[str, Any]:
     from dmoe.base_model import load_base_model
 
     lm = load_base_model(model_spec, device)
@@ -73,8 +83,12 @@ def bench_decode(model_spec: str | None = None, device: str | None = None,
             save_expert(Path(store) / f"{i}.safetensors",
                         random_expert(i, adapter.mlp_shapes, spec, g, std=0.01), lm.fingerprint)
         loader = ExpertCache(directory_loader(store, lm.fingerprint), capacity=0)  # cold loads
-        rng = random.Random(seed)
-        router = FunctionRouter(lambda q, k: rng.sample(ids, k))
+
+        def pick(query: str, k: int) -> list[str]:  # pseudo-random, but the same in any order
+            h = zlib.crc32(f"{seed}:{query}".encode())
+            return [ids[(h + j * 7919) % n_store] for j in range(k)]
+
+        router = FunctionRouter(pick)
 
         plain = Engine(model, tok, adapter)
         # tau from the base model's own entropy distribution -> about target_trigger_rate triggers
@@ -113,6 +127,7 @@ def bench_decode(model_spec: str | None = None, device: str | None = None,
                 n_steps += len(gen.records)
                 n_triggers += gen.n_triggers
         adapter.activate([])
+        batched = _bench_batches(dmoe, PROMPTS, prompts, cfg, batch_sizes, repeats, sync)
 
     med = {k: statistics.median(v) for k, v in rates.items()}
     return {
@@ -130,6 +145,54 @@ def bench_decode(model_spec: str | None = None, device: str | None = None,
         "median_decode_step_ms": round(statistics.median(step_s) * 1e3, 3),
         "trigger_rate": round(n_triggers / n_steps, 3),
         "tau": round(tau, 3), "top_k": top_k, "n_stored_experts": n_store,
+        **batched,
         "method": "median over prompts x repeats of tokens/wall-s incl. prefill; arms interleaved;"
-                  " exactly max_new_tokens per run; expert cache off (disk load per trigger)",
+                  " exactly max_new_tokens per run; expert cache off (disk load per trigger); "
+                  "batches: B rows x max_new_tokens / wall-s of the whole batch",
     }
+
+
+def _bench_batches(engine: Engine, questions: list[str], prompts: list[torch.Tensor],
+                   cfg: DecodeConfig, sizes: tuple[int, ...], repeats: int,
+                   sync: bool) -> dict[str, Any]:
+    """Batched tokens/s per batch size (no experts), and batch 8 with DMoE triggers."""
+    if not sizes:
+        return {}
+    batch = BatchEngine(engine, max_batch=max(sizes))
+
+    def run(b: int, routing: bool) -> tuple[list[Any], float]:
+        reqs = [Request(prompts[i % len(prompts)], questions[i % len(prompts)], cfg,
+                        routing=routing) for i in range(b)]
+        batch.max_batch = b
+        return _time(lambda: batch.run(reqs), sync)
+
+    rates: dict[str, list[float]] = {}
+    dmoe_b = 8 if 8 in sizes else max(sizes)
+    steps = fired = 0
+    for rep in range(repeats + 1):
+        for b in sizes:
+            arms = [("batch", False)] + ([("dmoe_batch", True)] if b == dmoe_b else [])
+            for arm, routing in arms:
+                gens, dt = run(b, routing)
+                if rep == 0:
+                    continue  # warm-up round
+                rates.setdefault(f"{arm}_{b}", []).append(b * cfg.max_new_tokens / dt)
+                if routing:
+                    steps += sum(len(g.records) for g in gens)
+                    fired += sum(g.n_triggers for g in gens)
+    # the largest batch's dmoe rows against the single-sequence engine
+    gens, _ = run(max(sizes), True)
+    singles = [engine.generate(prompts[i % len(prompts)], questions[i % len(prompts)], cfg)
+               for i in range(max(sizes))]
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    out: dict[str, Any] = {f"tokens_per_s_batch_{b}": round(med[f"batch_{b}"], 2) for b in sizes}
+    out[f"tokens_per_s_dmoe_batch_{dmoe_b}"] = round(med[f"dmoe_batch_{dmoe_b}"], 2)
+    if 1 in sizes:
+        out[f"throughput_ratio_b{dmoe_b}_vs_b1"] = round(med[f"batch_{dmoe_b}"] / med["batch_1"], 3)
+    out[f"ratio_dmoe_vs_no_experts_b{dmoe_b}"] = round(
+        med[f"dmoe_batch_{dmoe_b}"] / med[f"batch_{dmoe_b}"], 3)
+    out[f"trigger_rate_dmoe_batch_{dmoe_b}"] = round(fired / max(steps, 1), 3)
+    out["batch_matches_single"] = all(g.token_ids == s.token_ids
+                                      for g, s in zip(gens, singles, strict=True))
+    out["batch_sizes"] = list(sizes)
+    return out

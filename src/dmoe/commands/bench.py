@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(d)
     d.add_argument("--max-new-tokens", type=int, default=48)
     d.add_argument("--repeats", type=int, default=3, help="measured rounds over the prompts")
+    d.add_argument("--batch-sizes", default="1,4,8,16", type=_batch_sizes,
+                   help="batched arms (comma-separated sizes; '' = none)")
     d.add_argument("--json", action="store_true", help="print one JSON object")
     d.set_defaults(func=run_decode)
     r = bsub.add_parser("router", help="BM25 index query/add/delete latency at N experts",
@@ -163,10 +165,21 @@ def run_injection(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch sizes must be integers, got {text!r}") from None
+    if any(b < 1 for b in sizes):
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return sizes
+
+
 def run_decode(args: argparse.Namespace) -> int:
     from dmoe.bench.decode import bench_decode
 
-    _emit(bench_decode(args.model, args.device, args.max_new_tokens, args.repeats), args.json)
+    _emit(bench_decode(args.model, args.device, args.max_new_tokens, args.repeats,
+                       batch_sizes=args.batch_sizes), args.json)
     return 0
 
 

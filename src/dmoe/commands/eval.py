@@ -25,6 +25,16 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 def _shard(value: str) -> tuple[int, int]:
     from dmoe.eval.runner import parse_shard
 
@@ -56,6 +66,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the whole selection's corpus; for parallel workers, each with its own "
                         "--out (concatenate their <dataset>/<method>.jsonl files, then "
                         "--report-only)")
+    p.add_argument("--batch-size", type=_positive, default=1, metavar="B",
+                   help="answer B questions per batch with every method that decodes one greedy "
+                        "generation (all but flare); same answers as B = 1, latency_s = batch "
+                        "time / B (default: 1)")
     p.add_argument("--out", required=True, type=Path, help="results directory (created/resumed)")
     p.add_argument("--data-dir", default=None,
                    help="benchmark data folder (default $DMOE_DATA_DIR or ../shared/data)")
@@ -143,7 +157,7 @@ def _evaluate(args: argparse.Namespace, config: object) -> None:
     log_invocation(args.out, {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv,
         "methods": args.methods, "datasets": args.datasets, "limit": args.limit,
-        "offset": args.offset, "shard": args.shard, "config": asdict(config), "model": str(lm.source.path),
+        "offset": args.offset, "shard": args.shard, "batch_size": args.batch_size, "config": asdict(config), "model": str(lm.source.path),
         "device": str(lm.device), "platform": platform.platform()})
     for name in args.datasets:
         task = load_task(name, args.data_dir, offset=args.offset, limit=args.limit or None,
@@ -153,7 +167,8 @@ def _evaluate(args: argparse.Namespace, config: object) -> None:
         retriever = PassageRetriever(task.corpus)
         try:
             build = functools.partial(build_method, res=res, retriever=retriever)
-            ran = run_task(task, args.methods, build, args.out, progress=not args.no_progress)
+            ran = run_task(task, args.methods, build, args.out, progress=not args.no_progress,
+                           batch_size=args.batch_size)
         finally:
             retriever.close()
         print(json.dumps({"dataset": name, "computed": ran}), file=sys.stderr)

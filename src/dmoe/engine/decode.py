@@ -100,6 +100,15 @@ def repeated_ngram_tokens(tokens: Sequence[int], n: int) -> list[int]:
                    if tuple(tokens[i:i + n - 1]) == prefix})
 
 
+def greedy_token(logits: torch.Tensor, generated: Sequence[int], no_repeat_ngram: int) -> int:
+    """argmax of ``logits`` (V,) over the tokens that repeat no ``no_repeat_ngram``-gram of
+    ``generated`` (every token when 0)."""
+    banned = repeated_ngram_tokens(generated, no_repeat_ngram)
+    if banned:
+        logits = logits.index_fill(0, torch.tensor(banned, device=logits.device), float("-inf"))
+    return int(logits.argmax())
+
+
 @dataclass(frozen=True)
 class TokenRecord:
     """What happened at one generated position."""
@@ -178,11 +187,13 @@ class Engine:
         hidden = self.model.model(input_ids=ids, past_key_values=cache, use_cache=True)
         return self.lm_head(hidden.last_hidden_state[:, -1, :])
 
-    def _recompute_last_mlp(self) -> torch.Tensor:
-        """Logits of the current position under the new active set, from the cached h_mid."""
-        assert self._h_mid is not None, "no forward pass has run yet"
+    def _recompute_last_mlp(self, h_mid: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the current position under the new active set, from ``h_mid`` (B, 1, d)
+        (default: the one the last forward captured)."""
+        h_mid = self._h_mid if h_mid is None else h_mid
+        assert h_mid is not None, "no forward pass has run yet"
         layer = self.layers[-1]
-        h = self._h_mid + layer.mlp(layer.post_attention_layernorm(self._h_mid))  # (B, 1, d)
+        h = h_mid + layer.mlp(layer.post_attention_layernorm(h_mid))  # (B, 1, d)
         return self.lm_head(self.final_norm(h))[:, -1, :]  # (B, V)
 
     def _sync(self, profile: bool) -> None:
@@ -206,13 +217,7 @@ class Engine:
         seq = input_ids.to(self.model.device)
 
         # 0) the initial active set: pinned experts, or a route on the task input
-        if not initial_experts and routing and cfg.route_at_start and self.router is not None:
-            query = build_query(task_input, "", self.tokenizer, cfg.query_max_tokens)
-            hits = gate_hits(self.router.route(query, cfg.top_k)[: cfg.top_k],
-                             cfg.min_score, cfg.min_relevance)
-            self._activate_hits(hits, cfg)
-        else:
-            self._activate(list(initial_experts), [0.0] * len(initial_experts), cfg)
+        self._start(task_input, cfg, initial_experts, routing)
         out = Generation(token_ids=[], text="", records=[], finish_reason="length",
                          prefill_tokens=seq.shape[1])
 
@@ -231,12 +236,7 @@ class Engine:
             # 3) trigger: route, swap the active set, recompute position t (once)
             if triggered:
                 t0 = time.perf_counter()
-                generated = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
-                query = build_query(task_input, generated, self.tokenizer, cfg.query_max_tokens)
-                assert self.router is not None
-                hits = gate_hits(self.router.route(query, cfg.top_k)[: cfg.top_k],
-                                 cfg.min_score, cfg.min_relevance)
-                self._activate_hits(hits, cfg)  # no hit passes -> empty set
+                self._activate_hits(self._route(task_input, out.token_ids, cfg), cfg)
                 if not multi_layer:
                     logits = self._recompute_last_mlp()
                 elif cfg.kv_policy == "recompute":
@@ -250,10 +250,7 @@ class Engine:
                 out.trigger_s.append(time.perf_counter() - t0)
 
             # 4) commit the greedy token (among those that repeat no n-gram, if asked)
-            banned = repeated_ngram_tokens(out.token_ids, cfg.no_repeat_ngram)
-            token = int(logits[0].argmax()) if not banned else \
-                int(logits[0].index_fill(0, torch.tensor(banned, device=logits.device),
-                                         float("-inf")).argmax())
+            token = greedy_token(logits[0], out.token_ids, cfg.no_repeat_ngram)
             if cfg.record_logits:
                 out.logits.append(logits[0].float().cpu())
             record = TokenRecord(token, tu, triggered, self.adapter.active_ids)
@@ -281,8 +278,26 @@ class Engine:
         out.text = self._final_text(out.token_ids, cfg.stop_strings)
         return out
 
+    def _start(self, task_input: str, cfg: DecodeConfig, initial_experts: Sequence[str],
+               routing: bool) -> None:
+        """Activate a generation's initial set: ``initial_experts`` if given, else (routing on,
+        ``route_at_start``) the route on the task input, else none."""
+        if not initial_experts and routing and cfg.route_at_start and self.router is not None:
+            self._activate_hits(self._route(task_input, (), cfg), cfg)
+        else:
+            self._activate(list(initial_experts), [0.0] * len(initial_experts), cfg)
+
+    def _route(self, task_input: str, generated: Sequence[int], cfg: DecodeConfig) -> list[RouteHit]:
+        """The gated top-k hits for the task input + the text generated so far."""
+        assert self.router is not None
+        text = self.tokenizer.decode(list(generated), skip_special_tokens=True) if generated else ""
+        query = build_query(task_input, text, self.tokenizer, cfg.query_max_tokens)
+        return gate_hits(self.router.route(query, cfg.top_k)[: cfg.top_k],
+                         cfg.min_score, cfg.min_relevance)
+
     def _activate_hits(self, hits: Sequence[RouteHit], cfg: DecodeConfig) -> None:
-        """Routed hits become the active set, weighted by relevance (else raw score)."""
+        """Routed hits become the active set, weighted by relevance (else raw score); no hit
+        (nothing passed the gate) -> the empty set."""
         self._activate([h.expert_id for h in hits],
                        [h.score if h.relevance is None else h.relevance for h in hits], cfg)
 

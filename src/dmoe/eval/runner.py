@@ -15,6 +15,10 @@ it and those samples are recomputed; the newest record of an id is the one that 
 
 Methods run interleaved per sample (``run_task``); ``shard`` splits a selection between parallel
 workers that write to separate output directories (their JSONL files concatenate into one).
+With ``batch_size`` B > 1, methods that can (``answer_batch``: every method that answers with
+one greedy generation, i.e. all but FLARE) answer B samples as one batch: the same answers, and
+each record's ``latency_s`` is the batch's wall time / B (``extra.batch_size`` = B) and its memory
+the batch's.
 
 This module knows nothing about how methods answer; it times nothing itself beyond what the
 ``Prediction`` reports, and measures memory around each ``answer`` call (``dmoe.eval.memory``).
@@ -126,14 +130,16 @@ def _check_shard(index: int, count: int) -> None:
 
 
 def run_task(task: Task, methods: Iterable[str], build: Callable[[str], Method], out: Path,
-             progress: bool = True) -> dict[str, int]:
+             progress: bool = True, batch_size: int = 1) -> dict[str, int]:
     """Answer every not-yet-recorded sample of ``task`` with each method; return how many ran.
 
     Methods are interleaved per sample (sample 1 by every method, then sample 2, ...), so every
     method is timed under the same machine load over the run and an interrupted run leaves each
     method with about the same number of finished samples. A method with nothing left to do is not
-    even built; every built method is closed at the end.
+    even built; every built method is closed at the end. ``batch_size``: see the module doc.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     todo: dict[str, set[str]] = {}
     for name in methods:
         path = results_path(out, task.name, name)
@@ -148,19 +154,24 @@ def run_task(task: Task, methods: Iterable[str], build: Callable[[str], Method],
             if ids:
                 built[name] = build(name)
         pending = [s for s in task.samples if any(s.id in todo[n] for n in built)]
-        bar = tqdm(pending, desc=f"{task.name} [{','.join(built)}]", unit="q",
+        bar = tqdm(total=len(pending), desc=f"{task.name} [{','.join(built)}]", unit="q",
                    disable=not progress or not built)
-        for sample in bar:
+        for start in range(0, len(pending), batch_size):
+            chunk = pending[start : start + batch_size]
             for name, method in built.items():
-                if sample.id not in todo[name]:
-                    continue
-                reset_ok = memory.reset_peak()
-                pred = method.answer(sample)
-                mem = {"peak_rss_mb": memory.peak_rss_mb(), "rss_mb": memory.rss_mb(),
-                       "peak_rss_reset": reset_ok, "peak_gpu_mb": memory.peak_gpu_mb()}
-                append_record(results_path(out, task.name, name),
-                              make_record(task, name, sample, pred, mem))
-                ran[name] += 1
+                samples = [s for s in chunk if s.id in todo[name]]
+                batched = len(samples) > 1 and hasattr(method, "answer_batch")
+                for group in [samples] if batched else [[s] for s in samples]:
+                    reset_ok = memory.reset_peak()
+                    preds = method.answer_batch(group) if batched else [method.answer(group[0])]
+                    mem = {"peak_rss_mb": memory.peak_rss_mb(), "rss_mb": memory.rss_mb(),
+                           "peak_rss_reset": reset_ok, "peak_gpu_mb": memory.peak_gpu_mb()}
+                    for sample, pred in zip(group, preds, strict=True):
+                        append_record(results_path(out, task.name, name),
+                                      make_record(task, name, sample, pred, mem))
+                        ran[name] += 1
+            bar.update(len(chunk))
+        bar.close()
     finally:
         for method in built.values():
             method.close()

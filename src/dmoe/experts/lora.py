@@ -262,6 +262,39 @@ class ExpertAdapter:
         self.active = tuple(experts)
         self.weights = ws
 
+    def activate_rows(self, sets: Sequence[tuple[Sequence[Expert], Sequence[float]]]) -> None:
+        """Give each row of a batch its own active set (``[(experts, weights), ...]``, one per row).
+
+        Every projection gets a stack ``A (B, R, in)``, ``B (B, out, R)``, ``R`` = the largest
+        Σr of any row; rows with fewer (or no) experts are padded with zero LoRAs, which add
+        exactly 0. ``active`` is left empty: there is no single active set. With no expert in any
+        row the MLPs are the exact base MLPs.
+        """
+        shapes = self.mlp_shapes
+        for experts, weights in sets:
+            if len(weights) != len(experts):
+                raise ValueError(f"got {len(weights)} weights for {len(experts)} experts")
+            for e in experts:
+                e.validate(shapes)
+        self.active, self.weights = (), ()
+        rank = max((sum(e.spec.rank for e in experts) for experts, _ in sets), default=0)
+        for i, mlp in self.mlps.items():
+            if rank == 0:
+                mlp.lora = None
+                continue
+            w = mlp.base.gate_proj.weight
+            mlp.lora = {}
+            for p in PROJECTIONS:
+                out_f, in_f = shapes[(i, p)]
+                a = w.new_zeros(len(sets), rank, in_f)
+                b = w.new_zeros(len(sets), out_f, rank)
+                for row, (experts, weights) in enumerate(sets):
+                    if experts:
+                        a_row, b_row = compose(experts, i, p, w.device, w.dtype, weights)
+                        a[row, : a_row.shape[0]] = a_row
+                        b[row, :, : b_row.shape[1]] = b_row
+                mlp.lora[p] = (a, b)
+
     def detach(self) -> None:
         """Put the original MLP modules back."""
         layers = decoder_layers(self.model)
