@@ -198,42 +198,45 @@ def test_added_document_changes_the_answer_and_delete_restores_it(live):
         assert gone.status_code == 404 and "velmora#0" in gone.json()["error"]["message"]
 
 
-def test_delete_waits_for_a_stream_in_flight(live):
+def test_a_delete_mid_stream_takes_effect_at_the_next_trigger(live, monkeypatch):
     with live.http() as http:
         job = wait_for_job(live, http.post("/v1/knowledge", json={"documents": [
             {"id": "kestrel", "text": "Kestrel Bay is a harbour town with a blue lighthouse."}]}
         ).json()["id"])
     assert job["status"] == "succeeded", job
+    slow_model(live, monkeypatch)  # 16 tokens take >= 1.6 s: the delete lands mid-stream
     question = "Where is the blue lighthouse of Kestrel Bay?"
     stream = live.client().chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": question}], max_tokens=16,
         stream=True, extra_body=ALWAYS)
     chunks = []
-    for chunk in stream:  # read up to the first text: the generation now holds the model
+    for chunk in stream:  # read up to the first text: the generation is a running row now
         chunks.append(chunk)
         if chunk.choices and (chunk.choices[0].delta.content or chunk.choices[0].finish_reason):
             break
     assert chunks[-1].choices[0].finish_reason is None, "finished before the delete was sent"
     with live.http() as http:
-        deleted = http.delete("/v1/experts/kestrel%230")
+        deleted = http.delete("/v1/experts/kestrel%230")  # waits for the step in flight only
     chunks += list(stream)
     final = [c for c in chunks if c.choices and c.choices[0].finish_reason][0]
     spans = attribution(final)["spans"]
     assert deleted.status_code == 200
-    assert spans and all(s["experts"] == ["kestrel#0"] for s in spans)  # unbroken by the delete
+    assert spans[0]["experts"] == ["kestrel#0"]  # routed to it before the delete
+    assert "kestrel#0" not in spans[-1]["experts"]  # the triggers after it route without it
+    monkeypatch.undo()
     _, att = ask(live, question, **ALWAYS)
     assert att["experts"] == {}
 
 
 def slow_model(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make each forward pass take >= 50 ms (32 tokens >= 1.6 s: time to act mid-generation)."""
-    forward = live.state.engine._forward
+    """Make each model call take >= 50 ms (32 tokens >= 1.6 s: time to act mid-generation)."""
+    head = live.state.engine.lm_head
 
-    def slow_forward(*args, **kwargs):
+    def slow_head(*args, **kwargs):
         time.sleep(0.05)
-        return forward(*args, **kwargs)
+        return head(*args, **kwargs)
 
-    monkeypatch.setattr(live.state.engine, "_forward", slow_forward)
+    monkeypatch.setattr(live.state.engine, "lm_head", slow_head)
 
 
 def test_a_full_queue_gets_503(live, monkeypatch):
@@ -274,9 +277,12 @@ def test_a_client_that_goes_away_frees_the_model(live, monkeypatch):
     assert ask(live, "Still there?")[0] is not None  # the model is free again
 
 
-def test_concurrent_clients_get_the_answers_they_would_get_alone(live):
+def test_concurrent_clients_get_the_answers_they_would_get_alone(live, monkeypatch):
     prompts = [f"Question {i}: what is {i} plus {i}?" for i in range(6)]
     alone = [ask(live, p)[0] for p in prompts]
+    scheduler = live.state.scheduler
+    steps, row_steps = scheduler.steps, scheduler.row_steps
+    slow_model(live, monkeypatch)  # so that the six overlap
 
     def one(i: int) -> str:
         if i % 2:  # mix streaming and not
@@ -290,6 +296,8 @@ def test_concurrent_clients_get_the_answers_they_would_get_alone(live):
         together = list(pool.map(one, range(6)))
     assert together == alone
     assert len(set(alone)) > 1  # the prompts really differ
+    mean_batch = (scheduler.row_steps - row_steps) / (scheduler.steps - steps)
+    assert mean_batch > 2, f"decoded {mean_batch:.2f} rows per step: they did not share steps"
 
 
 # -- validation, auth, observability -----------------------------------------------------------

@@ -49,6 +49,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="largest max_tokens a request may ask for (default 1024)")
     g.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt accepted (default: the model's context length - 1)")
+    g.add_argument("--max-batch", type=int, default=8,
+                   help="generations decoded together; more wait for a free row (default 8)")
+    g.add_argument("--max-waiting", type=int, default=64,
+                   help="generations waiting or running at most; more get 503 (default 64)")
     g.add_argument("--augmenter", default="extractive",
                    choices=["extractive", "none", "spans", "self", "openai"],
                    help="augmenter for documents posted to /v1/knowledge (default: extractive)")
@@ -79,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     config = ServerConfig(api_key=args.api_key or None, admin_key=args.admin_key or None,
                           default_max_tokens=args.default_max_tokens,
                           max_tokens_limit=args.max_tokens_limit,
-                          max_prompt_tokens=args.max_prompt_tokens)
+                          max_prompt_tokens=args.max_prompt_tokens, max_batch=args.max_batch,
+                          max_waiting=args.max_waiting)
     if not _is_loopback(args.host) and config.api_key is None:
         print(f"dmoe: warning: serving on {args.host} without --api-key: anyone who can reach "
               f"it can use and change the bank", file=sys.stderr)

@@ -41,6 +41,7 @@ from transformers.cache_utils import DynamicLayer
 from dmoe.engine.decode import DecodeConfig, Engine, Generation, TokenRecord, greedy_token
 from dmoe.engine.triggers import TriggerPolicy, token_entropy
 from dmoe.experts.lora import Expert
+from dmoe.routing.base import Router
 
 
 @dataclass
@@ -51,7 +52,8 @@ class Request:
     task_input: str = ""  # seeds router queries
     config: DecodeConfig = field(default_factory=DecodeConfig)
     initial_experts: Sequence[str] = ()  # pinned initial set (else route at start, if on)
-    routing: bool = True  # False: never ask the router (a plain base-model row)
+    routing: bool = True  # False: never ask a router (a plain base-model row)
+    router: Router | None = None  # None: the engine's
     trigger: TriggerPolicy | None = None  # None: a fresh copy of the engine's policy
     on_token: Callable[[TokenRecord], None] | None = None  # streaming: each committed token
 
@@ -62,6 +64,7 @@ class _Row:
 
     id: int
     request: Request
+    router: Router | None  # None: never routes
     trigger: TriggerPolicy
     out: Generation
     logits: torch.Tensor  # (1, V): next-token logits of the pending position
@@ -175,7 +178,8 @@ class BatchEngine:
         eng = self.engine
         while self._waiting and len(self._rows) < self.max_batch:
             rid, req = self._waiting.popleft()
-            eng._start(req.task_input, req.config, req.initial_experts, req.routing)
+            router = (req.router or eng.router) if req.routing else None
+            eng._start(req.task_input, req.config, req.initial_experts, router)
             seq = req.input_ids.to(eng.model.device)
             t0 = time.perf_counter()
             cache = DynamicCache(config=eng.model.config)
@@ -184,7 +188,7 @@ class BatchEngine:
             out = Generation(token_ids=[], text="", records=[], finish_reason="length",
                              prefill_tokens=seq.shape[1], prefill_s=time.perf_counter() - t0)
             assert eng._h_mid is not None
-            self._rows.append(_Row(rid, req, req.trigger or copy.deepcopy(eng.trigger), out,
+            self._rows.append(_Row(rid, req, router, req.trigger or copy.deepcopy(eng.trigger), out,
                                    logits, eng._h_mid, seq.shape[1], eng.adapter.active,
                                    eng.adapter.weights))
             self._splice(cache, seq.shape[1])
@@ -198,13 +202,13 @@ class BatchEngine:
         for row, tu in zip(self._rows, entropies, strict=True):
             req = row.request
             row.entropy = tu
-            row.triggered = (req.routing and eng.router is not None
-                             and row.trigger(len(row.out.records), tu))
+            row.triggered = row.router is not None and row.trigger(len(row.out.records), tu)
             if not row.triggered:
                 continue
+            assert row.router is not None
             t0 = time.perf_counter()
-            eng._activate_hits(eng._route(req.task_input, row.out.token_ids, req.config),
-                               req.config)
+            eng._activate_hits(eng._route(row.router, req.task_input, row.out.token_ids,
+                                          req.config), req.config)
             row.experts, row.weights = eng.adapter.active, eng.adapter.weights
             fired.append((row, time.perf_counter() - t0))
         if not fired:

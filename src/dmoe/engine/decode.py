@@ -217,7 +217,8 @@ class Engine:
         seq = input_ids.to(self.model.device)
 
         # 0) the initial active set: pinned experts, or a route on the task input
-        self._start(task_input, cfg, initial_experts, routing)
+        router = self.router if routing else None
+        self._start(task_input, cfg, initial_experts, router)
         out = Generation(token_ids=[], text="", records=[], finish_reason="length",
                          prefill_tokens=seq.shape[1])
 
@@ -231,12 +232,13 @@ class Engine:
         for step in range(cfg.max_new_tokens):
             # 2) uncertainty of the next-token distribution at position t
             tu = float(token_entropy(logits)[0])
-            triggered = routing and self.router is not None and self.trigger(step, tu)
+            triggered = router is not None and self.trigger(step, tu)
 
             # 3) trigger: route, swap the active set, recompute position t (once)
             if triggered:
                 t0 = time.perf_counter()
-                self._activate_hits(self._route(task_input, out.token_ids, cfg), cfg)
+                assert router is not None
+                self._activate_hits(self._route(router, task_input, out.token_ids, cfg), cfg)
                 if not multi_layer:
                     logits = self._recompute_last_mlp()
                 elif cfg.kv_policy == "recompute":
@@ -279,20 +281,20 @@ class Engine:
         return out
 
     def _start(self, task_input: str, cfg: DecodeConfig, initial_experts: Sequence[str],
-               routing: bool) -> None:
-        """Activate a generation's initial set: ``initial_experts`` if given, else (routing on,
+               router: Router | None) -> None:
+        """Activate a generation's initial set: ``initial_experts`` if given, else (a router,
         ``route_at_start``) the route on the task input, else none."""
-        if not initial_experts and routing and cfg.route_at_start and self.router is not None:
-            self._activate_hits(self._route(task_input, (), cfg), cfg)
+        if not initial_experts and cfg.route_at_start and router is not None:
+            self._activate_hits(self._route(router, task_input, (), cfg), cfg)
         else:
             self._activate(list(initial_experts), [0.0] * len(initial_experts), cfg)
 
-    def _route(self, task_input: str, generated: Sequence[int], cfg: DecodeConfig) -> list[RouteHit]:
+    def _route(self, router: Router, task_input: str, generated: Sequence[int],
+               cfg: DecodeConfig) -> list[RouteHit]:
         """The gated top-k hits for the task input + the text generated so far."""
-        assert self.router is not None
         text = self.tokenizer.decode(list(generated), skip_special_tokens=True) if generated else ""
         query = build_query(task_input, text, self.tokenizer, cfg.query_max_tokens)
-        return gate_hits(self.router.route(query, cfg.top_k)[: cfg.top_k],
+        return gate_hits(router.route(query, cfg.top_k)[: cfg.top_k],
                          cfg.min_score, cfg.min_relevance)
 
     def _activate_hits(self, hits: Sequence[RouteHit], cfg: DecodeConfig) -> None:

@@ -160,10 +160,10 @@ def run_task(task: Task, methods: Iterable[str], build: Callable[[str], Method],
             chunk = pending[start : start + batch_size]
             for name, method in built.items():
                 samples = [s for s in chunk if s.id in todo[name]]
-                batched = len(samples) > 1 and hasattr(method, "answer_batch")
-                for group in [samples] if batched else [[s] for s in samples]:
+                answer_batch = getattr(method, "answer_batch", None) if len(samples) > 1 else None
+                for group in [samples] if answer_batch else [[s] for s in samples]:
                     reset_ok = memory.reset_peak()
-                    preds = method.answer_batch(group) if batched else [method.answer(group[0])]
+                    preds = answer_batch(group) if answer_batch else [method.answer(group[0])]
                     mem = {"peak_rss_mb": memory.peak_rss_mb(), "rss_mb": memory.rss_mb(),
                            "peak_rss_reset": reset_ok, "peak_gpu_mb": memory.peak_gpu_mb()}
                     for sample, pred in zip(group, preds, strict=True):

@@ -40,14 +40,14 @@ def create_app(state: ServerState | None = None, *,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         st = state if state is not None else await anyio.to_thread.run_sync(load)  # type: ignore[arg-type]
         app.state.dmoe = st
-        st.jobs.start()
+        st.start()
         try:
             yield
         finally:
             if state is None:  # we built it, we close it
                 await anyio.to_thread.run_sync(st.close)
             else:
-                await anyio.to_thread.run_sync(st.jobs.stop)
+                await anyio.to_thread.run_sync(st.stop)
 
     # The schema is served by the routes, behind the API key; no /docs (its assets need a CDN).
     app = FastAPI(title="dmoe", version=__version__, lifespan=lifespan, openapi_url=None,

@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,7 @@ def document_id(doc: dict[str, Any]) -> str:
 class JobRunner:
     """Queue of build jobs and the one thread that runs them."""
 
-    def __init__(self, lm: Any, kb: KnowledgeBase, model_lock: threading.Lock, jobs_dir: Path,
+    def __init__(self, lm: Any, kb: KnowledgeBase, model_lock: AbstractContextManager[Any], jobs_dir: Path,
                  build_config: BuildConfig, train_config: TrainConfig, keep: int = 1000) -> None:
         self.lm = lm
         self.kb = kb

@@ -1,8 +1,9 @@
 """The server's glue to the library: validated requests in, engine calls, response bodies out.
 
 ``prepare_*`` renders and tokenizes a request and checks the limits that depend on the model;
-``generate`` runs one generation under the model lock; ``TokenStream`` runs one in a worker thread
-and hands its text to the event loop piece by piece (SSE). Routes call these and nothing deeper.
+``submit`` hands it to the server's running batch (``dmoe.server.scheduler``); ``generate`` waits
+for the result; ``TokenStream`` hands its text to the event loop piece by piece (SSE) as the batch
+commits tokens. Routes call these and nothing deeper.
 
 This module knows nothing about HTTP routing, authentication or the wire format of SSE.
 """
@@ -10,7 +11,6 @@ This module knows nothing about HTTP routing, authentication or the wire format 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -20,11 +20,13 @@ from typing import Any
 import torch
 
 from dmoe.engine.attribution import spans
+from dmoe.engine.batch import Request
 from dmoe.engine.decode import DecodeConfig, Generation, TokenRecord
 from dmoe.engine.triggers import make_trigger
 from dmoe.prompts import format_chat
 from dmoe.routing.base import Router
 from dmoe.routing.simple import RandomRouter
+from dmoe.server.scheduler import GenerationCancelled, Ticket
 from dmoe.server.schemas import (
     Attribution,
     ChatChoice,
@@ -54,10 +56,6 @@ class ApiError(Exception):
         self.type = type_
         self.code = code
         self.headers = headers
-
-
-class GenerationCancelled(Exception):
-    """Raised from the token callback to stop a generation whose client went away."""
 
 
 @dataclass(frozen=True)
@@ -149,27 +147,36 @@ def _router(state: ServerState, opts: DmoeOptions) -> Router | None:
     return state.bm25
 
 
-def generate(state: ServerState, p: Prepared,
-             on_token: Callable[[TokenRecord], None] | None = None) -> Generation:
-    """Run one generation (blocking; waits for the model lock). Call from a worker thread."""
+def submit(state: ServerState, p: Prepared, on_token: Callable[[TokenRecord], None] | None = None,
+           on_done: Callable[[Ticket], None] | None = None) -> Ticket:
+    """Queue one generation in the running batch; ``on_done(ticket)`` follows its end (metrics
+    are recorded first)."""
     opts = p.options
-    with state.model_lock:
-        check_experts(state, opts.experts)  # one may have been deleted while we waited
-        engine = state.engine
-        engine.trigger = make_trigger(opts.trigger, opts.tau, opts.trigger_rate, opts.seed or 0)
-        engine.router = _router(state, opts)
-        t0 = time.perf_counter()
-        try:
-            gen = engine.generate(torch.tensor([p.input_ids]), p.task_input, p.decode,
-                                  initial_experts=opts.experts, on_token=on_token)
-        except GenerationCancelled:
-            state.metrics.observe_generation(len(p.input_ids), 0, 0, "cancelled",
-                                             time.perf_counter() - t0)
-            raise
+    router = _router(state, opts)
+    request = Request(torch.tensor([p.input_ids]), p.task_input, p.decode,
+                      initial_experts=opts.experts, routing=router is not None, router=router,
+                      trigger=make_trigger(opts.trigger, opts.tau, opts.trigger_rate, opts.seed or 0),
+                      on_token=on_token)
+    t0 = time.perf_counter()
+
+    def done(ticket: Ticket) -> None:
         seconds = time.perf_counter() - t0
-    state.metrics.observe_generation(len(p.input_ids), len(gen.token_ids), gen.n_triggers,
-                                     gen.finish_reason, seconds)
-    return gen
+        gen = ticket.result
+        if gen is not None:
+            state.metrics.observe_generation(len(p.input_ids), len(gen.token_ids),
+                                             gen.n_triggers, gen.finish_reason, seconds)
+        elif isinstance(ticket.error, GenerationCancelled):
+            state.metrics.observe_generation(len(p.input_ids), 0, 0, "cancelled", seconds)
+        if on_done is not None:
+            on_done(ticket)
+
+    # a pinned expert may have been deleted while the request waited
+    return state.scheduler.submit(request, lambda: check_experts(state, opts.experts), done)
+
+
+def generate(state: ServerState, p: Prepared) -> Generation:
+    """Run one generation in the batch and wait for it (blocking: call from a worker thread)."""
+    return submit(state, p).wait()
 
 
 class TextDeltas:
@@ -205,40 +212,37 @@ class TextDeltas:
 
 
 class TokenStream:
-    """One generation in a worker thread; ``deltas()`` yields its text pieces, then the
-    ``Generation``. The caller must have admitted it (``state.admit()``); the thread releases it."""
+    """One generation in the running batch; ``deltas()`` yields its text pieces, then the
+    ``Generation``. The caller must have admitted it (``state.admit()``); its end releases it."""
 
     def __init__(self, state: ServerState, prepared: Prepared) -> None:
         self.state = state
         self.prepared = prepared
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        self.cancelled = threading.Event()
-        self.thread = threading.Thread(target=self._work, name="dmoe-stream", daemon=True)
-        self.thread.start()
+        self.ticket = submit(state, prepared, self._on_token, self._on_done)
 
     def _put(self, kind: str, value: Any) -> None:
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
         except RuntimeError:  # the event loop is gone (server shutting down)
-            self.cancelled.set()
+            self.ticket.cancel()
 
     def _on_token(self, record: TokenRecord) -> None:
-        if self.cancelled.is_set():
-            raise GenerationCancelled
         self._put("token", record.token_id)
 
-    def _work(self) -> None:
+    def _on_done(self, ticket: Ticket) -> None:
         try:
-            self._put("done", generate(self.state, self.prepared, self._on_token))
-        except BaseException as e:  # handed to the event loop, re-raised there
-            self._put("error", e)
+            if ticket.error is not None:
+                self._put("error", ticket.error)  # handed to the event loop, re-raised there
+            else:
+                self._put("done", ticket.result)
         finally:
             self.state.release()
 
     def cancel(self) -> None:
-        """Stop the generation at its next token (the client went away)."""
-        self.cancelled.set()
+        """Free the generation's row before the next step (the client went away)."""
+        self.ticket.cancel()
 
     async def deltas(self) -> AsyncIterator[str | Generation]:
         text = TextDeltas(self.state.lm.tokenizer, self.prepared.decode.stop_strings)

@@ -1,17 +1,19 @@
 """Everything one server process holds: the model, the knowledge base, the engine, locks, jobs,
 metrics and its limits.
 
-Concurrency model (CPU-first, correct before fast):
+Concurrency model:
 
-- ``model_lock`` serialises every use of the model and every write to the knowledge base: one
-  generation at a time (the engine keeps per-generation state), build jobs (training runs forward
-  passes and hooks the model) and deletes (so a routed expert cannot vanish between the router
-  naming it and the engine loading it). Requests wait their turn in worker threads; at most
-  ``max_waiting`` may wait or run, more get 503.
+- Every generation is a row of one running batch (``dmoe.server.scheduler``): up to ``max_batch``
+  rows decode together, each with its own experts, trigger and router; more wait for a free row.
+  At most ``max_waiting`` generations may wait or run, more get 503.
+- ``model_lock`` (first come, first served) serialises the model and every write to the knowledge
+  base: each batch step holds it, and so do build jobs (training runs forward passes and hooks the
+  model) and deletes, which therefore happen between two steps, never while a router names an
+  expert and the engine loads it.
 - Reads that never touch the model (listing experts, job status, metrics) take no lock: the bank's
   SQLite connection and the tantivy searcher are safe to read from any thread.
-- A change to the knowledge base is visible to the next generation that takes the lock; the one
-  running keeps the experts it has already loaded.
+- A change to the knowledge base is visible to the next trigger of every row; a row keeps the
+  experts it has already loaded until its next trigger.
 
 This module knows nothing about HTTP.
 """
@@ -30,6 +32,7 @@ from dmoe.experts.lora import LoraSpec
 from dmoe.knowledge import KnowledgeBase
 from dmoe.server.jobs import JobRunner
 from dmoe.server.metrics import Metrics, Scraped
+from dmoe.server.scheduler import FairLock, Scheduler
 from dmoe.training.build import BuildConfig
 from dmoe.training.experts import TrainConfig
 
@@ -47,9 +50,11 @@ class ServerConfig:
     max_prompt_tokens: int | None = None  # default: the model's context length minus one
     max_body_bytes: int = 16 << 20  # larger request bodies get 413
     max_waiting: int = 64  # generations waiting for or holding the model; more get 503
+    max_batch: int = 8  # generations decoded together (rows of the running batch)
 
     def __post_init__(self) -> None:
-        for name in ("default_max_tokens", "max_tokens_limit", "max_body_bytes", "max_waiting"):
+        for name in ("default_max_tokens", "max_tokens_limit", "max_body_bytes", "max_waiting",
+                     "max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.default_max_tokens > self.max_tokens_limit:
@@ -89,7 +94,8 @@ class ServerState:
         self.model_name = str(lm.source.name)
         self.engine = kb.engine(lm, NeverTrigger())  # trigger and router are set per request
         self.bm25 = kb.router()
-        self.model_lock = threading.Lock()
+        self.model_lock = FairLock()
+        self.scheduler = Scheduler(self.engine, self.model_lock, self.config.max_batch)
         self.metrics = Metrics()
         train_config = train_config or TrainConfig(spec=kb.bank.spec)
         if train_config.spec != kb.bank.spec:
@@ -118,7 +124,18 @@ class ServerState:
             kb = KnowledgeBase.open_or_create(bank, lm.fingerprint, lm.source.name, LoraSpec())
         return cls(lm, kb, config, build_config)
 
+    def start(self) -> None:
+        """Start the batch scheduler and the build worker (idempotent)."""
+        self.scheduler.start()
+        self.jobs.start()
+
+    def stop(self) -> None:
+        """Stop both: open generations end as cancelled; queued jobs stay queued on disk."""
+        self.scheduler.stop()
+        self.jobs.stop()
+
     def close(self) -> None:
+        self.scheduler.stop()
         self.jobs.close()
         with self.model_lock:
             self.engine.close()
@@ -167,6 +184,13 @@ class ServerState:
             "dmoe_bank_experts": ("gauge", "Experts in the served bank.", {(): float(len(self.kb))}),
             "dmoe_generations_waiting": ("gauge", "Generations waiting for or holding the model.",
                                          {(): float(self._waiting)}),
+            "dmoe_batch_rows": ("gauge", "Generations in the running batch.",
+                                {(): float(self.scheduler.running)}),
+            "dmoe_batch_steps_total": ("counter", "Batch decode steps.",
+                                       {(): float(self.scheduler.steps)}),
+            "dmoe_batch_row_steps_total": ("counter", "Rows summed over batch steps (divided by "
+                                           "steps: the mean batch size).",
+                                           {(): float(self.scheduler.row_steps)}),
             "dmoe_jobs": ("gauge", "Build jobs kept in memory, by status.",
                           {(("status", s),): float(n) for s, n in jobs.items()}),
             "dmoe_expert_cache_lookups_total": ("counter", "Expert cache lookups, by result.",
