@@ -43,6 +43,19 @@ def tiny_model(arch: str = "llama", layers: int = 2, seed: int = 0):
     return model.eval().requires_grad_(False)
 
 
+def tiny_lm():
+    """``tiny_model()`` as a ``LoadedModel`` with the byte tokenizer: the same model on every call
+    (a picklable factory, so a server's build worker process can load its own copy)."""
+    from pathlib import Path
+
+    from dmoe.base_model import LoadedModel, ModelSource, model_fingerprint
+
+    model = tiny_model("llama", layers=2)
+    return LoadedModel(model=model, tokenizer=CharTokenizer(),
+                       source=ModelSource("tiny-llama", Path("tiny"), False),
+                       device=torch.device("cpu"), fingerprint=model_fingerprint(model))
+
+
 @pytest.fixture
 def tokenizer() -> CharTokenizer:
     return CharTokenizer()

@@ -19,11 +19,9 @@ from urllib.parse import quote
 import httpx
 import openai
 import pytest
-import torch
 import uvicorn
-from conftest import CharTokenizer, tiny_model
+from conftest import CharTokenizer, tiny_lm, tiny_model
 
-from dmoe.base_model import LoadedModel, ModelSource, model_fingerprint
 from dmoe.experts.lora import LoraSpec
 from dmoe.knowledge import KnowledgeBase
 from dmoe.server import ServerConfig, ServerState, create_app
@@ -71,15 +69,13 @@ class LiveServer:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("server")
-    model = tiny_model("llama", layers=2)
-    lm = LoadedModel(model=model, tokenizer=CharTokenizer(),
-                     source=ModelSource("tiny-llama", tmp / "tiny", False),
-                     device=torch.device("cpu"), fingerprint=model_fingerprint(model))
+    lm = tiny_lm()
     kb = KnowledgeBase.open_or_create(tmp / "bank", lm.fingerprint, "tiny-llama", LoraSpec())
     config = ServerConfig(api_key=USER, admin_key=ADMIN, default_max_tokens=8,
                           max_tokens_limit=32, max_prompt_tokens=400, max_body_bytes=1 << 20)
     # a large lr so that one tiny expert visibly moves the random model's greedy tokens
-    state = ServerState(lm, kb, config, train_config=TrainConfig(lr=5e-2, epochs=4, loss_on="all"))
+    state = ServerState(lm, kb, config, train_config=TrainConfig(lr=5e-2, epochs=4, loss_on="all"),
+                        worker_model=tiny_lm)  # builds run in a worker process, as in `dmoe serve`
     server = LiveServer(state, tmp)
     yield server
     server.stop()
@@ -226,6 +222,30 @@ def test_a_delete_mid_stream_takes_effect_at_the_next_trigger(live, monkeypatch)
     monkeypatch.undo()
     _, att = ask(live, question, **ALWAYS)
     assert att["experts"] == {}
+
+
+def test_builds_train_without_the_model_lock_and_survive_a_dead_worker(live):
+    state = live.state
+    experts = state.kb.bank.experts_dir
+    before = set(os.listdir(experts))
+    doc = {"id": "osprey", "text": "Osprey Point has a red tower that was built in 1911."}
+    with state.model_lock:  # no batch step, delete or bank write can run now
+        with live.http() as http:
+            job_id = http.post("/v1/knowledge", json={"documents": [doc]}).json()["id"]
+        deadline = time.time() + 60
+        while not set(os.listdir(experts)) - before:  # augmented, trained and staged meanwhile
+            assert time.time() < deadline, "the build did not train while the lock was held"
+            time.sleep(0.05)
+        assert not state.kb.bank.exists("osprey#0"), "committed without the lock"
+        assert state.jobs.get(job_id).status == "running"
+        state.jobs.worker._proc.kill()  # the worker dies before its commit is answered
+    job = wait_for_job(live, job_id)
+    assert job["status"] == "failed" and "died" in job["error"], job
+    with live.http() as http:  # a fresh worker builds the resubmitted document
+        job = wait_for_job(live, http.post("/v1/knowledge", json={"documents": [doc]}).json()["id"])
+        assert job["status"] == "succeeded" and job["expert_ids"] == ["osprey#0"], job
+        assert http.delete("/v1/documents/osprey").status_code == 200
+    assert state.kb.check().ok
 
 
 def slow_model(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -331,6 +331,13 @@ class ExpertBank:
                 (self.experts_dir / name).unlink(missing_ok=True)
         return DocumentChange(doc_id, sorted(new_ids), removed)
 
+    def quarantine_leftovers(self) -> list[str]:
+        """Move the files an interrupted write left behind to ``quarantine/`` (see
+        ``dmoe.experts.integrity.quarantine_leftovers``); the names moved."""
+        from dmoe.experts.integrity import quarantine_leftovers
+
+        return quarantine_leftovers(self)
+
     def add(self, expert: Expert, unit_id: str, content_hash: str, settings_hash: str,
             surrogate: str, title: str = "", meta: dict[str, Any] | None = None,
             doc_id: str | None = None) -> ExpertInfo:

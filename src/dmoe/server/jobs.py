@@ -8,12 +8,15 @@ again and resumed (the build skips what is already stored), or marked failed wit
 its documents are gone. A finished job's folder is removed; its row stays queryable (the newest
 ``keep`` rows are kept).
 
-Locking. A build runs forward passes through the served model (the fast trainer hooks the last
-layer's norm to stop the trunk early, which would break a generation running at the same time) and
-writes the bank and the index, so the whole build holds the server's ``model_lock``: generations and
-deletes wait for it, and it waits for them. The build writes through the server's own knowledge
-base (the server holds the bank lock for its lifetime), which forgets the cached experts of every
-document it commits, so the next request sees the new experts.
+Where builds run. With a ``BuildWorker`` (what ``dmoe serve`` uses), in a separate process with its
+own model copy (``dmoe.server.build_worker``): training holds no lock, and only each write to the
+bank and index waits for the server's ``model_lock`` (one batch step at most). Without one (tests,
+embedding with an in-memory model) the build runs in this process through the served model (the
+fast trainer hooks the last layer's norm to stop the trunk early, which would break a generation
+running at the same time), so the whole build holds ``model_lock`` and answers wait for it.
+Either way the build writes through the server's own knowledge base (the server holds the bank
+lock for its lifetime), which forgets the cached experts of every document it commits, so the next
+trigger sees the new experts.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from dmoe.errors import DmoeError, redact
 from dmoe.experts.bank import DB_FILE
 from dmoe.faults import kill_point
 from dmoe.knowledge import KnowledgeBase
+from dmoe.server.build_worker import BuildWorker, BuildWorkerError
 from dmoe.training.build import BuildConfig, build_into
 from dmoe.training.experts import TrainConfig
 
@@ -143,7 +147,8 @@ class JobRunner:
     """Queue of build jobs and the one thread that runs them."""
 
     def __init__(self, lm: Any, kb: KnowledgeBase, model_lock: AbstractContextManager[Any], jobs_dir: Path,
-                 build_config: BuildConfig, train_config: TrainConfig, keep: int = 1000) -> None:
+                 build_config: BuildConfig, train_config: TrainConfig, keep: int = 1000,
+                 worker: BuildWorker | None = None) -> None:
         self.lm = lm
         self.kb = kb
         self.model_lock = model_lock
@@ -151,6 +156,7 @@ class JobRunner:
         self.build_config = build_config
         self.train_config = train_config
         self.keep = keep
+        self.worker = worker  # None: builds run in this process, under model_lock
         self.store = JobStore(kb.bank.path / DB_FILE, self.jobs_dir)
         self._live: dict[str, Job] = {}  # the job running now (its progress is not saved per step)
         self._queue: queue.Queue[Job | None] = queue.Queue()
@@ -200,8 +206,9 @@ class JobRunner:
         self._queue.put(job)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the running job and end the worker thread; queued jobs stay queued in the
-        database and resume on the next start."""
+        """End the worker thread; queued jobs stay queued in the database and resume on the next
+        start. A job running in the build worker is cut off (it resumes on the next start too);
+        one running in this process is finished first."""
         if self._thread is not None:
             while True:
                 try:
@@ -209,6 +216,8 @@ class JobRunner:
                 except queue.Empty:
                     break
             self._queue.put(None)
+            if self.worker is not None:
+                self.worker.close()
             self._thread.join(timeout)
             self._thread = None
 
@@ -263,22 +272,38 @@ class JobRunner:
             try:
                 self._run(job)
             except Exception as e:  # a failed build must not kill the worker
+                if isinstance(e, BuildWorkerError) and self.worker is not None \
+                        and self.worker.closing:
+                    self._live.pop(job.id, None)  # cut off by a shutdown: resumes on restart
+                    continue
                 if not isinstance(e, DmoeError | ValueError | FileNotFoundError):
                     log.exception("build job %s failed", job.id)
                 self._finish(job, "failed", redact(f"{type(e).__name__}: {e}"))
             else:
                 self._finish(job, "succeeded")
 
+    def _begin(self, job: Job) -> None:
+        job.status, job.started = "running", time.time()
+        self._live[job.id] = job
+        self.store.save(job)
+        kill_point("job.started")
+
     def _run(self, job: Job) -> None:
-        with self.model_lock:
-            job.status, job.started = "running", time.time()
-            self._live[job.id] = job
-            self.store.save(job)
-            kill_point("job.started")
-            summary = build_into(self.kb, job.corpus, self.lm, self.build_config,
-                                 self.train_config, progress=False,
-                                 log=lambda line: log.info("%s: %s", job.id, line),
-                                 on_progress=lambda s, d, t: self._progress(job, s, d, t))
+        def on_log(line: str) -> None:
+            log.info("%s: %s", job.id, line)
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            self._progress(job, stage, done, total)
+
+        if self.worker is not None:
+            self._begin(job)
+            summary = self.worker.run(job.corpus, on_progress, on_log)
+        else:
+            with self.model_lock:
+                self._begin(job)
+                summary = build_into(self.kb, job.corpus, self.lm, self.build_config,
+                                     self.train_config, progress=False, log=on_log,
+                                     on_progress=on_progress)
         job.summary = summary.to_dict()
         job.expert_ids = summary.expert_ids
         job.stage = "done"

@@ -20,8 +20,9 @@ This module knows nothing about HTTP.
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Any
 from dmoe.engine.triggers import NeverTrigger
 from dmoe.experts.lora import LoraSpec
 from dmoe.knowledge import KnowledgeBase
+from dmoe.server.build_worker import BuildWorker
 from dmoe.server.jobs import JobRunner
 from dmoe.server.metrics import Metrics, Scraped
 from dmoe.server.scheduler import FairLock, Scheduler
@@ -87,7 +89,11 @@ class ServerState:
 
     def __init__(self, lm: Any, kb: KnowledgeBase, config: ServerConfig | None = None,
                  build_config: BuildConfig | None = None, train_config: TrainConfig | None = None,
-                 jobs_dir: str | Path | None = None) -> None:
+                 jobs_dir: str | Path | None = None,
+                 worker_model: Callable[[], Any] | None = None) -> None:
+        """``worker_model``: a picklable factory of the same model (``load_base_model`` with the
+        same arguments); with it, builds run in a separate process (``BuildWorker``), without it
+        in this one, holding ``model_lock``."""
         self.lm = lm
         self.kb = kb
         self.config = config or ServerConfig()
@@ -101,8 +107,11 @@ class ServerState:
         if train_config.spec != kb.bank.spec:
             raise ValueError(f"train_config.spec {train_config.spec} differs from the bank's "
                              f"{kb.bank.spec}")
+        build_config = build_config or BuildConfig()
+        worker = None if worker_model is None else BuildWorker(
+            worker_model, kb, self.model_lock, build_config, train_config)
         self.jobs = JobRunner(lm, kb, self.model_lock, Path(jobs_dir or kb.bank.path / JOBS_DIR),
-                              build_config or BuildConfig(), train_config)
+                              build_config, train_config, worker=worker)
         self.max_token_chars = longest_token(lm.tokenizer)
         ctx = getattr(lm.model.config, "max_position_embeddings", None)
         self.context_length: int | None = int(ctx) if ctx else None
@@ -113,7 +122,8 @@ class ServerState:
     def load(cls, bank: str | Path, model: str | None = None, device: str | None = None,
              dtype: str | None = None, config: ServerConfig | None = None,
              build_config: BuildConfig | None = None) -> ServerState:
-        """Load the base model and open the bank (created empty when missing)."""
+        """Load the base model and open the bank (created empty when missing); builds run in a
+        worker process that loads the same model."""
         from dmoe.base_model import load_base_model
 
         lm = load_base_model(model, device, dtype)
@@ -122,7 +132,8 @@ class ServerState:
             kb = KnowledgeBase.open(bank, lm.fingerprint)
         else:
             kb = KnowledgeBase.open_or_create(bank, lm.fingerprint, lm.source.name, LoraSpec())
-        return cls(lm, kb, config, build_config)
+        return cls(lm, kb, config, build_config,
+                   worker_model=functools.partial(load_base_model, model, device, dtype))
 
     def start(self) -> None:
         """Start the batch scheduler and the build worker (idempotent)."""

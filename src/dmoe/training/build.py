@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tqdm import tqdm
 
@@ -21,7 +21,7 @@ from dmoe.augment import augment_cached, make_augmenter, training_examples
 from dmoe.augment.types import Augmentation
 from dmoe.corpus import read_corpus
 from dmoe.corpus.units import KnowledgeUnit
-from dmoe.experts.bank import DocumentChange, Staged, doc_of
+from dmoe.experts.bank import DocumentChange, ExpertBank, Staged, doc_of
 from dmoe.faults import kill_point
 from dmoe.knowledge import KnowledgeBase
 from dmoe.training.builder import ExpertJob, train_into_bank
@@ -101,7 +101,23 @@ def build(corpus: str | Path, bank_dir: str | Path, lm: Any, config: BuildConfig
         kb.close()
 
 
-def build_into(kb: KnowledgeBase, corpus: str | Path, lm: Any, config: BuildConfig,
+class BuildTarget(Protocol):
+    """What ``build_into`` needs of a knowledge base: ``KnowledgeBase``, or the server's build
+    worker's view of one (``dmoe.server.build_worker``)."""
+
+    @property
+    def bank(self) -> ExpertBank: ...
+
+    def indexed(self, change: DocumentChange, staged: Sequence[Staged]) -> None: ...
+
+    def delete_document(self, doc_id: str) -> DocumentChange: ...
+
+    def sync(self) -> Any: ...
+
+    def invalidate(self, expert_ids: Sequence[str] | None = None) -> None: ...
+
+
+def build_into(kb: BuildTarget, corpus: str | Path, lm: Any, config: BuildConfig,
                train_config: TrainConfig, progress: bool = True,
                log: Callable[[str], None] = print,
                on_progress: Callable[[str, int, int], None] | None = None) -> BuildSummary:
@@ -199,7 +215,7 @@ def build_into(kb: KnowledgeBase, corpus: str | Path, lm: Any, config: BuildConf
     summary.quarantined = result.quarantined
     summary.expert_ids = [job.expert_id for job in jobs if job.expert_id not in
                           {f.split(":", 1)[0] for f in result.failed}]
-    infos = kb.list()
+    infos = kb.bank.list()
     summary.bank_size = len(infos)
     summary.bytes_per_expert = sum(i.bytes for i in infos) / max(len(infos), 1)
     return summary

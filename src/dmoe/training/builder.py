@@ -22,7 +22,6 @@ import torch
 
 from dmoe.augment.types import TrainingExample
 from dmoe.experts.bank import DocumentChange, ExpertBank, Staged, doc_of
-from dmoe.experts.integrity import quarantine_leftovers
 from dmoe.faults import kill_point
 from dmoe.training.experts import TrainConfig, train
 
@@ -87,7 +86,7 @@ def train_into_bank(model: Any, tokenizer: Any, jobs: Sequence[ExpertJob], bank:
     ids = [j.expert_id for j in jobs]
     if len(set(ids)) != len(ids):
         raise ValueError("expert ids must be unique within a build")
-    report = BuildReport(quarantined=quarantine_leftovers(bank))
+    report = BuildReport(quarantined=bank.quarantine_leftovers())
     settings = config.settings_hash(examples_settings)
     todo = pending(bank, jobs, settings)
     todo_ids = {j.expert_id for j in todo}
