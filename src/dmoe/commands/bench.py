@@ -79,6 +79,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "rerun with other settings answers only the dmoe arms (default: none)")
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.set_defaults(func=run_injection)
+    v = bsub.add_parser("serve", help="a real dmoe serve: serial vs concurrent throughput, "
+                                      "latency idle and during a build",
+                        description="Starts `dmoe serve` on loopback with a fresh bank and drives "
+                                    "it with the OpenAI client: tokens/s serial vs concurrent, "
+                                    "p50/p99 of short requests idle and while a build of SQuAD "
+                                    "paragraphs runs, errors. Takes minutes (the build trains "
+                                    "real experts).\n\nexample:\n  dmoe bench serve --json",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("--model", default=None, help="model to serve (default: the packaged one)")
+    v.add_argument("--requests", type=int, default=16, help="requests per throughput phase")
+    v.add_argument("--max-tokens", type=int, default=32, help="max_tokens of those requests")
+    v.add_argument("--concurrency", type=int, default=8, help="client threads, concurrent phase")
+    v.add_argument("--probes", type=int, default=40, help="short requests per latency phase")
+    v.add_argument("--build-docs", type=int, default=20, help="documents built during the "
+                                                              "last phase")
+    v.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch")
+    v.add_argument("--json", action="store_true", help="print one JSON object")
+    v.set_defaults(func=run_serve)
     f = bsub.add_parser("faults", help="kill -9 at every crash point, corrupt every file, fuzz "
                                        "the API; count what was lost",
                         description="On a tiny random model (no download): a build and a server "
@@ -181,6 +199,16 @@ def run_decode(args: argparse.Namespace) -> int:
     _emit(bench_decode(args.model, args.device, args.max_new_tokens, args.repeats,
                        batch_sizes=args.batch_sizes), args.json)
     return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from dmoe.bench.serve import bench_serve
+
+    result = bench_serve(args.model, n_requests=args.requests, max_tokens=args.max_tokens,
+                         concurrency=args.concurrency, n_probes=args.probes,
+                         build_docs=args.build_docs, max_batch=args.max_batch)
+    _emit(result, args.json)
+    return 0 if result["errors"] == 0 else 1
 
 
 def run_faults(args: argparse.Namespace) -> int:
