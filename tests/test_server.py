@@ -248,6 +248,44 @@ def test_builds_train_without_the_model_lock_and_survive_a_dead_worker(live):
     assert state.kb.check().ok
 
 
+def test_a_build_cut_off_by_a_shutdown_resumes_on_the_next_start(tmp_path):
+    lm = tiny_lm()
+
+    def server() -> ServerState:
+        kb = KnowledgeBase.open_or_create(tmp_path / "bank", lm.fingerprint, "tiny-llama",
+                                          LoraSpec())
+        return ServerState(lm, kb, train_config=TrainConfig(epochs=1), worker_model=tiny_lm)
+
+    state = server()
+    state.start()
+    experts = state.kb.bank.experts_dir
+    with state.model_lock:  # the worker trains and stages, then waits to commit
+        job = state.jobs.submit([DOC])
+        deadline = time.time() + 60
+        while not any(experts.iterdir()):
+            assert time.time() < deadline, "the build did not start"
+            time.sleep(0.05)
+        stopping = threading.Thread(target=state.jobs.stop)  # shutdown meanwhile
+        stopping.start()
+        while not state.jobs.worker.closing:
+            time.sleep(0.01)
+    stopping.join()  # the commit the worker asked for was refused: nothing of it is stored
+    assert state.jobs.store.get(job.id).status == "running"
+    assert not state.kb.bank.exists("velmora#0")
+    state.close()
+    state = server()  # the restart: the staged file is a leftover, the job resumes
+    try:
+        state.start()
+        deadline = time.time() + 60
+        while (found := state.jobs.get(job.id)).status not in ("succeeded", "failed"):
+            assert time.time() < deadline, "the job did not resume"
+            time.sleep(0.05)
+        assert found.status == "succeeded" and found.expert_ids == ["velmora#0"], found
+        assert state.kb.check().ok
+    finally:
+        state.close()
+
+
 def slow_model(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Make each model call take >= 50 ms (32 tokens >= 1.6 s: time to act mid-generation)."""
     head = live.state.engine.lm_head

@@ -211,6 +211,8 @@ class BuildWorker:
             if name == "quarantine_leftovers":  # only files no row points at: no reader's concern
                 return "ok", kb.bank.quarantine_leftovers()
             with self.model_lock:
+                if self.closing:  # shutting down: the job resumes on restart, and redoes this
+                    return "error", "the server is shutting down"
                 if name == "commit_document":
                     doc_id, rows, keep = args
                     staged = [Staged(row) for row in rows]
