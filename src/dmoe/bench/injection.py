@@ -121,9 +121,13 @@ def same_answer(a: str, b: str) -> bool:
     return normalize_answer(extract_answer(a)) == normalize_answer(extract_answer(b))
 
 
-def _answers(method: Any, samples: Sequence[Sample]) -> list[Any]:
+def _answers(method: Any, samples: Sequence[Sample], batch_size: int = 1) -> list[Any]:
+    """Every sample's prediction, ``batch_size`` at a time (the same answers at any size)."""
     try:
-        return [method.answer(s) for s in samples]
+        if batch_size == 1:
+            return [method.answer(s) for s in samples]
+        return [p for i in range(0, len(samples), batch_size)
+                for p in method.answer_batch(samples[i:i + batch_size])]
     finally:
         method.close()
 
@@ -138,9 +142,13 @@ def train_experts(lm: Any, units: Sequence[Any], augs: Sequence[Any],
 
 def run(lm: Any, settings: Sequence[InjectionSetting], n: int = 100, offset: int = 300,
         n_unrelated: int = 100, unrelated_offset: int = 400, max_new_tokens: int = 32,
-        log: Any = print, cache_dir: Path | None = None) -> dict[str, Any]:
+        log: Any = print, cache_dir: Path | None = None, batch_size: int = 8) -> dict[str, Any]:
     """Answer the slice with every arm under each setting (module docstring). The settings-free
-    arms (base, RAG) are kept in ``cache_dir`` when given, keyed by model, slice and decoding."""
+    arms (base, RAG) are kept in ``cache_dir`` when given, keyed by model, slice and decoding.
+    ``batch_size`` questions decode together (``dmoe.engine.batch``; the answers do not depend
+    on it)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     t_start = time.perf_counter()
     torch.manual_seed(0)
     task = load_task("knowledge_conflicts", offset=offset, limit=n, n_locality=0)
@@ -151,11 +159,13 @@ def run(lm: Any, settings: Sequence[InjectionSetting], n: int = 100, offset: int
     m, tok = lm.model, lm.tokenizer
     adapter = ExpertAdapter(m, LoraSpec())
     plain = MethodConfig(max_new_tokens=max_new_tokens, stop_strings=STOPS, top_k=1)
-    arms = {"base": lambda: _answers(BaseMethod(m, tok, adapter, plain), samples),
-            "base_unrelated": lambda: _answers(BaseMethod(m, tok, adapter, plain), unrelated),
-            "rag": lambda: _answers(RagMethod(m, tok, adapter, retriever, plain), samples),
+    b = batch_size
+    arms = {"base": lambda: _answers(BaseMethod(m, tok, adapter, plain), samples, b),
+            "base_unrelated": lambda: _answers(BaseMethod(m, tok, adapter, plain), unrelated, b),
+            "rag": lambda: _answers(RagMethod(m, tok, adapter, retriever, plain), samples, b),
             "rag_top3": lambda: _answers(RagMethod(m, tok, adapter, retriever,
-                                                   dataclasses.replace(plain, top_k=3)), samples)}
+                                                   dataclasses.replace(plain, top_k=3)),
+                                         samples, b)}
     decoding = hashlib.sha256(repr(plain).encode()).hexdigest()[:8]  # max_new_tokens, greedy, ...
     key = f"{lm.fingerprint}-{offset}-{len(samples)}-{unrelated_offset}-{len(unrelated)}-{decoding}"
     texts = _cached_baselines(cache_dir, key, arms)
@@ -190,10 +200,10 @@ def run(lm: Any, settings: Sequence[InjectionSetting], n: int = 100, offset: int
         train_s = time.perf_counter() - t0
         cfg = setting.method_config(max_new_tokens)
         loader = lambda ids, bank=bank: [bank[i] for i in ids]  # noqa: E731
-        dm = _answers(DmoeMethod(m, tok, adapter, loader, router, cfg), samples)
-        dm_unrel = _answers(DmoeMethod(m, tok, adapter, loader, router, cfg), unrelated)
+        dm = _answers(DmoeMethod(m, tok, adapter, loader, router, cfg), samples, b)
+        dm_unrel = _answers(DmoeMethod(m, tok, adapter, loader, router, cfg), unrelated, b)
         rnd = _answers(DmoeMethod(m, tok, adapter, loader, RandomRouter(bank, seed=1), cfg),
-                       samples)
+                       samples, b)
         row = {**dataclasses.asdict(setting),
                "efficacy_dmoe": _rate(contains(p.text, g) for p, g in zip(dm, gold, strict=True)),
                "efficacy_dmoe_random": _rate(contains(p.text, g)

@@ -77,6 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--cache-dir", default=None,
                    help="keep the base and RAG answers here, keyed by model, slice and decoding, so a "
                         "rerun with other settings answers only the dmoe arms (default: none)")
+    i.add_argument("--batch-size", type=int, default=8,
+                   help="questions decoded together (the answers do not depend on it; default 8)")
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.set_defaults(func=run_injection)
     v = bsub.add_parser("serve", help="a real dmoe serve: serial vs concurrent throughput, "
@@ -172,7 +174,8 @@ def run_injection(args: argparse.Namespace) -> int:
     result = run(lm, grid, n=args.n, offset=args.offset, n_unrelated=args.n_unrelated,
                  unrelated_offset=args.unrelated_offset, max_new_tokens=args.max_new_tokens,
                  log=lambda msg: print(msg, file=sys.stderr, flush=True),
-                 cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+                 cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+                 batch_size=args.batch_size)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     if len(grid) == 1:  # one setting: its numbers at the top level
