@@ -143,6 +143,7 @@ class BuildWorker:
     def _start(self) -> Connection:
         if self._proc is not None and self._proc.is_alive() and self._conn is not None:
             return self._conn
+        self.closing = False  # a new start after a close()
         ctx = multiprocessing.get_context("spawn")  # no fork of a process running torch threads
         parent, child = ctx.Pipe()
         self._proc = ctx.Process(target=_worker_main, name="dmoe-build-worker", daemon=True,
