@@ -207,9 +207,8 @@ class BatchEngine:
                 continue
             assert row.router is not None
             t0 = time.perf_counter()
-            eng._activate_hits(eng._route(row.router, req.task_input, row.out.token_ids,
-                                          req.config), req.config)
-            row.experts, row.weights = eng.adapter.active, eng.adapter.weights
+            hits = eng._route(row.router, req.task_input, row.out.token_ids, req.config)
+            row.experts, row.weights = eng._hits_set(hits, req.config)
             fired.append((row, time.perf_counter() - t0))
         if not fired:
             return

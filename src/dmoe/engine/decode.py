@@ -139,6 +139,7 @@ class Generation:
 
 
 ExpertLoader = Callable[[Sequence[str]], list[Expert]]
+ActiveSet = tuple[tuple[Expert, ...], tuple[float, ...]]  # experts and their composition weights
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -298,23 +299,31 @@ class Engine:
                          cfg.min_score, cfg.min_relevance)
 
     def _activate_hits(self, hits: Sequence[RouteHit], cfg: DecodeConfig) -> None:
-        """Routed hits become the active set, weighted by relevance (else raw score); no hit
-        (nothing passed the gate) -> the empty set."""
-        self._activate([h.expert_id for h in hits],
-                       [h.score if h.relevance is None else h.relevance for h in hits], cfg)
+        """Routed hits become the active set (``_hits_set``)."""
+        self.adapter.activate(*self._hits_set(hits, cfg))
+
+    def _hits_set(self, hits: Sequence[RouteHit], cfg: DecodeConfig) -> ActiveSet:
+        """Routed hits as an active set, weighted by relevance (else raw score); no hit (nothing
+        passed the gate) -> the empty set."""
+        return self._load_set([h.expert_id for h in hits],
+                              [h.score if h.relevance is None else h.relevance for h in hits], cfg)
 
     def _activate(self, expert_ids: list[str], scores: list[float], cfg: DecodeConfig) -> None:
-        """Load and compose ``expert_ids`` (weights from their router ``scores``, see
-        ``composition_weights``); an empty list restores the base model."""
+        """Make ``expert_ids`` the active set (``_load_set``); [] restores the base model."""
+        self.adapter.activate(*self._load_set(expert_ids, scores, cfg))
+
+    def _load_set(self, expert_ids: list[str], scores: list[float],
+                  cfg: DecodeConfig) -> ActiveSet:
+        """Load ``expert_ids`` with their weights (from their router ``scores``, see
+        ``composition_weights``)."""
         if not expert_ids:
-            self.adapter.activate([])
-            return
+            return (), ()
         if self.load_experts is None:
             raise ValueError("initial experts given but the engine has no expert loader")
         weight = dict(zip(expert_ids, composition_weights(
             scores, cfg.composition, cfg.composition_temperature, cfg.composition_scale), strict=True))
-        experts = self.load_experts(expert_ids)
-        self.adapter.activate(experts, [weight[e.id] for e in experts])
+        experts = tuple(self.load_experts(expert_ids))
+        return experts, tuple(weight[e.id] for e in experts)
 
     def _hit_stop(self, token_ids: list[int], stops: tuple[str, ...]) -> bool:
         tail = self.tokenizer.decode(token_ids[-16:], skip_special_tokens=True)
