@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -105,7 +106,8 @@ def bench_serve(model: str | None = None, n_requests: int = 16, max_tokens: int 
     except ImportError as e:
         raise RuntimeError("dmoe bench serve needs the openai client: pip install openai") from e
 
-    errors = 0
+    errors = [0]
+    errors_lock = threading.Lock()  # ask() runs on several client threads
 
     with tempfile.TemporaryDirectory(prefix="dmoe-bench-serve-") as tmp:
         server = _Server(Path(tmp) / "bank", model, max_batch, Path(tmp) / "serve.log")
@@ -115,7 +117,6 @@ def bench_serve(model: str | None = None, n_requests: int = 16, max_tokens: int 
                                    timeout=300)
 
             def ask(i: int, tokens: int) -> tuple[float, int]:
-                nonlocal errors
                 t0 = time.perf_counter()
                 try:
                     r = client.chat.completions.create(
@@ -123,7 +124,8 @@ def bench_serve(model: str | None = None, n_requests: int = 16, max_tokens: int 
                         messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
                     n = r.usage.completion_tokens if r.usage else 0
                 except Exception:
-                    errors += 1
+                    with errors_lock:
+                        errors[0] += 1
                     n = 0
                 return time.perf_counter() - t0, n
 
@@ -174,7 +176,7 @@ def bench_serve(model: str | None = None, n_requests: int = 16, max_tokens: int 
         "p99_ms_during_build": None if p99_build is None else round(p99_build * 1e3, 1),
         "ratio_p99_during_build_vs_idle": None if p99_build is None
         else round(p99_build / p99_idle, 3),
-        "errors": errors,
+        "errors": errors[0],
         "method": "dmoe serve in its own process on loopback, OpenAI client; throughput = "
                   "completion tokens / phase wall time, same requests serial vs concurrent; "
                   "latencies = wall time of short sequential requests, idle vs during a "

@@ -247,12 +247,7 @@ class ExpertAdapter:
     def activate(self, experts: Sequence[Expert], weights: Sequence[float] | None = None) -> None:
         """Make ``experts`` the active set (replacing the previous one); ``[]`` = base model.
         ``weights``: one per expert (default 1.0 each, the exact sum)."""
-        shapes = self.mlp_shapes
-        for e in experts:
-            e.validate(shapes)
-        ws = tuple([1.0] * len(experts) if weights is None else (float(x) for x in weights))
-        if len(ws) != len(experts):
-            raise ValueError(f"got {len(ws)} weights for {len(experts)} experts")
+        ws = self._checked(experts, weights, self.mlp_shapes)
         for i, mlp in self.mlps.items():
             if not experts:
                 mlp.lora = None
@@ -261,6 +256,17 @@ class ExpertAdapter:
             mlp.lora = {p: compose(experts, i, p, w.device, w.dtype, ws) for p in PROJECTIONS}
         self.active = tuple(experts)
         self.weights = ws
+
+    @staticmethod
+    def _checked(experts: Sequence[Expert], weights: Sequence[float] | None,
+                 shapes: dict[tuple[int, str], tuple[int, int]]) -> tuple[float, ...]:
+        """Validate ``experts`` against ``shapes``; their weights (default 1.0 each)."""
+        for e in experts:
+            e.validate(shapes)
+        ws = tuple([1.0] * len(experts) if weights is None else (float(x) for x in weights))
+        if len(ws) != len(experts):
+            raise ValueError(f"got {len(ws)} weights for {len(experts)} experts")
+        return ws
 
     def activate_rows(self, sets: Sequence[tuple[Sequence[Expert], Sequence[float]]]) -> None:
         """Give each row of a batch its own active set (``[(experts, weights), ...]``, one per row).
@@ -271,11 +277,7 @@ class ExpertAdapter:
         row the MLPs are the exact base MLPs.
         """
         shapes = self.mlp_shapes
-        for experts, weights in sets:
-            if len(weights) != len(experts):
-                raise ValueError(f"got {len(weights)} weights for {len(experts)} experts")
-            for e in experts:
-                e.validate(shapes)
+        sets = [(experts, self._checked(experts, weights, shapes)) for experts, weights in sets]
         self.active, self.weights = (), ()
         rank = max((sum(e.spec.rank for e in experts) for experts, _ in sets), default=0)
         for i, mlp in self.mlps.items():

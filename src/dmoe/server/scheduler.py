@@ -180,11 +180,9 @@ class Scheduler:
                 self._admit(incoming)
                 self._drop_cancelled()
                 try:
-                    rows = self._batch.running + min(self._batch.waiting,
-                                                     self.max_batch - self._batch.running)
                     finished = self._batch.step()
                     self.steps += 1
-                    self.row_steps += rows
+                    self.row_steps += self._batch.running + len(finished)  # rows that committed
                 except Exception as e:
                     log.exception("a batch step failed; failing its %d rows", len(self._rows))
                     self._fail_all(e)

@@ -7,9 +7,10 @@ Concurrency model:
   rows decode together, each with its own experts, trigger and router; more wait for a free row.
   At most ``max_waiting`` generations may wait or run, more get 503.
 - ``model_lock`` (first come, first served) serialises the model and every write to the knowledge
-  base: each batch step holds it, and so do build jobs (training runs forward passes and hooks the
-  model) and deletes, which therefore happen between two steps, never while a router names an
-  expert and the engine loads it.
+  base: each batch step holds it, and so do deletes and each commit of a build (the worker
+  process trains without it; a build run in this process, without ``worker_model``, holds it
+  throughout, since training runs forward passes and hooks the model). Writes therefore happen
+  between two steps, never while a router names an expert and the engine loads it.
 - Reads that never touch the model (listing experts, job status, metrics) take no lock: the bank's
   SQLite connection and the tantivy searcher are safe to read from any thread.
 - A change to the knowledge base is visible to the next trigger of every row; a row keeps the
