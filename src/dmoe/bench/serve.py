@@ -77,7 +77,9 @@ class _Server:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"dmoe serve exited with {self.proc.returncode}; see its log")
+                tail = Path(self.log.name).read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"dmoe serve exited with {self.proc.returncode}; the end of "
+                                   f"its log:\n{tail}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
