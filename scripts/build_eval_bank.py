@@ -83,7 +83,7 @@ def main() -> None:
     if args.no_bank and not (args.sft_lora or args.poly):
         ap.error("--no-bank with nothing to train: add --sft-lora FILE and/or --poly DIR")
 
-    lm = load_base_model()
+    lm = load_base_model(training=True)  # experts train on float weights
     task = load_task(args.dataset, offset=args.offset, limit=args.limit or None,
                      corpus_scope=args.corpus_scope)
     units = task.corpus

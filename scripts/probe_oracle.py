@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write every answer here, one JSON per row")
     args = ap.parse_args()
 
-    lm = load_base_model(None)
+    lm = load_base_model(None, training=True)
     tok = lm.tokenizer
     task = load_task("knowledge_conflicts", offset=args.offset, limit=args.n, n_locality=0)
     units, samples = task.corpus, task.samples

@@ -43,7 +43,7 @@ def test_local_hf_directory_loads(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm():
-    return load_base_model(None, "cpu")
+    return load_base_model(None, "cpu", "fp32")
 
 
 @pytest.mark.slow
@@ -62,8 +62,28 @@ def test_packaged_model_answers_and_matches_generate(smollm):
 
 @pytest.mark.slow
 def test_packaged_model_cache_is_reused(smollm):
-    again = load_base_model(None, "cpu")
+    again = load_base_model(None, "cpu", "fp32")
     assert again.fingerprint == smollm.fingerprint
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weights", ["fp16", "int8"])
+def test_packaged_model_on_packed_weights(smollm, weights):
+    """Packed weights keep the float fingerprint (the same experts serve), answer, and refuse to
+    train; the expert MLP stays the float one."""
+    from torch import nn
+
+    packed = load_base_model(None, "cpu", weights)
+    assert packed.weights == weights and not packed.can_train
+    assert packed.fingerprint == smollm.fingerprint
+    mlp = packed.model.model.layers[-1].mlp
+    assert type(mlp.down_proj) is nn.Linear and type(packed.model.lm_head) is not nn.Linear
+    ids = torch.tensor([encode_prompt(packed.tokenizer, "What is the capital of France?")])
+    engine = Engine(packed.model, packed.tokenizer, ExpertAdapter(packed.model, LoraSpec()))
+    assert "Paris" in engine.generate(ids, config=PaperDecode(max_new_tokens=12)).text
+    engine.close()
+    with pytest.raises(ValueError, match="train on float"):
+        load_base_model(None, "cpu", weights, training=True)
 
 
 @pytest.mark.slow

@@ -50,19 +50,33 @@ def pick_device(device: str | None = None) -> torch.device:
     return dev
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+WEIGHTS = ("fp32", "bf16", "fp16", "int8")
+CPU_DEFAULT_WEIGHTS = "fp32"  # what auto serves with on a CPU (results/dev/weights.md says why)
+_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # the older --dtype names
+_FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def parse_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``None`` -> fp32 on CPU, bf16 on CUDA; else one of float32/float16/bfloat16 (or fp32…)."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name is None or name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
+def resolve_weights(weights: str | None, device: torch.device, training: bool = False) -> str:
+    """The weights mode a model loads with: one of ``WEIGHTS``.
+
+    ``fp32``/``bf16``: the whole model in that dtype. ``fp16``: on CUDA the model in fp16; on a CPU
+    fp16 trunk weights with fp32 compute (``dmoe.quant``). ``int8``: int8 trunk weights and
+    activations, CPU only. ``None``/``"auto"``: bf16 on CUDA; on a CPU ``CPU_DEFAULT_WEIGHTS`` to
+    answer and fp32 to train. Packed (CPU fp16/int8) weights never train experts.
+    """
+    name = _ALIASES.get(str(weights), weights)
+    if name in (None, "auto"):
+        if device.type == "cuda":
+            return "bf16"
+        return "fp32" if training else CPU_DEFAULT_WEIGHTS
+    if name not in WEIGHTS:
+        raise ValueError(f"unknown weights {weights!r}; choose one of auto, {', '.join(WEIGHTS)}")
+    if name == "int8" and device.type != "cpu":
+        raise ValueError(f"int8 weights run on the CPU only, not {device}; use --weights bf16")
+    if training and device.type == "cpu" and name in ("fp16", "int8"):
+        raise ValueError(f"experts train on float weights: use --weights fp32 (or auto) to build; "
+                         f"{name} is for answering")
+    return name
 
 
 @dataclass(frozen=True)
@@ -164,28 +178,57 @@ class LoadedModel:
     source: ModelSource
     device: torch.device
 
-    fingerprint: str  # model_fingerprint() of the weights as loaded (before any adapter)
+    fingerprint: str  # model_fingerprint() of the float weights (before any adapter or int8)
+    weights: str = "fp32"  # one of WEIGHTS: how the trunk's weights are held
+
+    @property
+    def can_train(self) -> bool:
+        """False for packed CPU weights (fp16/int8), which only answer."""
+        return not (self.device.type == "cpu" and self.weights in ("fp16", "int8"))
 
 
 def load_base_model(spec: str | None = None, device: str | None = None,
-                    dtype: str | torch.dtype | None = None) -> LoadedModel:
-    """Load a frozen model + tokenizer offline. See the module docstring for ``spec``."""
+                    weights: str | None = None, *, training: bool = False) -> LoadedModel:
+    """Load a frozen model + tokenizer offline. See the module docstring for ``spec`` and
+    ``resolve_weights`` for ``weights`` (``training``: the model will train experts)."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model(spec)
     dev = pick_device(device)
+    mode = resolve_weights(weights, dev, training)
+    packed = dev.type == "cpu" and mode in ("fp16", "int8")  # packed from fp32 by dmoe.quant
     path = _dequantised_cache(source) if source.is_gguf else source.path
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a ~2 s weight load needs no bar
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype, dev))
+    dtype = torch.float32 if packed else _FLOAT_DTYPES[mode]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.to(dev)  # type: ignore[arg-type]  # transformers' stub is narrower than nn.Module.to
     model.eval().requires_grad_(False)
-    return LoadedModel(model=model, tokenizer=tok, source=source, device=dev,
-                       fingerprint=model_fingerprint(model))
+    lm = LoadedModel(model=model, tokenizer=tok, source=source, device=dev,
+                     fingerprint=model_fingerprint(model), weights="fp32" if packed else mode)
+    if packed:
+        pack_weights(lm, mode)
+    return lm
+
+
+def pack_weights(lm: LoadedModel, mode: str) -> None:
+    """Pack a loaded fp32 CPU model's trunk to ``mode`` (fp16 or int8) in place (``dmoe.quant``),
+    e.g. after it trained experts; engines made before keep the float output head, so make them
+    after. The fingerprint stays the float weights': experts trained on them serve on packed
+    weights unchanged (measured: results/dev/weights.md)."""
+    if lm.weights == mode:
+        return
+    if lm.weights != "fp32" or lm.device.type != "cpu":
+        raise ValueError(f"packing needs an fp32 model on the CPU, this one holds {lm.weights} "
+                         f"on {lm.device}")
+    from dmoe.quant import pack_trunk
+
+    pack_trunk(lm.model, mode)
+    lm.weights = mode
 
 
 def model_fingerprint(model: Any) -> str:

@@ -74,7 +74,7 @@ def bench_training(n_units: int = 8, epochs: int = 10, lr: float = 5e-3, mix: st
     The fast path trains all ``n_units`` together; the reference (slow) trains the first
     ``n_reference`` of them, one at a time, and the weight comparison covers those.
     """
-    lm = load_base_model(model)
+    lm = load_base_model(model, training=True)
     tok = lm.tokenizer
     jobs = squad_jobs(tok, n_units, n_questions, mix)
     config = TrainConfig(lr=lr, epochs=epochs, loss_on="answer")

@@ -142,11 +142,13 @@ def train_experts(lm: Any, units: Sequence[Any], augs: Sequence[Any],
 
 def run(lm: Any, settings: Sequence[InjectionSetting], n: int = 100, offset: int = 300,
         n_unrelated: int = 100, unrelated_offset: int = 400, max_new_tokens: int = 32,
-        log: Any = print, cache_dir: Path | None = None, batch_size: int = 8) -> dict[str, Any]:
+        log: Any = print, cache_dir: Path | None = None, batch_size: int = 8,
+        train_lm: Any = None) -> dict[str, Any]:
     """Answer the slice with every arm under each setting (module docstring). The settings-free
-    arms (base, RAG) are kept in ``cache_dir`` when given, keyed by model, slice and decoding.
-    ``batch_size`` questions decode together (``dmoe.engine.batch``; the answers do not depend
-    on it)."""
+    arms (base, RAG) are kept in ``cache_dir`` when given, keyed by model, weights, slice and
+    decoding. ``batch_size`` questions decode together (``dmoe.engine.batch``; with float
+    weights the answers do not depend on it). Experts train on ``train_lm`` (default ``lm``;
+    needed when ``lm`` holds packed fp16/int8 CPU weights)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     t_start = time.perf_counter()
@@ -167,12 +169,13 @@ def run(lm: Any, settings: Sequence[InjectionSetting], n: int = 100, offset: int
                                                    dataclasses.replace(plain, top_k=3)),
                                          samples, b)}
     decoding = hashlib.sha256(repr(plain).encode()).hexdigest()[:8]  # max_new_tokens, greedy, ...
-    key = f"{lm.fingerprint}-{offset}-{len(samples)}-{unrelated_offset}-{len(unrelated)}-{decoding}"
+    weights = "" if lm.weights == "fp32" else f"-{lm.weights}"  # fp32 keys predate the modes
+    key = f"{lm.fingerprint}{weights}-{offset}-{len(samples)}-{unrelated_offset}-{len(unrelated)}-{decoding}"
     texts = _cached_baselines(cache_dir, key, arms)
     base, base_unrel, rag, rag3 = (texts[a] for a in arms)
     gold = [s.answers for s in samples]
     out: dict[str, Any] = {
-        "n": len(samples), "n_unrelated": len(unrelated), "slice": f"knowledge_conflicts "
+        "weights": lm.weights, "n": len(samples), "n_unrelated": len(unrelated), "slice": f"knowledge_conflicts "
         f"{offset}-{offset + len(samples) - 1} (+ unrelated {unrelated_offset}-"
         f"{unrelated_offset + len(unrelated) - 1})", "max_new_tokens": max_new_tokens,
         "efficacy_base": _rate(contains(t, g) for t, g in zip(base, gold, strict=True)),
@@ -186,7 +189,7 @@ def run(lm: Any, settings: Sequence[InjectionSetting], n: int = 100, offset: int
     for setting in settings:
         t0 = time.perf_counter()
         if setting.augmenter not in augmented:  # augmentations and the router over surrogates
-            augs = make_augmenter(setting.augmenter, loaded=lm).augment(units)
+            augs = make_augmenter(setting.augmenter, loaded=train_lm or lm).augment(units)
             index = BM25Index.in_memory()
             index.add_many((u.id, surrogate_text(u, a)) for u, a in zip(units, augs, strict=True))
             valid = _rate(a.meta.get("qa_valid", "0") != "0" for a in augs)
@@ -195,7 +198,7 @@ def run(lm: Any, settings: Sequence[InjectionSetting], n: int = 100, offset: int
         trained_as = (setting.augmenter, setting.recipe, setting.objective, setting.lr,
                       setting.epochs, setting.rank, setting.alpha)
         if trained_as not in trained:  # keep one bank in memory
-            trained = {trained_as: train_experts(lm, units, augs, setting)}
+            trained = {trained_as: train_experts(train_lm or lm, units, augs, setting)}
         bank = trained[trained_as]
         train_s = time.perf_counter() - t0
         cfg = setting.method_config(max_new_tokens)

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.question.strip():
         raise ValueError("the question is empty")
-    lm = load_base_model(args.model, args.device, args.dtype)
+    lm = load_base_model(args.model, args.device, args.weights)
     kb = KnowledgeBase.open(args.bank, lm.fingerprint, readonly=True) if args.bank else None
     trigger = make_trigger(args.trigger, args.tau, args.trigger_rate, args.seed)
     engine = (kb.engine(lm, trigger) if kb is not None

@@ -19,9 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = bsub.add_parser("decode", help="engine vs HF generate; dmoe triggers vs no experts",
                         description="Decode tokens/s of the engine without experts, with DMoE "
                                     "triggers (random stored experts), and HF generate.\n\n"
-                                    "example:\n  dmoe bench decode --json",
+                                    "example:\n  dmoe bench decode --json\n"
+                                    "  dmoe bench decode --weights fp32,int8 --json",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(d)
+    add_model_args(d, several_weights=True)
     d.add_argument("--max-new-tokens", type=int, default=48)
     d.add_argument("--repeats", type=int, default=3, help="measured rounds over the prompts")
     d.add_argument("--batch-sizes", default="1,4,8,16", type=_batch_sizes,
@@ -158,7 +159,7 @@ def _bench_augment(n_units: int, model: str | None) -> dict[str, Any]:
     squad = _json.loads((data_dir() / "squad/squad_dev_v1.1.json").read_text())
     units = [KnowledgeUnit(id=f"{a['title']}/0", text=a["paragraphs"][0]["context"],
                            title=a["title"]) for a in squad["data"][:n_units]]
-    lm = load_base_model(model)
+    lm = load_base_model(model, training=True)  # augmentation is build work: float weights
     return measure_augmentation(units, make_augmenter("self", loaded=lm, batch_size=n_units))
 
 
@@ -170,8 +171,10 @@ def run_injection(args: argparse.Namespace) -> int:
 
     grid = [InjectionSetting().with_overrides(g) for g in args.grid.split(";")] if args.grid \
         else [InjectionSetting()]
-    lm = load_base_model(args.model, args.device, args.dtype)
-    result = run(lm, grid, n=args.n, offset=args.offset, n_unrelated=args.n_unrelated,
+    lm = load_base_model(args.model, args.device, args.weights)
+    train_lm = lm if lm.can_train else load_base_model(args.model, args.device, "fp32",
+                                                       training=True)
+    result = run(lm, grid, train_lm=train_lm, n=args.n, offset=args.offset, n_unrelated=args.n_unrelated,
                  unrelated_offset=args.unrelated_offset, max_new_tokens=args.max_new_tokens,
                  log=lambda msg: print(msg, file=sys.stderr, flush=True),
                  cache_dir=Path(args.cache_dir) if args.cache_dir else None,
@@ -200,7 +203,7 @@ def run_decode(args: argparse.Namespace) -> int:
     from dmoe.bench.decode import bench_decode
 
     _emit(bench_decode(args.model, args.device, args.max_new_tokens, args.repeats,
-                       batch_sizes=args.batch_sizes), args.json)
+                       batch_sizes=args.batch_sizes, weights=args.weights), args.json)
     return 0
 
 

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
                          storage_dtype=args.storage_dtype, limit=args.limit,
                          **({"recipe": args.recipe} if args.recipe else {}))
     train_config = train_config_from(args)
-    lm = load_base_model(args.model, args.device, args.dtype)
+    lm = load_base_model(args.model, args.device, args.weights, training=True)
     log = (lambda s: None) if args.json else print
     summary = build(args.corpus, args.bank, lm, config, train_config,
                     progress=not (args.quiet or args.json), log=log)

@@ -17,15 +17,43 @@ def finite_float(text: str) -> float:
     return value
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def weights_list(text: str) -> tuple[str, ...]:
+    """An argparse ``type``: comma-separated weights modes, e.g. ``fp32,int8``."""
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in modes if m not in WEIGHTS_CHOICES]
+    if not modes or bad or len(set(modes)) != len(modes):
+        raise argparse.ArgumentTypeError(f"expected distinct modes from {', '.join(WEIGHTS_CHOICES)}"
+                                         f", got {text!r}")
+    return modes
+
+
+WEIGHTS_CHOICES = ("auto", "fp32", "bf16", "fp16", "int8")
+
+
+def add_model_args(p: argparse.ArgumentParser, several_weights: bool = False) -> None:
+    """``--model``, ``--device``, ``--weights`` (``several_weights``: a comma-separated list of
+    modes to compare, first = reference)."""
+    from dmoe.base_model import CPU_DEFAULT_WEIGHTS
+
     g = p.add_argument_group("base model")
     g.add_argument("--model", default=None, metavar="SPEC",
                    help="packaged alias (default: smollm2), a local Hugging Face model directory, "
                         "or a .gguf file")
     g.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, "
                                                      "cuda:1 …")
-    g.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, "
-                                                    "float16, bfloat16")
+    if several_weights:
+        g.add_argument("--weights", default=("auto",), type=weights_list, metavar="W[,W...]",
+                       help="weights modes measured side by side, the first is the reference "
+                            f"(from {', '.join(WEIGHTS_CHOICES)}; e.g. fp32,int8; default auto)")
+        return
+    g.add_argument("--weights", default="auto", choices=WEIGHTS_CHOICES,
+                   help="how the base model's weights are held: fp32; bf16; fp16 (on a CPU: fp16 "
+                        "weights, fp32 compute, ~2x faster decoding); int8 (CPU; fast but changes "
+                        "answers, see results/dev/weights.md). auto = bf16 on CUDA, on a CPU "
+                        f"{CPU_DEFAULT_WEIGHTS} (fp32 where experts are trained). Experts train on "
+                        "float weights only (default auto)")
+    g.add_argument("--dtype", dest="weights", choices=["float32", "bfloat16", "float16"],
+                   help=argparse.SUPPRESS)  # the flag's older name
 
 
 def add_decode_args(p: argparse.ArgumentParser) -> None:

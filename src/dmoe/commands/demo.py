@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from dmoe.base_model import load_base_model
+    from dmoe.base_model import load_base_model, pack_weights, resolve_weights
     from dmoe.baselines.generate import decode_config
     from dmoe.baselines.protocol import MethodConfig
     from dmoe.commands.ask import describe_spans
@@ -54,13 +54,16 @@ def run(args: argparse.Namespace) -> int:
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)
 
-    lm = load_base_model(args.model, args.device, args.dtype)
+    lm = load_base_model(args.model, args.device, args.weights, training=True)
     say(f"== 1) building the expert bank {args.bank} from {args.corpus}")
     summary = build(args.corpus, args.bank, lm, BuildConfig(), TrainConfig(), log=say,
                     progress=not args.json)
     say(f"   {summary.bank_size} experts ({summary.experts_trained} trained now, "
         f"{summary.experts_reused} reused), {summary.bytes_per_expert / 1024:.0f} KiB each")
 
+    answer_weights = resolve_weights(args.weights, lm.device)
+    if answer_weights != lm.weights:  # trained on fp32, answers on packed CPU weights
+        pack_weights(lm, answer_weights)
     method = MethodConfig(max_new_tokens=args.max_new_tokens)
     cfg = dataclasses.replace(decode_config(method), top_k=method.dmoe_top_k or method.top_k)
     kb = KnowledgeBase.open(args.bank, lm.fingerprint, readonly=True)

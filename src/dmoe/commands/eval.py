@@ -131,7 +131,7 @@ def _evaluate(args: argparse.Namespace, config: object) -> None:
     from dmoe.experts.lora import ExpertAdapter, LoraSpec
 
     assert isinstance(config, MethodConfig)
-    lm = load_base_model(args.model, args.device, args.dtype)
+    lm = load_base_model(args.model, args.device, args.weights)
     res = Resources(lm.model, lm.tokenizer, ExpertAdapter(lm.model, LoraSpec()), config)
     if args.experts is not None:
         from dmoe.experts.cache import ExpertCache, directory_loader
@@ -158,6 +158,7 @@ def _evaluate(args: argparse.Namespace, config: object) -> None:
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv,
         "methods": args.methods, "datasets": args.datasets, "limit": args.limit,
         "offset": args.offset, "shard": args.shard, "batch_size": args.batch_size, "config": asdict(config), "model": str(lm.source.path),
+        "weights": lm.weights,
         "device": str(lm.device), "platform": platform.platform()})
     for name in args.datasets:
         task = load_task(name, args.data_dir, offset=args.offset, limit=args.limit or None,

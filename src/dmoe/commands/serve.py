@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"dmoe: warning: serving on {args.host} without --api-key: anyone who can reach "
               f"it can use and change the bank", file=sys.stderr)
     # Load before starting uvicorn so a bad model or bank is a one-line error, not a traceback.
-    state = ServerState.load(args.bank, args.model, args.device, args.dtype, config,
+    state = ServerState.load(args.bank, args.model, args.device, args.weights, config,
                              BuildConfig(augmenter=args.augmenter))
     print(f"dmoe: serving {state.model_name} with {len(state.kb)} experts from {args.bank} on "
           f"http://{args.host}:{args.port}", file=sys.stderr, flush=True)

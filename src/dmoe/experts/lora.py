@@ -210,6 +210,10 @@ def check_supported(model: nn.Module, n_layers: int) -> list[int]:
             raise UnsupportedModelError(
                 f"layer {i} of {type(model).__name__} has no gate/up/down MLP (missing: "
                 f"{missing or ['mlp']}); final-layer experts need a gated FFN")
+        if not all(isinstance(getattr(mlp, p), nn.Linear) for p in PROJECTIONS):
+            raise UnsupportedModelError(
+                f"layer {i}'s MLP has quantised (int8) weights; experts there need float weights "
+                "(--weights fp32 or bf16)")
         if not hasattr(layer, "post_attention_layernorm") or hasattr(layer, "post_feedforward_layernorm"):
             raise UnsupportedModelError(f"layer {i} of {type(model).__name__} is not a Llama-style "
                                         "pre-norm block (post_attention_layernorm -> mlp)")

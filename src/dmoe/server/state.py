@@ -121,20 +121,22 @@ class ServerState:
 
     @classmethod
     def load(cls, bank: str | Path, model: str | None = None, device: str | None = None,
-             dtype: str | None = None, config: ServerConfig | None = None,
+             weights: str | None = None, config: ServerConfig | None = None,
              build_config: BuildConfig | None = None) -> ServerState:
         """Load the base model and open the bank (created empty when missing); builds run in a
         worker process that loads the same model."""
         from dmoe.base_model import load_base_model
 
-        lm = load_base_model(model, device, dtype)
+        lm = load_base_model(model, device, weights)
         bank = Path(bank)
         if (bank / "bank.json").is_file():
             kb = KnowledgeBase.open(bank, lm.fingerprint)
         else:
             kb = KnowledgeBase.open_or_create(bank, lm.fingerprint, lm.source.name, LoraSpec())
         return cls(lm, kb, config, build_config,
-                   worker_model=functools.partial(load_base_model, model, device, dtype))
+                   worker_model=functools.partial(load_base_model, model, device,
+                                                  lm.weights if lm.can_train else "fp32",
+                                                  training=True))
 
     def start(self) -> None:
         """Start the batch scheduler and the build worker (idempotent)."""
