@@ -17,7 +17,7 @@ PASSAGE = KnowledgeUnit(
 def test_self_augmenter_on_packaged_model():
     from dmoe.base_model import load_base_model
 
-    loaded = load_base_model()
+    loaded = load_base_model(training=True)
     augmenter = make_augmenter("self", loaded=loaded, batch_size=2, qa_tokens=200,
                                rewrite_tokens=120)
     aug = augmenter.augment([PASSAGE])[0]

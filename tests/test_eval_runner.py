@@ -159,3 +159,15 @@ def test_batched_run_records_the_same_answers(tmp_path, resources):
     with pytest.raises(SystemExit):
         main(["eval", "--batch-size", "0", "--out", str(tmp_path)])
     retriever.close()
+
+
+def test_a_results_directory_keeps_one_weights_mode(tmp_path):
+    from dmoe.eval.runner import check_weights, log_invocation
+
+    check_weights(tmp_path, "fp16")  # nothing there yet
+    log_invocation(tmp_path, {"argv": ["dmoe", "eval"]})  # logged before weights modes: fp32
+    check_weights(tmp_path, "fp32")
+    with pytest.raises(ValueError, match="--weights fp32"):
+        check_weights(tmp_path, "fp16")
+    log_invocation(tmp_path / "b", {"weights": "fp16"})
+    check_weights(tmp_path / "b", "fp16")

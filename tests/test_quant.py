@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model
 from torch import nn
 
-from dmoe.base_model import CPU_DEFAULT_WEIGHTS, resolve_weights
+from dmoe.base_model import CPU_DEFAULT_WEIGHTS, resolve_weights, training_weights
 from dmoe.engine.batch import BatchEngine, Request
 from dmoe.engine.decode import DecodeConfig, Engine
 from dmoe.engine.triggers import ScheduleTrigger
@@ -168,3 +168,10 @@ def test_resolve_weights():
         resolve_weights("int8", cuda)
     with pytest.raises(ValueError, match="unknown weights"):
         resolve_weights("int4", cpu)
+
+
+def test_training_weights():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert training_weights("fp16", cpu) == "fp32" and training_weights("int8", cpu) == "fp32"
+    assert training_weights("auto", cpu) == "fp32"
+    assert training_weights("bf16", cpu) == "bf16" and training_weights("auto", cuda) == "bf16"

@@ -415,6 +415,7 @@ def test_health_and_metrics(live):
     with live.http(USER) as http:
         health = http.get("/health").json()
         assert health["model"] == "tiny-llama" and health["experts"] == len(live.state.kb)
+        assert health["weights"] == "fp32"
         r = http.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text

@@ -153,7 +153,7 @@ def test_fast_path_equals_reference_on_the_packaged_model():
 
     if not (data_dir() / SQUAD_FILE).is_file():
         pytest.skip(f"no SQuAD dev file under {data_dir()}")
-    lm = load_base_model()
+    lm = load_base_model(training=True)
     config = TrainConfig(lr=5e-3, epochs=2)
     cases = (("qa", False, 1e-3), ("qa", True, 1e-3), ("passage+qa", False, 1e-3))
     for mix, share_prefix, tol in cases:

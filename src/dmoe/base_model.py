@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,7 @@ def pick_device(device: str | None = None) -> torch.device:
 
 
 WEIGHTS = ("fp32", "bf16", "fp16", "int8")
-CPU_DEFAULT_WEIGHTS = "fp32"  # what auto serves with on a CPU (results/dev/weights.md says why)
+CPU_DEFAULT_WEIGHTS = "fp16"  # what auto answers with on a CPU: results/dev/weights.md
 _ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # the older --dtype names
 _FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -77,6 +78,13 @@ def resolve_weights(weights: str | None, device: torch.device, training: bool = 
         raise ValueError(f"experts train on float weights: use --weights fp32 (or auto) to build; "
                          f"{name} is for answering")
     return name
+
+
+def training_weights(weights: str | None, device: torch.device) -> str:
+    """The float mode that trains the experts of a run that answers with ``weights``: the same
+    mode, except fp32 for packed CPU weights (fp16, int8)."""
+    mode = resolve_weights(weights, device)
+    return "fp32" if device.type == "cpu" and mode in ("fp16", "int8") else mode
 
 
 @dataclass(frozen=True)
@@ -227,6 +235,9 @@ def pack_weights(lm: LoadedModel, mode: str) -> None:
                          f"on {lm.device}")
     from dmoe.quant import pack_trunk
 
+    if mode == "int8":
+        print("dmoe: int8 weights quantise activations too and change most answers on SmolLM2 "
+              "(results/dev/weights.md); fp16 keeps them", file=sys.stderr, flush=True)
     pack_trunk(lm.model, mode)
     lm.weights = mode
 

@@ -166,14 +166,14 @@ def _bench_augment(n_units: int, model: str | None) -> dict[str, Any]:
 def run_injection(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dmoe.base_model import load_base_model
+    from dmoe.base_model import load_base_model, training_weights
     from dmoe.bench.injection import InjectionSetting, run
 
     grid = [InjectionSetting().with_overrides(g) for g in args.grid.split(";")] if args.grid \
         else [InjectionSetting()]
     lm = load_base_model(args.model, args.device, args.weights)
-    train_lm = lm if lm.can_train else load_base_model(args.model, args.device, "fp32",
-                                                       training=True)
+    train_lm = lm if lm.can_train else load_base_model(
+        args.model, args.device, training_weights(lm.weights, lm.device), training=True)
     result = run(lm, grid, train_lm=train_lm, n=args.n, offset=args.offset, n_unrelated=args.n_unrelated,
                  unrelated_offset=args.unrelated_offset, max_new_tokens=args.max_new_tokens,
                  log=lambda msg: print(msg, file=sys.stderr, flush=True),

@@ -38,7 +38,13 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from dmoe.base_model import load_base_model, pack_weights, resolve_weights
+    from dmoe.base_model import (
+        load_base_model,
+        pack_weights,
+        pick_device,
+        resolve_weights,
+        training_weights,
+    )
     from dmoe.baselines.generate import decode_config
     from dmoe.baselines.protocol import MethodConfig
     from dmoe.commands.ask import describe_spans
@@ -54,15 +60,17 @@ def run(args: argparse.Namespace) -> int:
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)
 
-    lm = load_base_model(args.model, args.device, args.weights, training=True)
+    device = pick_device(args.device)
+    answer_weights = resolve_weights(args.weights, device)  # trains on float, may answer packed
+    lm = load_base_model(args.model, args.device, training_weights(args.weights, device),
+                         training=True)
     say(f"== 1) building the expert bank {args.bank} from {args.corpus}")
     summary = build(args.corpus, args.bank, lm, BuildConfig(), TrainConfig(), log=say,
                     progress=not args.json)
     say(f"   {summary.bank_size} experts ({summary.experts_trained} trained now, "
         f"{summary.experts_reused} reused), {summary.bytes_per_expert / 1024:.0f} KiB each")
 
-    answer_weights = resolve_weights(args.weights, lm.device)
-    if answer_weights != lm.weights:  # trained on fp32, answers on packed CPU weights
+    if answer_weights != lm.weights:
         pack_weights(lm, answer_weights)
     method = MethodConfig(max_new_tokens=args.max_new_tokens)
     cfg = dataclasses.replace(decode_config(method), top_k=method.dmoe_top_k or method.top_k)

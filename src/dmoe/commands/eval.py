@@ -68,8 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "--report-only)")
     p.add_argument("--batch-size", type=_positive, default=1, metavar="B",
                    help="answer B questions per batch with every method that decodes one greedy "
-                        "generation (all but flare); same answers as B = 1, latency_s = batch "
-                        "time / B (default: 1)")
+                        "generation (all but flare); same answers as B = 1 (except with --weights "
+                        "int8, whose rows share an activation scale), latency_s = batch time / B "
+                        "(default: 1)")
     p.add_argument("--out", required=True, type=Path, help="results directory (created/resumed)")
     p.add_argument("--data-dir", default=None,
                    help="benchmark data folder (default $DMOE_DATA_DIR or ../shared/data)")
@@ -127,11 +128,12 @@ def _evaluate(args: argparse.Namespace, config: object) -> None:
     from dmoe.baselines.registry import Resources, build_method
     from dmoe.baselines.retrieval import PassageRetriever
     from dmoe.eval.datasets import load_task
-    from dmoe.eval.runner import log_invocation, run_task, shard
+    from dmoe.eval.runner import check_weights, log_invocation, run_task, shard
     from dmoe.experts.lora import ExpertAdapter, LoraSpec
 
     assert isinstance(config, MethodConfig)
     lm = load_base_model(args.model, args.device, args.weights)
+    check_weights(args.out, lm.weights)
     res = Resources(lm.model, lm.tokenizer, ExpertAdapter(lm.model, LoraSpec()), config)
     if args.experts is not None:
         from dmoe.experts.cache import ExpertCache, directory_loader

@@ -181,3 +181,14 @@ def run_task(task: Task, methods: Iterable[str], build: Callable[[str], Method],
 def log_invocation(out: Path, info: dict[str, Any]) -> None:
     Path(out).mkdir(parents=True, exist_ok=True)
     append_record(Path(out) / "runs.jsonl", info)
+
+
+def check_weights(out: Path, weights: str) -> None:
+    """Refuse to resume a results directory answered with other weights (``runs.jsonl``; runs
+    logged before weights modes existed were fp32): one directory, one weights mode."""
+    runs = Path(out) / "runs.jsonl"
+    before = {r.get("weights", "fp32") for r in read_records(runs)} if runs.exists() else set()
+    if before - {weights}:
+        raise ValueError(f"{out} holds answers made with --weights {', '.join(sorted(before))}; "
+                         f"resume it with the same weights, or write --weights {weights} "
+                         f"answers to another --out")

@@ -125,7 +125,7 @@ class ServerState:
              build_config: BuildConfig | None = None) -> ServerState:
         """Load the base model and open the bank (created empty when missing); builds run in a
         worker process that loads the same model."""
-        from dmoe.base_model import load_base_model
+        from dmoe.base_model import load_base_model, training_weights
 
         lm = load_base_model(model, device, weights)
         bank = Path(bank)
@@ -135,7 +135,7 @@ class ServerState:
             kb = KnowledgeBase.open_or_create(bank, lm.fingerprint, lm.source.name, LoraSpec())
         return cls(lm, kb, config, build_config,
                    worker_model=functools.partial(load_base_model, model, device,
-                                                  lm.weights if lm.can_train else "fp32",
+                                                  training_weights(lm.weights, lm.device),
                                                   training=True))
 
     def start(self) -> None:
