@@ -40,7 +40,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
     units = squad_units(args.n)
-    loaded = load_base_model(args.model, device=args.device, training=True) if args.augmenter == "self" else None
+    loaded = (load_base_model(args.model, device=args.device, training=True)
+              if args.augmenter == "self" else None)
     augmenter = make_augmenter(args.augmenter, loaded=loaded, batch_size=args.batch_size)
     if loaded is not None:
         augmenter.settings  # noqa: B018  (fingerprint once, outside the timing)

@@ -171,3 +171,5 @@ def test_a_results_directory_keeps_one_weights_mode(tmp_path):
         check_weights(tmp_path, "fp16")
     log_invocation(tmp_path / "b", {"weights": "fp16"})
     check_weights(tmp_path / "b", "fp16")
+    log_invocation(tmp_path / "gpu", {"device": "cuda:0"})  # the old CUDA default was bf16
+    check_weights(tmp_path / "gpu", "bf16")

@@ -55,6 +55,7 @@ WEIGHTS = ("fp32", "bf16", "fp16", "int8")
 CPU_DEFAULT_WEIGHTS = "fp16"  # what auto answers with on a CPU: results/dev/weights.md
 _ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # the older --dtype names
 _FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PACKED_ON_CPU = ("fp16", "int8")  # on a CPU these pack an fp32 model's trunk (dmoe.quant)
 
 
 def resolve_weights(weights: str | None, device: torch.device, training: bool = False) -> str:
@@ -74,7 +75,7 @@ def resolve_weights(weights: str | None, device: torch.device, training: bool = 
         raise ValueError(f"unknown weights {weights!r}; choose one of auto, {', '.join(WEIGHTS)}")
     if name == "int8" and device.type != "cpu":
         raise ValueError(f"int8 weights run on the CPU only, not {device}; use --weights bf16")
-    if training and device.type == "cpu" and name in ("fp16", "int8"):
+    if training and device.type == "cpu" and name in PACKED_ON_CPU:
         raise ValueError(f"experts train on float weights: use --weights fp32 (or auto) to build; "
                          f"{name} is for answering")
     return name
@@ -84,7 +85,7 @@ def training_weights(weights: str | None, device: torch.device) -> str:
     """The float mode that trains the experts of a run that answers with ``weights``: the same
     mode, except fp32 for packed CPU weights (fp16, int8)."""
     mode = resolve_weights(weights, device)
-    return "fp32" if device.type == "cpu" and mode in ("fp16", "int8") else mode
+    return "fp32" if device.type == "cpu" and mode in PACKED_ON_CPU else mode
 
 
 @dataclass(frozen=True)
@@ -186,13 +187,13 @@ class LoadedModel:
     source: ModelSource
     device: torch.device
 
-    fingerprint: str  # model_fingerprint() of the float weights (before any adapter or int8)
+    fingerprint: str  # model_fingerprint() of the float weights (before any adapter or packing)
     weights: str = "fp32"  # one of WEIGHTS: how the trunk's weights are held
 
     @property
     def can_train(self) -> bool:
         """False for packed CPU weights (fp16/int8), which only answer."""
-        return not (self.device.type == "cpu" and self.weights in ("fp16", "int8"))
+        return not (self.device.type == "cpu" and self.weights in PACKED_ON_CPU)
 
 
 def load_base_model(spec: str | None = None, device: str | None = None,
@@ -206,7 +207,7 @@ def load_base_model(spec: str | None = None, device: str | None = None,
     source = resolve_model(spec)
     dev = pick_device(device)
     mode = resolve_weights(weights, dev, training)
-    packed = dev.type == "cpu" and mode in ("fp16", "int8")  # packed from fp32 by dmoe.quant
+    packed = dev.type == "cpu" and mode in PACKED_ON_CPU
     path = _dequantised_cache(source) if source.is_gguf else source.path
     from transformers.utils import logging as hf_logging
 

@@ -10,9 +10,9 @@ and the output head) for a packed one that runs on fbgemm, torch's x86 GEMM libr
 - ``Int8Linear`` (``--weights int8``): per-output-channel symmetric int8 weights,
   ``W ≈ diag(s) · Q`` with ``s_o = max_i |W_oi| / 127``; fbgemm quantises the *activations* to 8
   bits on the fly, with one scale per call (``quantized.linear_dynamic``). A quarter of fp32's
-  bytes, but SmolLM2's activations have outlier channels (the input of ``down_proj`` peaks at ~5,000x
-  its median channel), and one 8-bit scale per call flattens the rest: measured on HotpotQA dev,
-  int8 changes most answers (results/dev/weights.md). The per-call scale also makes a row's output
+  bytes, but SmolLM2's activations have outlier channels (a ``down_proj`` input channel reaches
+  ~5,000x the median channel), and one 8-bit scale per call flattens the rest: on the dev slices
+  int8 changes nearly every answer (results/dev/weights.md). The per-call scale also makes a row's output
   depend on the other rows of its batch.
 
 What stays float in both: the MLPs of the last ``keep_last`` decoder layers, where experts sit (an

@@ -170,14 +170,16 @@ def run(lm: Any, settings: Sequence[InjectionSetting], n: int = 100, offset: int
                                          samples, b)}
     decoding = hashlib.sha256(repr(plain).encode()).hexdigest()[:8]  # max_new_tokens, greedy, ...
     weights = "" if lm.weights == "fp32" else f"-{lm.weights}"  # fp32 keys predate the modes
-    key = f"{lm.fingerprint}{weights}-{offset}-{len(samples)}-{unrelated_offset}-{len(unrelated)}-{decoding}"
+    key = (f"{lm.fingerprint}{weights}-{offset}-{len(samples)}-{unrelated_offset}-"
+           f"{len(unrelated)}-{decoding}")
     texts = _cached_baselines(cache_dir, key, arms)
     base, base_unrel, rag, rag3 = (texts[a] for a in arms)
     gold = [s.answers for s in samples]
     out: dict[str, Any] = {
-        "weights": lm.weights, "n": len(samples), "n_unrelated": len(unrelated), "slice": f"knowledge_conflicts "
-        f"{offset}-{offset + len(samples) - 1} (+ unrelated {unrelated_offset}-"
-        f"{unrelated_offset + len(unrelated) - 1})", "max_new_tokens": max_new_tokens,
+        "weights": lm.weights, "n": len(samples), "n_unrelated": len(unrelated),
+        "slice": f"knowledge_conflicts {offset}-{offset + len(samples) - 1} (+ unrelated "
+                 f"{unrelated_offset}-{unrelated_offset + len(unrelated) - 1})",
+        "max_new_tokens": max_new_tokens,
         "efficacy_base": _rate(contains(t, g) for t, g in zip(base, gold, strict=True)),
         "efficacy_rag": _rate(contains(t, g) for t, g in zip(rag, gold, strict=True)),
         "efficacy_rag_top3": _rate(contains(t, g) for t, g in zip(rag3, gold, strict=True)),

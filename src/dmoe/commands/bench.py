@@ -174,8 +174,9 @@ def run_injection(args: argparse.Namespace) -> int:
     lm = load_base_model(args.model, args.device, args.weights)
     train_lm = lm if lm.can_train else load_base_model(
         args.model, args.device, training_weights(lm.weights, lm.device), training=True)
-    result = run(lm, grid, train_lm=train_lm, n=args.n, offset=args.offset, n_unrelated=args.n_unrelated,
-                 unrelated_offset=args.unrelated_offset, max_new_tokens=args.max_new_tokens,
+    result = run(lm, grid, train_lm=train_lm, n=args.n, offset=args.offset,
+                 n_unrelated=args.n_unrelated, unrelated_offset=args.unrelated_offset,
+                 max_new_tokens=args.max_new_tokens,
                  log=lambda msg: print(msg, file=sys.stderr, flush=True),
                  cache_dir=Path(args.cache_dir) if args.cache_dir else None,
                  batch_size=args.batch_size)

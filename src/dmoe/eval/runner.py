@@ -185,9 +185,11 @@ def log_invocation(out: Path, info: dict[str, Any]) -> None:
 
 def check_weights(out: Path, weights: str) -> None:
     """Refuse to resume a results directory answered with other weights (``runs.jsonl``; runs
-    logged before weights modes existed were fp32): one directory, one weights mode."""
+    logged before weights modes existed ran the old default: fp32 on a CPU, bf16 on CUDA): one
+    directory, one weights mode."""
     runs = Path(out) / "runs.jsonl"
-    before = {r.get("weights", "fp32") for r in read_records(runs)} if runs.exists() else set()
+    before = {r.get("weights") or ("bf16" if str(r.get("device")).startswith("cuda") else "fp32")
+              for r in read_records(runs)} if runs.exists() else set()
     if before - {weights}:
         raise ValueError(f"{out} holds answers made with --weights {', '.join(sorted(before))}; "
                          f"resume it with the same weights, or write --weights {weights} "

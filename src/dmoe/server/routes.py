@@ -116,7 +116,8 @@ def health(request: Request) -> dict[str, Any]:
     state = get_state(request)
     unusable = sorted(state.kb.unusable)
     return {"status": "degraded" if unusable else "ok", "model": state.model_name,
-            "fingerprint": state.lm.fingerprint, "weights": state.lm.weights, "experts": len(state.kb),
+            "fingerprint": state.lm.fingerprint, "weights": state.lm.weights,
+            "experts": len(state.kb),
             "bank": {"status": "degraded" if unusable else "ok", "unusable": unusable[:50],
                      "dropped": state.kb.dropped},
             "jobs": state.jobs.counts()}
