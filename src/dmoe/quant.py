@@ -12,8 +12,8 @@ and the output head) for a packed one that runs on fbgemm, torch's x86 GEMM libr
   bits on the fly, with one scale per call (``quantized.linear_dynamic``). A quarter of fp32's
   bytes, but SmolLM2's activations have outlier channels (a ``down_proj`` input channel reaches
   ~5,000x the median channel), and one 8-bit scale per call flattens the rest: on the dev slices
-  int8 changes nearly every answer (results/dev/weights.md). The per-call scale also makes a row's output
-  depend on the other rows of its batch.
+  int8 changes nearly every answer (results/dev/weights.md). The per-call scale also makes a row's
+  output depend on the other rows of its batch.
 
 What stays float in both: the MLPs of the last ``keep_last`` decoder layers, where experts sit (an
 expert's delta is added beside exactly the weights it was trained against, in fp32), and the
@@ -32,8 +32,6 @@ import torch
 from torch import nn
 
 from dmoe.errors import UnsupportedModelError
-
-PACKED_MODES = ("fp16", "int8")
 
 
 class _PackedLinear(nn.Module):
@@ -104,7 +102,7 @@ def pack_trunk(model: Any, mode: str, keep_last: int = 1) -> int:
     the kernels are fbgemm's x86 ones.
     """
     if mode not in _PACKERS:
-        raise ValueError(f"mode must be one of {PACKED_MODES}, got {mode!r}")
+        raise ValueError(f"mode must be one of {tuple(_PACKERS)}, got {mode!r}")
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise UnsupportedModelError(f"packed {mode} weights run on the CPU only (the model is on "
