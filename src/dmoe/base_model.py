@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from dmoe.errors import ModelNotFoundError
+from dmoe.quant import PACKERS, pack_trunk
 
 PACKAGED_MODELS = {
     # alias -> (python package that ships the file, file name)
@@ -55,7 +56,12 @@ WEIGHTS = ("fp32", "bf16", "fp16", "int8")
 CPU_DEFAULT_WEIGHTS = "fp16"  # what auto answers with on a CPU: results/dev/weights.md
 _ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # the older --dtype names
 _FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PACKED_ON_CPU = ("fp16", "int8")  # on a CPU these pack an fp32 model's trunk (dmoe.quant)
+PACKED_ON_CPU = tuple(PACKERS)  # fp16, int8: on a CPU these pack an fp32 model's trunk
+
+
+def _packs(mode: str, device: torch.device) -> bool:
+    """Whether ``mode`` on ``device`` means an fp32 trunk packed by ``dmoe.quant``."""
+    return device.type == "cpu" and mode in PACKED_ON_CPU
 
 
 def resolve_weights(weights: str | None, device: torch.device, training: bool = False) -> str:
@@ -75,7 +81,7 @@ def resolve_weights(weights: str | None, device: torch.device, training: bool = 
         raise ValueError(f"unknown weights {weights!r}; choose one of auto, {', '.join(WEIGHTS)}")
     if name == "int8" and device.type != "cpu":
         raise ValueError(f"int8 weights run on the CPU only, not {device}; use --weights bf16")
-    if training and device.type == "cpu" and name in PACKED_ON_CPU:
+    if training and _packs(name, device):
         raise ValueError(f"experts train on float weights: use --weights fp32 (or auto) to build; "
                          f"{name} is for answering")
     return name
@@ -85,7 +91,7 @@ def training_weights(weights: str | None, device: torch.device) -> str:
     """The float mode that trains the experts of a run that answers with ``weights``: the same
     mode, except fp32 for packed CPU weights (fp16, int8)."""
     mode = resolve_weights(weights, device)
-    return "fp32" if device.type == "cpu" and mode in PACKED_ON_CPU else mode
+    return "fp32" if _packs(mode, device) else mode
 
 
 @dataclass(frozen=True)
@@ -193,7 +199,7 @@ class LoadedModel:
     @property
     def can_train(self) -> bool:
         """False for packed CPU weights (fp16/int8), which only answer."""
-        return not (self.device.type == "cpu" and self.weights in PACKED_ON_CPU)
+        return not _packs(self.weights, self.device)
 
 
 def load_base_model(spec: str | None = None, device: str | None = None,
@@ -207,7 +213,7 @@ def load_base_model(spec: str | None = None, device: str | None = None,
     source = resolve_model(spec)
     dev = pick_device(device)
     mode = resolve_weights(weights, dev, training)
-    packed = dev.type == "cpu" and mode in PACKED_ON_CPU
+    packed = _packs(mode, dev)
     path = _dequantised_cache(source) if source.is_gguf else source.path
     from transformers.utils import logging as hf_logging
 
@@ -234,8 +240,6 @@ def pack_weights(lm: LoadedModel, mode: str) -> None:
     if lm.weights != "fp32" or lm.device.type != "cpu":
         raise ValueError(f"packing needs an fp32 model on the CPU, this one holds {lm.weights} "
                          f"on {lm.device}")
-    from dmoe.quant import pack_trunk
-
     if mode == "int8":
         print("dmoe: int8 weights quantise activations too and change most answers on SmolLM2 "
               "(results/dev/weights.md); fp16 keeps them", file=sys.stderr, flush=True)

@@ -92,7 +92,7 @@ class Int8Linear(_PackedLinear):
         return torch.ops.quantized.linear_unpack(self._packed)[0].dequantize()
 
 
-_PACKERS: dict[str, type[_PackedLinear]] = {"fp16": Fp16Linear, "int8": Int8Linear}
+PACKERS: dict[str, type[_PackedLinear]] = {"fp16": Fp16Linear, "int8": Int8Linear}  # by --weights
 
 
 def pack_trunk(model: Any, mode: str, keep_last: int = 1) -> int:
@@ -101,8 +101,8 @@ def pack_trunk(model: Any, mode: str, keep_last: int = 1) -> int:
     The MLPs of the last ``keep_last`` decoder layers stay float (experts sit there). CPU only:
     the kernels are fbgemm's x86 ones.
     """
-    if mode not in _PACKERS:
-        raise ValueError(f"mode must be one of {tuple(_PACKERS)}, got {mode!r}")
+    if mode not in PACKERS:
+        raise ValueError(f"mode must be one of {tuple(PACKERS)}, got {mode!r}")
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise UnsupportedModelError(f"packed {mode} weights run on the CPU only (the model is on "
@@ -118,5 +118,5 @@ def pack_trunk(model: Any, mode: str, keep_last: int = 1) -> int:
     for name, module in swaps:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _PACKERS[mode](module))
+        setattr(parent, child, PACKERS[mode](module))
     return len(swaps)  # a tied head is now a packed copy; the float embedding stays as it was

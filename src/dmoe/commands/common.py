@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import math
 
+from dmoe.base_model import CPU_DEFAULT_WEIGHTS, WEIGHTS
+
+WEIGHTS_CHOICES = ("auto", *WEIGHTS)
+
 
 def finite_float(text: str) -> float:
     """An argparse ``type`` for a float that must be finite (``nan``/``inf`` are refused)."""
@@ -27,14 +31,9 @@ def weights_list(text: str) -> tuple[str, ...]:
     return modes
 
 
-WEIGHTS_CHOICES = ("auto", "fp32", "bf16", "fp16", "int8")
-
-
 def add_model_args(p: argparse.ArgumentParser, several_weights: bool = False) -> None:
     """``--model``, ``--device``, ``--weights`` (``several_weights``: a comma-separated list of
     modes to compare, first = reference)."""
-    from dmoe.base_model import CPU_DEFAULT_WEIGHTS
-
     g = p.add_argument_group("base model")
     g.add_argument("--model", default=None, metavar="SPEC",
                    help="packaged alias (default: smollm2), a local Hugging Face model directory, "
