@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -46,14 +53,68 @@ def tiny_model(arch: str = "llama", layers: int = 2, seed: int = 0):
 def tiny_lm():
     """``tiny_model()`` as a ``LoadedModel`` with the byte tokenizer: the same model on every call
     (a picklable factory, so a server's build worker process can load its own copy)."""
-    from pathlib import Path
-
     from dmoe.base_model import LoadedModel, ModelSource, model_fingerprint
 
     model = tiny_model("llama", layers=2)
     return LoadedModel(model=model, tokenizer=CharTokenizer(),
                        source=ModelSource("tiny-llama", Path("tiny"), False),
                        device=torch.device("cpu"), fingerprint=model_fingerprint(model))
+
+
+def tiny_model_dir(path: Path) -> Path:
+    """A tiny random Llama + a byte-level tokenizer, saved as a Hugging Face model directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)} | {"</s>": 256}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>").save_pretrained(path)
+    tiny_model("llama", layers=2).save_pretrained(path)
+    return path
+
+
+def dmoe_cli(*args: str, **kwargs) -> subprocess.Popen:
+    """``python -m dmoe.cli ARGS`` with text pipes, one thread and no keys from this shell."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DMOE_API_KEY": "", "DMOE_ADMIN_KEY": ""}
+    env.update(kwargs.pop("env", {}))
+    return subprocess.Popen([sys.executable, "-m", "dmoe.cli", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+class DmoeServe:
+    """A real ``dmoe serve`` process on a free loopback port, up once ``/health`` answers."""
+
+    def __init__(self, bank: Path, model: Path | None, key: str | None = None,
+                 env: dict[str, str] | None = None, timeout: float = 120) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        model_args = ["--model", str(model)] if model is not None else []
+        self.proc = dmoe_cli("serve", "--bank", str(bank), *model_args, "--port", str(port),
+                             "--log-level", "warning", env=env or {})
+        headers = {"X-API-Key": key} if key else {}
+        deadline = time.time() + timeout
+        while True:
+            assert self.proc.poll() is None, self.proc.communicate()[1]
+            try:
+                if httpx.get(self.url + "/health", headers=headers).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.time() > deadline:
+                self.stop()
+                raise AssertionError("dmoe serve did not come up")
+            time.sleep(0.2)
+
+    def stop(self) -> str:
+        """Interrupt it as Ctrl-C does; its stderr."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        return self.proc.communicate(timeout=30)[1]
 
 
 @pytest.fixture

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +17,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from conftest import CharTokenizer, tiny_lm, tiny_model
+from conftest import CharTokenizer, DmoeServe, dmoe_cli, tiny_lm, tiny_model_dir
 
 from dmoe.experts.lora import LoraSpec
 from dmoe.knowledge import KnowledgeBase
@@ -432,66 +429,28 @@ def test_health_and_metrics(live):
 
 # -- the CLI through its real entry point ------------------------------------------------------
 
-def _cli(*args: str, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DMOE_API_KEY": "", "DMOE_ADMIN_KEY": ""}
-    env.update(kwargs.pop("env", {}))
-    return subprocess.Popen([sys.executable, "-m", "dmoe.cli", *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
-
-
-def _tiny_model_dir(path: Path) -> Path:
-    """A tiny random Llama + a byte-level tokenizer, saved as a Hugging Face model directory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alphabet)} | {"</s>": 256}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>").save_pretrained(path)
-    tiny_model("llama", layers=2).save_pretrained(path)
-    return path
-
-
 def test_cli_serve_help_and_user_errors(tmp_path):
-    out = _cli("serve", "--help")
+    out = dmoe_cli("serve", "--help")
     stdout, _ = out.communicate(timeout=60)
     assert out.returncode == 0 and "example:" in stdout and "/v1/chat/completions" in stdout
-    bad = _cli("serve", "--bank", str(tmp_path / "bank"), "--model", str(tmp_path / "missing"))
+    bad = dmoe_cli("serve", "--bank", str(tmp_path / "bank"), "--model", str(tmp_path / "missing"))
     _, stderr = bad.communicate(timeout=60)
     assert bad.returncode == 2 and stderr.strip().startswith("dmoe: error: model")
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
 
 
 def test_cli_serve_creates_a_bank_and_answers(tmp_path):
-    model_dir = _tiny_model_dir(tmp_path / "model")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     bank = tmp_path / "bank"
-    proc = _cli("serve", "--bank", str(bank), "--model", str(model_dir), "--port", str(port),
-                "--log-level", "warning", env={"DMOE_API_KEY": "k"})
+    server = DmoeServe(bank, tiny_model_dir(tmp_path / "model"), key="k",
+                       env={"DMOE_API_KEY": "k"})
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                if httpx.get(url + "/health", headers={"X-API-Key": "k"}).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "dmoe serve did not come up"
-            time.sleep(0.2)
-        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
         resp = client.completions.create(model="tiny", prompt="Hello", max_tokens=4)
         assert resp.usage.completion_tokens >= 1 and "attribution" in resp.model_extra
-        assert httpx.get(url + "/health").status_code == 401  # key from $DMOE_API_KEY
+        assert httpx.get(server.url + "/health").status_code == 401  # key from $DMOE_API_KEY
     finally:
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 0, stderr
+        stderr = server.stop()
+    assert server.proc.returncode == 0, stderr
     assert "serving" in stderr and (bank / "bank.json").is_file()
     assert json.loads((bank / "bank.json").read_text())  # an empty bank, ready for the API
 

@@ -6,6 +6,7 @@ shape the CLI prints (``--show-experts``), the server returns and the evaluator 
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -37,4 +38,26 @@ def spans(gen: Generation, tokenizer: Any) -> list[Span]:
             out.append(Span(start, i, str(tokenizer.decode(ids, skip_special_tokens=True)),
                             records[start].active, records[start].triggered))
             start = i
+    return out
+
+
+def token_texts(token_ids: list[int], tokenizer: Any) -> list[str]:
+    """The text each generated token added: ``"".join`` gives the decoded answer wherever
+    decoding a prefix gives a prefix of the text (byte-level BPE and SentencePiece do).
+
+    A token that ends inside a multi-byte character adds ``""``; the token that completes the
+    character carries it. Decodes every prefix once (quadratic in the answer, which is short).
+    """
+    out: list[str] = []
+    sent = ""
+    for i in range(1, len(token_ids) + 1):
+        text = str(tokenizer.decode(token_ids[:i], skip_special_tokens=True))
+        if i < len(token_ids) and (text.endswith("\ufffd") or not text.startswith(sent)):
+            out.append("")  # half a character, or a tokenizer that rewrote earlier text: wait
+            continue
+        if not text.startswith(sent):  # the last token rewrote earlier text: it takes the rest
+            out.append(text[len(os.path.commonprefix([sent, text])):])
+        else:
+            out.append(text[len(sent):])
+        sent = text
     return out

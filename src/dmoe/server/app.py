@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dmoe import __version__
 from dmoe.errors import BankLockedError, DmoeError, redact
+from dmoe.server.page import page
 from dmoe.server.routes import admin, user
 from dmoe.server.schemas import error_payload
 from dmoe.server.service import ApiError
@@ -55,6 +56,7 @@ def create_app(state: ServerState | None = None, *,
                   description="Decoupled final-layer LoRA experts behind an OpenAI-compatible API.")
     if state is not None:
         app.state.dmoe = state
+    app.include_router(page)
     app.include_router(user)
     app.include_router(admin)
     _install_error_handlers(app)

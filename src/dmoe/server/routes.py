@@ -3,6 +3,8 @@
 ==========================  ======  ============================================================
 endpoint                    key     what
 ==========================  ======  ============================================================
+GET  /                      none    the playground page (static; it calls the API with the
+                                    keys typed into it)
 GET  /health                user    liveness + model and bank size
 GET  /metrics               user    Prometheus text
 GET  /v1/models             user    the one served model (OpenAI shape)
@@ -244,21 +246,24 @@ def _text_chunks(state: ServerState, p: service.Prepared, body: CompletionReques
 
 # -- knowledge -------------------------------------------------------------------------------------
 
-def _expert_out(info: Any) -> ExpertOut:
+def _expert_out(info: Any, text: str | None = None) -> ExpertOut:
     return ExpertOut(id=info.id, unit_id=info.unit_id, title=info.title, bytes=info.bytes,
-                     dtype=info.dtype, created=info.created, updated=info.updated)
+                     dtype=info.dtype, created=info.created, updated=info.updated, text=text)
 
 
-@user.get("/v1/experts", response_model=ExpertList)
+@user.get("/v1/experts", response_model=ExpertList, response_model_exclude_none=True)
 def list_experts(request: Request) -> ExpertList:
     return ExpertList(data=[_expert_out(i) for i in get_state(request).kb.list()])
 
 
-@user.get("/v1/experts/{expert_id:path}", response_model=ExpertOut)
+@user.get("/v1/experts/{expert_id:path}", response_model=ExpertOut,
+          response_model_exclude_none=True)
 def get_expert(expert_id: str, request: Request) -> ExpertOut:
+    """One expert, with ``text``: what the router indexes it under (its passage and more)."""
+    kb = get_state(request).kb
     try:
-        return _expert_out(get_state(request).kb.info(expert_id))
-    except BankError as e:
+        return _expert_out(kb.info(expert_id), kb.surrogate(expert_id))
+    except (BankError, KeyError) as e:  # KeyError: deleted between the two reads
         raise ApiError(404, str(e), "expert_id", code="expert_not_found") from e
 
 

@@ -234,10 +234,18 @@ class SpanOut(BaseModel):
     triggered: bool
 
 
+class TokenOut(BaseModel):
+    """One generated token: the text it added and the entropy (nats) the trigger policy saw."""
+
+    text: str
+    entropy: float
+
+
 class Attribution(BaseModel):
     """The extra ``attribution`` field of every completion (the last chunk's, when streaming)."""
 
     spans: list[SpanOut]
+    tokens: list[TokenOut]  # one per generated token; ``spans`` index into it
     triggers: int  # positions that re-routed
     experts: dict[str, str]  # every expert named in ``spans`` -> its title ("" once deleted)
 
@@ -319,6 +327,8 @@ class ExpertOut(BaseModel):
     dtype: str
     created: str
     updated: str
+    text: str | None = None  # what the router indexes: title, passage, paraphrase, QA pairs
+    # (``GET /v1/experts/{id}`` only)
 
 
 class ExpertList(BaseModel):

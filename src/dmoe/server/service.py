@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dmoe.engine.attribution import spans
+from dmoe.engine.attribution import spans, token_texts
 from dmoe.engine.batch import Request
 from dmoe.engine.decode import DecodeConfig, Generation, TokenRecord
 from dmoe.engine.triggers import make_trigger
@@ -38,6 +38,7 @@ from dmoe.server.schemas import (
     CompletionRequest,
     DmoeOptions,
     SpanOut,
+    TokenOut,
     Usage,
 )
 from dmoe.server.state import ServerState
@@ -288,7 +289,9 @@ def attribution(state: ServerState, gen: Generation) -> Attribution:
                     titles[expert_id] = state.kb.bank.info(expert_id).title
                 except KeyError:  # deleted since
                     titles[expert_id] = ""
-    return Attribution(spans=out, triggers=gen.n_triggers, experts=titles)
+    tokens = [TokenOut(text=t, entropy=round(r.entropy, 4)) for t, r in
+              zip(token_texts(gen.token_ids, state.lm.tokenizer), gen.records, strict=True)]
+    return Attribution(spans=out, tokens=tokens, triggers=gen.n_triggers, experts=titles)
 
 
 def chat_completion(state: ServerState, p: Prepared, gen: Generation, model: str) -> ChatCompletion:
