@@ -46,7 +46,7 @@ def playground() -> RedirectResponse:
 def config(request: Request) -> dict[str, Any]:
     """The knobs' defaults and the token limits (no key: nothing here is private)."""
     limits = request.app.state.dmoe.config
-    knobs = DmoeOptions()
+    knobs = DmoeOptions.model_validate({})
     return {"tau": knobs.tau, "top_k": knobs.top_k, "min_relevance": knobs.min_relevance,
             "max_tokens": limits.default_max_tokens, "max_tokens_limit": limits.max_tokens_limit}
 
