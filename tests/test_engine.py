@@ -221,6 +221,17 @@ def test_attribution_spans_follow_the_active_set(tokenizer):
     assert "".join(s.text for s in parts) == tokenizer.decode(gen.token_ids)
 
 
+def test_token_texts_add_up_to_the_answer_and_wait_for_whole_characters(tokenizer):
+    from dmoe.engine.attribution import token_texts
+
+    ids = list("a é😀b".encode())  # 1-, 2- and 4-byte characters, byte tokens
+    pieces = token_texts(ids, tokenizer)
+    assert len(pieces) == len(ids) and "".join(pieces) == "a é😀b"
+    assert pieces == ["a", " ", "", "é", "", "", "", "😀", "b"]  # a character lands whole
+    assert token_texts(ids[:3], tokenizer) == ["a", " ", "\ufffd"]  # cut mid-character: shown
+    assert token_texts([], tokenizer) == []
+
+
 def test_weighted_composition_cached_equals_recompute(tokenizer):
     """softmax composition: the cached engine equals a full recompute under the same weighted sets,
     and the weights matter (the exact sum gives other logits)."""

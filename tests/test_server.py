@@ -4,6 +4,7 @@ and ``httpx``, over a tiny random model and a knowledge base in a temporary dire
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import threading
@@ -172,9 +173,17 @@ def test_added_document_changes_the_answer_and_delete_restores_it(live):
         listed = {e["id"]: e for e in http.get("/v1/experts").json()["data"]}
         assert listed["velmora#0"]["title"] == "Velmora"
 
+        one = http.get(f"/v1/experts/{quote('velmora#0', safe='')}").json()
+        assert one["title"] == "Velmora" and DOC["text"] in one["text"]  # what it is routed by
+        assert "text" not in listed["velmora#0"]  # the list stays small
+
         with_doc, att = ask(live, **ALWAYS)  # no restart: the next request routes to it
         assert att["experts"] == {"velmora#0": "Velmora"}
         assert all(s["experts"] == ["velmora#0"] for s in att["spans"])
+        tokens = att["tokens"]  # one per generated token, adding up to the answer
+        assert len(tokens) == att["spans"][-1]["end"] and "".join(t["text"] for t in tokens) == \
+            "".join(s["text"] for s in att["spans"])
+        assert all(0.0 <= t["entropy"] <= math.log(257) + 1e-3 for t in tokens)
         assert with_doc != before
         # the other knobs: the base model ignores the bank; a pinned expert needs no trigger
         assert ask(live, method="base", trigger="always")[0] == before

@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "  POST /v1/knowledge, GET /v1/jobs/ID        add documents (background build)\n"
             "  GET /v1/experts, DELETE /v1/experts/ID     list / remove experts\n"
             "  GET /health, GET /metrics                  liveness, Prometheus metrics\n"
+            "  GET /                                      the playground page (open it in a browser)\n"
             "A missing bank is created empty, to be filled through the API. Prefer the\n"
             "environment variables to --api-key/--admin-key (command lines are visible to ps).\n\n"
             "example:\n  dmoe serve --bank runs/demo-bank --port 8000\n"
@@ -92,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     state = ServerState.load(args.bank, args.model, args.device, args.weights, config,
                              BuildConfig(augmenter=args.augmenter))
     print(f"dmoe: serving {state.model_name} with {len(state.kb)} experts from {args.bank} on "
-          f"http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+          f"http://{args.host}:{args.port} (the playground page is at /)", file=sys.stderr,
+          flush=True)
     app = create_app(load=lambda: state)  # the lifespan owns it from here: closed at shutdown
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

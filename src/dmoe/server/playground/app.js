@@ -79,6 +79,8 @@ async function api(method, path, options = {}) {
   return resp.json();
 }
 
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+
 function showError(id, error) {
   const el = $(id);
   el.textContent = error ? String(error.message || error) : "";
@@ -220,9 +222,9 @@ async function answer(method, body) {
   }
   const seconds = ((performance.now() - started) / 1000).toFixed(1);
   const tokens = attribution ? attribution.tokens.length : 0;
-  const parts = [`${tokens} tokens`, `${seconds} s`];
+  const parts = [plural(tokens, "token"), `${seconds} s`];
   if (firstToken !== null) parts.push(`first token ${Math.round(firstToken)} ms`);
-  if (method === "dmoe" && attribution) parts.push(`${attribution.triggers} triggers`);
+  if (method === "dmoe" && attribution) parts.push(plural(attribution.triggers, "trigger"));
   if (finish === "length") parts.push("cut at max tokens");
   statsEl.textContent = parts.join(" · ");
   if (!text) textEl.textContent = "(empty answer)";
@@ -278,7 +280,8 @@ function renderAttribution(textEl, attribution, tau) {
     if (span.triggered) {
       const mark = document.createElement("span");
       mark.className = "trigger-mark";
-      mark.textContent = "▲";
+      mark.setAttribute("role", "img"); // drawn by CSS, so copying the answer copies no marks
+      mark.setAttribute("aria-label", "trigger");
       mark.title = `trigger: entropy ${tokens[span.start].entropy.toFixed(2)} > τ ${tau}, experts re-routed here`;
       mark.dataset.trigger = String(span.start);
       seg.append(mark);
@@ -336,7 +339,7 @@ function renderStrip(attribution, tau) {
   const top = Math.max(tau * 1.25, 0.5, ...tokens.map((t) => t.entropy));
   const y = (e) => H - (Math.min(e, top) / top) * (H - TOP);
   const plot = svg("svg", { viewBox: `0 0 ${tokens.length * W} ${H}`, preserveAspectRatio: "none", role: "img",
-    "aria-label": `Entropy per token; τ = ${tau}; ${attribution.triggers} triggers` });
+    "aria-label": `Entropy per token; τ = ${tau}; ${plural(attribution.triggers, "trigger")}` });
   const expertAt = [];
   const triggerAt = new Set();
   for (const s of spans) {
@@ -423,7 +426,7 @@ function showJob(job) {
   box.dataset.status = job.status;
   if (job.status === "succeeded") {
     const secs = job.finished && job.started ? ` in ${(job.finished - job.started).toFixed(1)} s` : "";
-    $("job-text").textContent = `done: ${job.expert_ids.length} expert${job.expert_ids.length === 1 ? "" : "s"} trained${secs}`;
+    $("job-text").textContent = `done: ${plural(job.expert_ids.length, "expert")} trained${secs}`;
   } else if (job.status === "failed") {
     $("job-text").textContent = "failed";
   } else {
