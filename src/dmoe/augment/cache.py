@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,14 +116,21 @@ class AugmentationCache:
             self.entries[key] = aug
 
 
+AugmentRunner = Callable[[Sequence[Sequence[KnowledgeUnit]]],
+                         Iterator[tuple[int, list[Augmentation]]]]
+
+
 def augment_cached(units: Sequence[KnowledgeUnit], augmenter: Augmenter,
                    cache: AugmentationCache | str | Path | None = None, *, chunk_size: int = 32,
-                   on_progress: Callable[[int, int], None] | None = None) -> list[Augmentation]:
+                   on_progress: Callable[[int, int], None] | None = None,
+                   run_chunks: AugmentRunner | None = None) -> list[Augmentation]:
     """Augment ``units`` (same order), generating only for those not in ``cache``.
 
     Missing units go to ``augmenter.augment`` ``chunk_size`` at a time and each chunk is saved
-    before the next starts. Units with identical content are generated once. ``on_progress(done,
-    total)`` is called after each chunk (e.g. to drive a progress bar).
+    as soon as it is done. Units with identical content are generated once. ``on_progress(done,
+    total)`` is called after each chunk (e.g. to drive a progress bar). ``run_chunks(chunks)``
+    augments the chunks elsewhere (an augmenter with the same ``settings``) and yields ``(index,
+    augmentations)`` as they finish, in any order; this process stays the cache's one writer.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
@@ -139,13 +146,20 @@ def augment_cached(units: Sequence[KnowledgeUnit], augmenter: Augmenter,
         if k not in found:
             todo.setdefault(k, u)
     pending = list(todo.items())
-    for start in range(0, len(pending), chunk_size):
-        chunk = pending[start:start + chunk_size]
-        augs = augmenter.augment([u for _, u in chunk])
+    chunks = [pending[start:start + chunk_size] for start in range(0, len(pending), chunk_size)]
+    if run_chunks is None:
+        def run_chunks(unit_chunks: Sequence[Sequence[KnowledgeUnit]]
+                       ) -> Iterator[tuple[int, list[Augmentation]]]:
+            for i, chunk_units in enumerate(unit_chunks):
+                yield i, augmenter.augment(list(chunk_units))
+    done = 0
+    for i, augs in run_chunks([[u for _, u in chunk] for chunk in chunks]):
+        chunk = chunks[i]
         assert len(augs) == len(chunk), f"augmenter returned {len(augs)} for {len(chunk)} units"
         if cache is not None:
             cache.put_many([(k, u, settings, a) for (k, u), a in zip(chunk, augs, strict=True)])
         found.update((k, a) for (k, _), a in zip(chunk, augs, strict=True))
+        done += len(chunk)
         if on_progress is not None:
-            on_progress(min(start + chunk_size, len(pending)), len(pending))
+            on_progress(done, len(pending))
     return [found[k] for k in keys]

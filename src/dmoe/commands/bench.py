@@ -55,6 +55,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--augment-units", type=int, default=4,
                    help="units augmented by the base model (0 = skip the augmentation part)")
     b.add_argument("--model", default=None)
+    b.add_argument("--executor", default=None, choices=["ray"],
+                   help="instead: time `dmoe build` locally and on Ray over the same --n-units "
+                        "paragraphs and compare their experts")
+    b.add_argument("--address", default=None, help="ray: a running cluster (default: start one)")
+    b.add_argument("--workers", type=int, default=None, help="ray: actors per stage")
+    b.add_argument("--chunk-size", type=int, default=4, help="ray: experts per chunk (default 4)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=run_build)
     i = bsub.add_parser(
@@ -137,7 +143,12 @@ def run_router(args: argparse.Namespace) -> int:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from dmoe.bench.build import bench_training
+    from dmoe.bench.build import bench_executors, bench_training
+
+    if args.executor == "ray":
+        _emit(bench_executors(args.n_units, args.chunk_size, args.workers, address=args.address,
+                              model=args.model), args.json)
+        return 0
 
     result = bench_training(args.n_units, epochs=args.epochs, n_reference=args.n_reference,
                             model=args.model)

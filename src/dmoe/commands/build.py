@@ -47,6 +47,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prag recipe: train on the QA pairs only, not on the passage text")
     t.add_argument("--storage-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     t.add_argument("--chunk-size", type=int, default=32, help="experts trained/stored together")
+    x = p.add_argument_group("where it runs")
+    x.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="local: this process (default); ray: augmentation and training on a Ray "
+                        "cluster (pip install 'dmoe[ray]'), this process committing")
+    x.add_argument("--address", default=None,
+                   help="ray: a running cluster (auto | HOST:PORT); default: start one here")
+    x.add_argument("--workers", type=int, default=None,
+                   help="ray: actors per stage (default: one per GPU, else CPUs / threads)")
+    x.add_argument("--threads-per-worker", type=int, default=1,
+                   help="ray: CPUs (torch threads) per actor (default 1)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -72,10 +82,28 @@ def run(args: argparse.Namespace) -> int:
                          storage_dtype=args.storage_dtype, limit=args.limit,
                          **({"recipe": args.recipe} if args.recipe else {}))
     train_config = train_config_from(args)
+    if args.executor == "local" and (args.address or args.workers is not None):
+        raise ValueError("--address and --workers are for --executor ray")
+    if args.workers is not None and args.workers < 1 or args.threads_per_worker < 1:
+        raise ValueError("--workers and --threads-per-worker must be >= 1")
+    if args.executor == "ray":
+        from dmoe.training.ray_build import require_ray
+
+        require_ray()
     lm = load_base_model(args.model, args.device, args.weights, training=True)
     log = (lambda s: None) if args.json else print
-    summary = build(args.corpus, args.bank, lm, config, train_config,
-                    progress=not (args.quiet or args.json), log=log)
+    progress = not (args.quiet or args.json)
+    if args.executor == "ray":
+        from dmoe.training.ray_build import ModelFactory, RayExecutor
+
+        with RayExecutor(ModelFactory(args.model, args.weights), args.bank, config, train_config,
+                         address=args.address, workers=args.workers,
+                         threads_per_worker=args.threads_per_worker) as executor:
+            summary = build(args.corpus, args.bank, lm, config, train_config, progress=progress,
+                            log=log, executor=executor)
+    else:
+        summary = build(args.corpus, args.bank, lm, config, train_config, progress=progress,
+                        log=log)
     if args.json:
         print(json.dumps(summary.to_dict()))
         return 0

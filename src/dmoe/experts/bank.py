@@ -271,12 +271,15 @@ class ExpertBank:
         if self.readonly:
             raise BankError(f"bank {self.path.name!r} was opened read-only")
 
+    def _may_stage(self) -> None:
+        self._writable()
+
     def stage(self, expert: Expert, *, unit_id: str, content_hash: str, settings_hash: str,
               surrogate: str, title: str = "", meta: dict[str, Any] | None = None,
               doc_id: str | None = None, doc_units: Sequence[str] = ()) -> Staged:
         """Write ``expert``'s file (not yet visible). ``doc_units``: every unit id of the document
         version it belongs to, recorded in the header for a rebuild from files."""
-        self._writable()
+        self._may_stage()
         if expert.spec != self.spec:
             raise BankError(f"expert {expert.id!r} has shape {expert.spec}, the bank holds "
                             f"{self.spec}")
@@ -449,3 +452,17 @@ class ExpertBank:
     def loader(self) -> Any:
         """``id -> Expert`` for ``ExpertCache(bank.loader(), capacity)``."""
         return self.get
+
+
+class StagingBank(ExpertBank):
+    """The bank as a build worker sees it (another process, or another machine on a shared
+    filesystem): rows are read-only, and ``stage`` writes expert files that no row points at,
+    hence invisible, until the bank's one writer commits them (``commit_document``). A worker
+    that dies leaves only such files, which the writer's next ``quarantine_leftovers`` moves away.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(Path(path), read_header(Path(path)), readonly=True)
+
+    def _may_stage(self) -> None:
+        """Staging writes only a file nobody points at."""

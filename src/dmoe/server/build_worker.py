@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from dmoe.errors import DmoeError, redact
-from dmoe.experts.bank import DocumentChange, ExpertBank, Staged, read_header
+from dmoe.experts.bank import DocumentChange, ExpertBank, Staged, StagingBank
 from dmoe.knowledge import KnowledgeBase
 from dmoe.training.build import BuildConfig, BuildSummary, build_into
 from dmoe.training.experts import TrainConfig
@@ -47,15 +47,12 @@ class BuildWorkerError(DmoeError):
     """The build worker died, or a write it asked the server for failed."""
 
 
-class WorkerBank(ExpertBank):
+class WorkerBank(StagingBank):
     """The bank as the worker sees it: read-only rows, directly staged files, writes by call."""
 
     def __init__(self, path: Path, call: Call) -> None:
-        super().__init__(path, read_header(path), readonly=True)
+        super().__init__(path)
         self._call = call
-
-    def _writable(self) -> None:
-        """Staging writes only a file nobody points at; every row write below is a call."""
 
     def commit_document(self, doc_id: str, staged: Sequence[Staged],
                         keep: Any = ()) -> DocumentChange:

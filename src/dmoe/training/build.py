@@ -10,7 +10,7 @@ finishes them. A document is the unit of update: rebuilding one replaces all of 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,7 +24,7 @@ from dmoe.corpus.units import KnowledgeUnit
 from dmoe.experts.bank import DocumentChange, ExpertBank, Staged, doc_of
 from dmoe.faults import kill_point
 from dmoe.knowledge import KnowledgeBase
-from dmoe.training.builder import ExpertJob, train_into_bank
+from dmoe.training.builder import ChunkWork, ExpertJob, Outcome, train_into_bank
 from dmoe.training.experts import TrainConfig
 
 AUGMENT_CACHE = "augment-cache.jsonl"
@@ -87,7 +87,8 @@ def surrogate_text(unit: KnowledgeUnit, aug: Augmentation) -> str:
 def build(corpus: str | Path, bank_dir: str | Path, lm: Any, config: BuildConfig,
           train_config: TrainConfig, progress: bool = True,
           log: Callable[[str], None] = print,
-          on_progress: Callable[[str, int, int], None] | None = None) -> BuildSummary:
+          on_progress: Callable[[str, int, int], None] | None = None,
+          executor: Executor | None = None) -> BuildSummary:
     """Run the whole pipeline into ``bank_dir`` (created if missing) and return a summary.
 
     The bank is opened for writing (its lock is taken) before any work starts, so a second writer
@@ -96,9 +97,21 @@ def build(corpus: str | Path, bank_dir: str | Path, lm: Any, config: BuildConfig
     kb = KnowledgeBase.open_or_create(bank_dir, lm.fingerprint, lm.source.name,
                                       train_config.spec, config.storage_dtype)
     try:
-        return build_into(kb, corpus, lm, config, train_config, progress, log, on_progress)
+        return build_into(kb, corpus, lm, config, train_config, progress, log, on_progress,
+                          executor)
     finally:
         kb.close()
+
+
+class Executor(Protocol):
+    """Where ``build_into``'s two heavy stages run; ``None`` means here, one chunk after another.
+    Each yields ``(chunk index, results)`` as chunks finish, in any order
+    (``dmoe.training.ray_build.RayExecutor`` runs them on a Ray cluster)."""
+
+    def augment_chunks(self, chunks: Sequence[Sequence[KnowledgeUnit]]
+                       ) -> Iterator[tuple[int, list[Augmentation]]]: ...
+
+    def train_chunks(self, works: Sequence[ChunkWork]) -> Iterator[tuple[int, list[Outcome]]]: ...
 
 
 class BuildTarget(Protocol):
@@ -120,13 +133,16 @@ class BuildTarget(Protocol):
 def build_into(kb: BuildTarget, corpus: str | Path, lm: Any, config: BuildConfig,
                train_config: TrainConfig, progress: bool = True,
                log: Callable[[str], None] = print,
-               on_progress: Callable[[str, int, int], None] | None = None) -> BuildSummary:
+               on_progress: Callable[[str, int, int], None] | None = None,
+               executor: Executor | None = None) -> BuildSummary:
     """The pipeline into an open knowledge base (the server's job runner uses its own).
 
     Every document of the corpus replaces its previous version whole: new experts are trained
     first, then (one transaction per document) they become visible and the units the new version
     no longer has are removed. ``on_progress(stage, done, total)`` is called as units are augmented
     (stage ``"augment"``) and as experts are trained (``"train"``, counting those that needed it).
+    ``executor``: where augmentation and training run (default: here); whatever runs them, this
+    process stays the only writer of the cache, the rows and the index.
     """
     report_progress = on_progress or (lambda stage, done, total: None)
     summary = BuildSummary()
@@ -162,7 +178,8 @@ def build_into(kb: BuildTarget, corpus: str | Path, lm: Any, config: BuildConfig
         report_progress("augment", done, total)
 
     augs = augment_cached(units, augmenter, kb.bank.path / AUGMENT_CACHE,
-                          chunk_size=config.augment_batch, on_progress=augmented)
+                          chunk_size=config.augment_batch, on_progress=augmented,
+                          run_chunks=executor.augment_chunks if executor else None)
     bar.close()
     summary.stage_s["augment"] = time.perf_counter() - clock
     kill_point("build.augmented")
@@ -197,9 +214,14 @@ def build_into(kb: BuildTarget, corpus: str | Path, lm: Any, config: BuildConfig
         kb.indexed(change, staged)  # bank first, then index (knowledge.py)
         kill_point("build.indexed")
 
-    result = train_into_bank(lm.model, lm.tokenizer, jobs, kb.bank, train_config,
-                             chunk_size=config.chunk_size, on_chunk=trained,
-                             on_document=committed, examples_settings=examples_settings(config))
+    try:
+        result = train_into_bank(lm.model, lm.tokenizer, jobs, kb.bank, train_config,
+                                 chunk_size=config.chunk_size, on_chunk=trained,
+                                 on_document=committed, examples_settings=examples_settings(config),
+                                 run_chunks=executor.train_chunks if executor else None)
+    finally:
+        if executor is not None:  # files of dead or failed remote attempts: none is committed
+            summary.quarantined.extend(kb.bank.quarantine_leftovers())
     with_jobs = {j.document for j in jobs}
     for doc in documents:  # a document none of whose units could be trained: its old version goes
         if doc not in with_jobs and kb.bank.document_ids(doc):
@@ -212,7 +234,7 @@ def build_into(kb: BuildTarget, corpus: str | Path, lm: Any, config: BuildConfig
     summary.experts_reused = len(result.skipped)
     summary.experts_removed = result.removed
     summary.failed.extend(result.failed)
-    summary.quarantined = result.quarantined
+    summary.quarantined = result.quarantined + summary.quarantined
     summary.expert_ids = [job.expert_id for job in jobs if job.expert_id not in
                           {f.split(":", 1)[0] for f in result.failed}]
     infos = kb.bank.list()

@@ -14,7 +14,7 @@ This module knows nothing about corpora or augmentation: a job is an id, its exa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,11 +68,44 @@ def pending(bank: ExpertBank, jobs: Sequence[ExpertJob], settings_hash: str) -> 
 DocumentHook = Callable[[DocumentChange, Sequence[Staged]], None]
 
 
+@dataclass(frozen=True)
+class ChunkWork:
+    """One chunk of jobs for a worker: what ``train_and_stage`` needs besides the model."""
+
+    jobs: tuple[ExpertJob, ...]
+    settings_hash: str
+    doc_units: dict[str, tuple[str, ...]]  # each job's document -> every unit of its new version
+
+
+Outcome = Staged | str  # a job's expert file, staged; or "id: reason" when it could not be trained
+ChunkRunner = Callable[[Sequence[ChunkWork]], Iterator[tuple[int, list[Outcome]]]]
+
+
+def train_and_stage(model: Any, tokenizer: Any, work: ChunkWork, config: TrainConfig,
+                    bank: ExpertBank, fast: bool = True) -> list[Outcome]:
+    """The worker's stage, wherever it runs: train one chunk's experts together, then write each
+    one's file into the bank (staged: no row points at it yet). One outcome per job, in order."""
+    experts = train(model, tokenizer, [(j.expert_id, j.examples) for j in work.jobs], config,
+                    fast=fast)
+    kill_point("build.chunk_trained")
+    out: list[Outcome] = []
+    for job, expert in zip(work.jobs, experts, strict=True):
+        if not all(bool(torch.isfinite(t).all()) for t in expert.weights.values()):
+            out.append(f"{job.expert_id}: training diverged (non-finite weights)")
+            continue
+        out.append(bank.stage(
+            expert, unit_id=job.unit_id or job.expert_id, content_hash=job.content_hash,
+            settings_hash=work.settings_hash, surrogate=job.surrogate, title=job.title,
+            meta=job.meta, doc_id=job.document, doc_units=work.doc_units[job.document]))
+    return out
+
+
 def train_into_bank(model: Any, tokenizer: Any, jobs: Sequence[ExpertJob], bank: ExpertBank,
                     config: TrainConfig, chunk_size: int = 64, fast: bool = True,
                     on_chunk: Callable[[int, int, Sequence[ExpertJob]], None] | None = None,
                     on_document: DocumentHook | None = None,
-                    examples_settings: dict[str, Any] | None = None) -> BuildReport:
+                    examples_settings: dict[str, Any] | None = None,
+                    run_chunks: ChunkRunner | None = None) -> BuildReport:
     """Train the pending jobs ``chunk_size`` at a time, committing each document once all of its
     pending units are trained (a document whose units are all unchanged is committed first, to
     drop the units it no longer has).
@@ -80,6 +113,9 @@ def train_into_bank(model: Any, tokenizer: Any, jobs: Sequence[ExpertJob], bank:
     ``on_document(change, staged)`` follows each commit (the index update); ``on_chunk(done,
     total, chunk)`` each trained chunk (progress bars). ``examples_settings`` names what shaped
     the jobs' examples (recipe, ...); it enters the settings hash, so changing it retrains.
+    ``run_chunks(works)`` runs ``train_and_stage`` on each chunk somewhere and yields ``(index,
+    outcomes)`` as chunks finish, in any order (default: here, one after another; ``dmoe.training.
+    ray_build`` runs them on a Ray cluster). This function stays the only writer of rows.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -107,24 +143,30 @@ def train_into_bank(model: Any, tokenizer: Any, jobs: Sequence[ExpertJob], bank:
     for doc in units:  # unchanged documents: only their stale units go
         if not waiting[doc] and set(bank.document_ids(doc)) - set(units[doc]):
             commit(doc)
+    works = []
     for lo in range(0, len(todo), chunk_size):
-        chunk = todo[lo:lo + chunk_size]
-        experts = train(model, tokenizer, [(j.expert_id, j.examples) for j in chunk], config,
-                        fast=fast)
-        kill_point("build.chunk_trained")
-        for job, expert in zip(chunk, experts, strict=True):
+        chunk = tuple(todo[lo:lo + chunk_size])
+        works.append(ChunkWork(chunk, settings, {j.document: tuple(units[j.document])
+                                                  for j in chunk}))
+    if run_chunks is None:
+        def run_chunks(works: Sequence[ChunkWork]) -> Iterator[tuple[int, list[Outcome]]]:
+            for i, work in enumerate(works):
+                yield i, train_and_stage(model, tokenizer, work, config, bank, fast)
+
+    done = 0
+    for i, outcomes in run_chunks(works):
+        chunk = works[i].jobs
+        for job, outcome in zip(chunk, outcomes, strict=True):
             doc = job.document
             waiting[doc].discard(job.expert_id)
-            if not all(bool(torch.isfinite(t).all()) for t in expert.weights.values()):
-                report.failed.append(f"{job.expert_id}: training diverged (non-finite weights)")
+            if isinstance(outcome, str):
+                report.failed.append(outcome)
             else:
-                staged[doc].append(bank.stage(
-                    expert, unit_id=job.unit_id or job.expert_id, content_hash=job.content_hash,
-                    settings_hash=settings, surrogate=job.surrogate, title=job.title,
-                    meta=job.meta, doc_id=doc, doc_units=units[doc]))
+                staged[doc].append(outcome)
                 report.trained.append(job.expert_id)
             if not waiting[doc]:
                 commit(doc)
+        done += len(chunk)
         if on_chunk:
-            on_chunk(lo + len(chunk), len(todo), chunk)
+            on_chunk(done, len(todo), chunk)
     return report
