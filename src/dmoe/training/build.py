@@ -10,7 +10,7 @@ finishes them. A document is the unit of update: rebuilding one replaces all of 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -111,7 +111,8 @@ class Executor(Protocol):
     def augment_chunks(self, chunks: Sequence[Sequence[KnowledgeUnit]]
                        ) -> Iterator[tuple[int, list[Augmentation]]]: ...
 
-    def train_chunks(self, works: Sequence[ChunkWork]) -> Iterator[tuple[int, list[Outcome]]]: ...
+    def train_chunks(self, works: Sequence[ChunkWork]
+                     ) -> Iterator[tuple[int, Iterable[Outcome]]]: ...
 
 
 class BuildTarget(Protocol):

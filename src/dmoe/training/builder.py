@@ -14,7 +14,7 @@ This module knows nothing about corpora or augmentation: a job is an id, its exa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,26 +78,26 @@ class ChunkWork:
 
 
 Outcome = Staged | str  # a job's expert file, staged; or "id: reason" when it could not be trained
-ChunkRunner = Callable[[Sequence[ChunkWork]], Iterator[tuple[int, list[Outcome]]]]
+ChunkRunner = Callable[[Sequence[ChunkWork]], Iterator[tuple[int, Iterable[Outcome]]]]
 
 
 def train_and_stage(model: Any, tokenizer: Any, work: ChunkWork, config: TrainConfig,
-                    bank: ExpertBank, fast: bool = True) -> list[Outcome]:
+                    bank: ExpertBank, fast: bool = True) -> Iterator[Outcome]:
     """The worker's stage, wherever it runs: train one chunk's experts together, then write each
-    one's file into the bank (staged: no row points at it yet). One outcome per job, in order."""
+    one's file into the bank (staged: no row points at it yet). Yields one outcome per job, in
+    order, each file written only when asked for: a committer in the same process commits a
+    document as soon as its last file is written (a remote worker takes the whole list)."""
     experts = train(model, tokenizer, [(j.expert_id, j.examples) for j in work.jobs], config,
                     fast=fast)
     kill_point("build.chunk_trained")
-    out: list[Outcome] = []
     for job, expert in zip(work.jobs, experts, strict=True):
         if not all(bool(torch.isfinite(t).all()) for t in expert.weights.values()):
-            out.append(f"{job.expert_id}: training diverged (non-finite weights)")
+            yield f"{job.expert_id}: training diverged (non-finite weights)"
             continue
-        out.append(bank.stage(
+        yield bank.stage(
             expert, unit_id=job.unit_id or job.expert_id, content_hash=job.content_hash,
             settings_hash=work.settings_hash, surrogate=job.surrogate, title=job.title,
-            meta=job.meta, doc_id=job.document, doc_units=work.doc_units[job.document]))
-    return out
+            meta=job.meta, doc_id=job.document, doc_units=work.doc_units[job.document])
 
 
 def train_into_bank(model: Any, tokenizer: Any, jobs: Sequence[ExpertJob], bank: ExpertBank,
@@ -149,7 +149,7 @@ def train_into_bank(model: Any, tokenizer: Any, jobs: Sequence[ExpertJob], bank:
         works.append(ChunkWork(chunk, settings, {j.document: tuple(units[j.document])
                                                   for j in chunk}))
     if run_chunks is None:
-        def run_chunks(works: Sequence[ChunkWork]) -> Iterator[tuple[int, list[Outcome]]]:
+        def run_chunks(works: Sequence[ChunkWork]) -> Iterator[tuple[int, Iterable[Outcome]]]:
             for i, work in enumerate(works):
                 yield i, train_and_stage(model, tokenizer, work, config, bank, fast)
 

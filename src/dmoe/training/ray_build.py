@@ -105,8 +105,8 @@ class _TrainWorker:
             if self.bank.fingerprint != self.lm.fingerprint:
                 raise RayBuildError(f"the worker's model (fingerprint {self.lm.fingerprint}) is "
                                     f"not the bank's ({self.bank.fingerprint})")
-            out.append(pickle.dumps(train_and_stage(self.lm.model, self.lm.tokenizer, work,
-                                                    self.config, self.bank)))
+            out.append(pickle.dumps(list(train_and_stage(self.lm.model, self.lm.tokenizer, work,
+                                                         self.config, self.bank))))
         return {"i": batch["i"], "payload": out}
 
 
