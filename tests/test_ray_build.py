@@ -95,3 +95,10 @@ def test_a_killed_worker_loses_nothing_committed_and_a_rerun_completes(setup, mo
     assert rerun.experts_trained == local.experts_trained - len(kept)
     assert max_diff(weights(tmp / "local"), weights(bank)) <= 1e-4
     bank_check(bank)
+
+
+def test_cli_refuses_ray_options_without_ray(tmp_path):
+    out = dmoe_cli("build", str(tmp_path / "corpus.jsonl"), "--bank", str(tmp_path / "bank"),
+                   "--workers", "2")
+    _, stderr = out.communicate(timeout=120)
+    assert out.returncode == 2 and "--executor ray" in stderr and "Traceback" not in stderr

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import TYPE_CHECKING
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any
 
 from dmoe.commands.common import add_model_args
 
@@ -92,18 +93,16 @@ def run(args: argparse.Namespace) -> int:
         require_ray()
     lm = load_base_model(args.model, args.device, args.weights, training=True)
     log = (lambda s: None) if args.json else print
-    progress = not (args.quiet or args.json)
+    where: AbstractContextManager[Any] = nullcontext()
     if args.executor == "ray":
         from dmoe.training.ray_build import ModelFactory, RayExecutor
 
-        with RayExecutor(ModelFactory(args.model, args.weights), args.bank, config, train_config,
-                         address=args.address, workers=args.workers,
-                         threads_per_worker=args.threads_per_worker) as executor:
-            summary = build(args.corpus, args.bank, lm, config, train_config, progress=progress,
-                            log=log, executor=executor)
-    else:
-        summary = build(args.corpus, args.bank, lm, config, train_config, progress=progress,
-                        log=log)
+        where = RayExecutor(ModelFactory(args.model, args.weights), args.bank, config,
+                            train_config, address=args.address, workers=args.workers,
+                            threads_per_worker=args.threads_per_worker)
+    with where as executor:
+        summary = build(args.corpus, args.bank, lm, config, train_config,
+                        progress=not (args.quiet or args.json), log=log, executor=executor)
     if args.json:
         print(json.dumps(summary.to_dict()))
         return 0
