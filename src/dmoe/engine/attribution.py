@@ -46,18 +46,24 @@ def token_texts(token_ids: list[int], tokenizer: Any) -> list[str]:
     decoding a prefix gives a prefix of the text (byte-level BPE and SentencePiece do).
 
     A token that ends inside a multi-byte character adds ``""``; the token that completes the
-    character carries it. Decodes every prefix once (quadratic in the answer, which is short).
+    character carries it. Each step decodes only a short window (the tokens since the one before
+    the last emitted text, as incremental detokenisers do), so an answer costs linear time.
     """
+    def decode(ids: list[int]) -> str:
+        return str(tokenizer.decode(ids, skip_special_tokens=True))
+
     out: list[str] = []
-    sent = ""
+    prefix = read = 0  # the window starts at ``prefix``; text up to ``read`` has been emitted
+    before = ""  # decode(token_ids[prefix:read])
     for i in range(1, len(token_ids) + 1):
-        text = str(tokenizer.decode(token_ids[:i], skip_special_tokens=True))
-        if i < len(token_ids) and (text.endswith("\ufffd") or not text.startswith(sent)):
+        text = decode(token_ids[prefix:i])
+        if i < len(token_ids) and (text.endswith("\ufffd") or not text.startswith(before)):
             out.append("")  # half a character, or a tokenizer that rewrote earlier text: wait
             continue
-        if not text.startswith(sent):  # the last token rewrote earlier text: it takes the rest
-            out.append(text[len(os.path.commonprefix([sent, text])):])
+        if not text.startswith(before):  # the last token rewrote earlier text: it takes the rest
+            out.append(text[len(os.path.commonprefix([before, text])):])
         else:
-            out.append(text[len(sent):])
-        sent = text
+            out.append(text[len(before):])
+        prefix, read = read, i
+        before = decode(token_ids[prefix:read])
     return out
