@@ -10,14 +10,14 @@ import pytest
 from conftest import dmoe_cli, tiny_model_dir
 
 from dmoe.base_model import load_base_model
-from dmoe.experts.format import load_expert
+from dmoe.bench.build import bank_weights, max_weight_diff
 from dmoe.faults import ENV as FAULT_ENV
 from dmoe.knowledge import KnowledgeBase
 from dmoe.training.build import BuildConfig, build
 from dmoe.training.experts import TrainConfig
 
 ray = pytest.importorskip("ray")
-from dmoe.training.ray_build import ModelFactory, RayBuildError, RayExecutor  # noqa: E402
+from dmoe.training.ray_build import RayBuildError, RayExecutor, worker_model  # noqa: E402
 
 pytestmark = pytest.mark.integration
 CONFIG = BuildConfig(chunk_size=2, passage_words=30)
@@ -40,21 +40,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     ray.shutdown()
 
 
-def weights(bank_dir) -> dict[str, dict]:
-    kb = KnowledgeBase.open(bank_dir, readonly=True)
-    try:
-        return {i.id: load_expert(kb.bank.experts_dir / i.file).weights for i in kb.bank.list()}
-    finally:
-        kb.close()
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[i][k] - b[i][k]).abs().max()) for i in a for k in a[i])
-
-
 def executor(model, bank, **kw) -> RayExecutor:
-    return RayExecutor(ModelFactory(str(model), "fp32"), bank, CONFIG, TRAIN, **kw)
+    return RayExecutor(worker_model(str(model), "fp32"), bank, CONFIG, TRAIN, **kw)
 
 
 def bank_check(bank) -> None:
@@ -69,7 +56,7 @@ def test_the_ray_build_trains_the_local_build_experts(setup):
         summary = build(corpus, tmp / "ray", lm, CONFIG, TRAIN, progress=False,
                         log=lambda s: None, executor=ex)
     assert summary.experts_trained == local.experts_trained > 2 and not summary.failed
-    assert max_diff(weights(tmp / "local"), weights(tmp / "ray")) <= 1e-4
+    assert max_weight_diff(bank_weights(tmp / "local"), bank_weights(tmp / "ray")) <= 1e-4
     bank_check(tmp / "ray")
     kb = KnowledgeBase.open(tmp / "ray", readonly=True)
     try:  # the one writer indexed every expert
@@ -89,14 +76,14 @@ def test_a_killed_worker_loses_nothing_committed_and_a_rerun_completes(setup, mo
         build(corpus, bank, lm, CONFIG, TRAIN, progress=False, log=lambda s: None, executor=ex)
     monkeypatch.delenv(FAULT_ENV)
     bank_check(bank)  # what was committed is whole; the dead attempts' files are quarantined
-    kept = weights(bank)  # (chunks finished before the death may or may not have been committed)
+    kept = bank_weights(bank)  # (chunks finished before the death may or may not have been committed)
     assert set(before.expert_ids) <= kept.keys() and len(kept) < local.experts_trained
     with executor(model, bank, workers=2) as ex:
         rerun = build(corpus, bank, lm, CONFIG, TRAIN, progress=False, log=lambda s: None,
                       executor=ex)
     assert rerun.experts_reused == len(kept)
     assert rerun.experts_trained == local.experts_trained - len(kept)
-    assert max_diff(weights(tmp / "local"), weights(bank)) <= 1e-4
+    assert max_weight_diff(bank_weights(tmp / "local"), bank_weights(bank)) <= 1e-4
     bank_check(bank)
 
 

@@ -122,16 +122,30 @@ def bench_training(n_units: int = 8, epochs: int = 10, lr: float = 5e-3, mix: st
     }
 
 
+def bank_weights(bank_dir: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every expert's weights in a bank, by id (each load verified against its row)."""
+    from dmoe.experts.bank import ExpertBank
+
+    with ExpertBank.open(bank_dir, readonly=True) as bank:
+        return {i: bank.get(i).weights for i in bank.ids()}
+
+
+def max_weight_diff(a: dict[str, dict[str, torch.Tensor]],
+                    b: dict[str, dict[str, torch.Tensor]]) -> float:
+    """The largest |a - b| over experts and tensors; the two must hold the same experts."""
+    if a.keys() != b.keys():
+        raise ValueError(f"the banks hold different experts: {sorted(a.keys() ^ b.keys())[:5]}")
+    return max(float((a[i][k] - b[i][k]).abs().max()) for i in a for k in a[i])
+
+
 def bench_executors(n_units: int = 16, chunk_size: int = 4, workers: int | None = None,
                     threads_per_worker: int = 1, address: str | None = None,
                     model: str | None = None) -> dict[str, Any]:
     """``dmoe build`` of the same SQuAD paragraphs twice, locally and on Ray (``address``; None:
     a local cluster started here), with the shipped defaults; the experts must agree."""
     from dmoe.eval.datasets import data_dir
-    from dmoe.experts.bank import ExpertBank, read_header
-    from dmoe.experts.format import load_expert
     from dmoe.training.build import BuildConfig, build
-    from dmoe.training.ray_build import ModelFactory, RayExecutor, require_ray
+    from dmoe.training.ray_build import RayExecutor, require_ray, worker_model
 
     require_ray()
     lm = load_base_model(model, training=True)
@@ -149,7 +163,7 @@ def bench_executors(n_units: int = 16, chunk_size: int = 4, workers: int | None 
                       log=lambda line: None)
         timings["local"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        with RayExecutor(ModelFactory(model), Path(tmp) / "ray", config, train_config,
+        with RayExecutor(worker_model(model), Path(tmp) / "ray", config, train_config,
                          address=address, workers=workers,
                          threads_per_worker=threads_per_worker) as executor:
             t_up = time.perf_counter()
@@ -161,17 +175,7 @@ def bench_executors(n_units: int = 16, chunk_size: int = 4, workers: int | None 
             cluster = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         timings["ray_start"] = t_up - t0
 
-        def weights(name: str) -> dict[str, dict[str, torch.Tensor]]:
-            bank = ExpertBank(Path(tmp) / name, read_header(Path(tmp) / name), readonly=True)
-            try:
-                return {i.id: load_expert(bank.experts_dir / i.file).weights for i in bank.list()}
-            finally:
-                bank.close()
-
-        a, b = weights("local"), weights("ray")
-    if a.keys() != b.keys():
-        raise RuntimeError(f"the banks hold different experts: {sorted(a.keys() ^ b.keys())[:5]}")
-    diff = max(float((a[i][k] - b[i][k]).abs().max()) for i in a for k in a[i])
+        diff = max_weight_diff(bank_weights(Path(tmp) / "local"), bank_weights(Path(tmp) / "ray"))
     n = local.experts_trained
     return {
         "experts": n, "experts_ray": remote.experts_trained, "chunk_size": chunk_size,

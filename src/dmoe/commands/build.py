@@ -95,9 +95,9 @@ def run(args: argparse.Namespace) -> int:
     log = (lambda s: None) if args.json else print
     where: AbstractContextManager[Any] = nullcontext()
     if args.executor == "ray":
-        from dmoe.training.ray_build import ModelFactory, RayExecutor
+        from dmoe.training.ray_build import RayExecutor, worker_model
 
-        where = RayExecutor(ModelFactory(args.model, args.weights), args.bank, config,
+        where = RayExecutor(worker_model(args.model, args.weights), args.bank, config,
                             train_config, address=args.address, workers=args.workers,
                             threads_per_worker=args.threads_per_worker)
     with where as executor:

@@ -19,12 +19,12 @@ expert already stored with the same content and settings, as a local rerun does.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pickle
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,23 +50,19 @@ def require_ray() -> None:
         raise DmoeError("--executor ray needs Ray Data: pip install 'dmoe[ray]'") from e
 
 
-@dataclass(frozen=True)
-class ModelFactory:
-    """Loads the base model in a worker (picklable): ``factory(device)`` -> ``LoadedModel``."""
+def worker_model(spec: str | None = None, weights: str | None = None) -> Callable[[], Any]:
+    """A picklable factory of the base model for the workers (like the server's build worker):
+    ``--model`` and ``--weights`` as given, on the worker's own device (CUDA when it has one),
+    with float weights for training."""
+    from dmoe.base_model import load_base_model
 
-    spec: str | None = None  # as ``--model``; None: the packaged model
-    weights: str | None = None  # as ``--weights``; experts train on float weights
-
-    def __call__(self, device: str) -> Any:
-        from dmoe.base_model import load_base_model
-
-        return load_base_model(self.spec, device, self.weights, training=True)
+    return functools.partial(load_base_model, spec, None, weights, training=True)
 
 
 class _AugmentWorker:
     """A Ray Data actor: builds the augmenter once, then augments one chunk per row."""
 
-    def __init__(self, augmenter: str, batch_size: int, make_model: Callable[[str], Any],
+    def __init__(self, augmenter: str, batch_size: int, make_model: Callable[[], Any],
                  threads: int) -> None:
         import torch
 
@@ -74,7 +70,7 @@ class _AugmentWorker:
 
         torch.set_num_threads(threads)
         needs_model = augmenter in ("self", "spans")
-        loaded = make_model(_device()) if needs_model else None
+        loaded = make_model() if needs_model else None
         self.augmenter = make_augmenter(augmenter, loaded=loaded, batch_size=batch_size)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -85,15 +81,18 @@ class _AugmentWorker:
 class _TrainWorker:
     """A Ray Data actor: loads the model once, then trains and stages one chunk per row."""
 
-    def __init__(self, make_model: Callable[[str], Any], bank_path: str, train_config: Any,
+    def __init__(self, make_model: Callable[[], Any], bank_path: str, train_config: Any,
                  threads: int) -> None:
         import torch
 
         from dmoe.experts.bank import StagingBank
 
         torch.set_num_threads(threads)
-        self.lm = make_model(_device())
+        self.lm = make_model()
         self.bank = StagingBank(Path(bank_path))
+        if self.bank.fingerprint != self.lm.fingerprint:
+            raise RayBuildError(f"the worker's model (fingerprint {self.lm.fingerprint}) is not "
+                                f"the bank's ({self.bank.fingerprint})")
         self.config = train_config
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -102,18 +101,9 @@ class _TrainWorker:
         out = []
         for payload in batch["payload"]:
             work: ChunkWork = pickle.loads(payload)
-            if self.bank.fingerprint != self.lm.fingerprint:
-                raise RayBuildError(f"the worker's model (fingerprint {self.lm.fingerprint}) is "
-                                    f"not the bank's ({self.bank.fingerprint})")
             out.append(pickle.dumps(list(train_and_stage(self.lm.model, self.lm.tokenizer, work,
                                                          self.config, self.bank))))
         return {"i": batch["i"], "payload": out}
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class RayExecutor:
@@ -124,7 +114,7 @@ class RayExecutor:
     down on exit.
     """
 
-    def __init__(self, make_model: Callable[[str], Any], bank_path: str | Path, build_config: Any,
+    def __init__(self, make_model: Callable[[], Any], bank_path: str | Path, build_config: Any,
                  train_config: Any, *, address: str | None = None, num_cpus: int | None = None,
                  workers: int | None = None, threads_per_worker: int = 1,
                  max_retries: int = 2) -> None:
@@ -168,14 +158,14 @@ class RayExecutor:
 
         return int(ray.cluster_resources().get("GPU", 0))
 
-    def _pool(self, per_worker_cpus: int, gpu: bool) -> int:
+    def _pool(self, gpu: bool) -> int:
         import ray
 
         if self.workers is not None:
             return self.workers
         if gpu:
             return max(self._gpus(), 1)
-        return max(int(ray.cluster_resources().get("CPU", 1)) // per_worker_cpus, 1)
+        return max(int(ray.cluster_resources().get("CPU", 1)) // self.threads, 1)
 
     def _runtime_env(self) -> dict[str, Any] | None:
         if os.environ.get(FAULT_ENV):  # the fault suite's kill points reach the workers too
@@ -191,7 +181,7 @@ class RayExecutor:
         if not payloads:
             return
         items = [{"i": i, "payload": p} for i, p in enumerate(payloads)]
-        size = min(self._pool(self.threads, gpu), len(items))
+        size = min(self._pool(gpu), len(items))
         with warnings.catch_warnings():  # retries have no named parameter in Ray 2.60 yet
             warnings.simplefilter("ignore", DeprecationWarning)
             ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
