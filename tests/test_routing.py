@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -116,6 +117,48 @@ def test_squad_questions_retrieve_their_paragraph(squad_index) -> None:
     hit3 = sum(pid in top(ix, q, 3) for q, pid in sample) / len(sample)
     # measured 0.743 / 0.873 over 2,067 paragraphs (seed 0); a broken analyzer drops far below
     assert hit1 >= 0.70 and hit3 >= 0.84, (hit1, hit3)
+
+
+def test_query_budget_keeps_the_highest_weight_terms(squad_index) -> None:
+    ix, paras, questions = squad_index
+    query = questions[0][0] + " " + paras[5][1]  # a question plus a passage: ~100 terms
+    every = ix.scored_terms(query, max_postings=None)
+    assert ix.scored_terms(query) == every  # 2,067 documents: far under the default budget
+    searcher = ix._searcher
+    df = {t: searcher.doc_freq("text", t) for t in every}
+    budget = sum(df.values()) // 4
+    kept = ix.scored_terms(query, max_postings=budget)
+    assert 0 < len(kept) < len(every) and sum(df[t] for t in kept) <= budget
+    assert all(kept[t] == every[t] for t in kept)
+
+    def weight(t: str) -> float:
+        return every[t] * math.log(1 + (len(ix) - df[t] + 0.5) / (df[t] + 0.5))
+
+    # every dropped term either weighs less than the lightest kept one or did not fit
+    lightest = min(weight(t) for t in kept)
+    spare = budget - sum(df[t] for t in kept)
+    for t in set(every) - set(kept):
+        assert weight(t) <= lightest or df[t] > spare, t
+    heaviest = min(every, key=lambda t: (-weight(t), t))
+    assert ix.scored_terms(query, max_postings=1) == {heaviest: every[heaviest]}  # never empty
+
+
+def test_query_budget_changes_no_top_hit_on_squad(squad_index) -> None:
+    """The budgeted search against the exact one (``max_postings=None``) on SQuAD questions made
+    long with a passage, under a budget that binds on every query."""
+    ix, paras, questions = squad_index
+    rng = random.Random(1)
+    same, bound = 0, 0
+    for q, pid in rng.sample(questions, 100):
+        query = q + " " + dict(paras)[pid]  # the question and its own passage, as generated text
+        budget = 2_000
+        fast = ix.search(query, 3, max_postings=budget)
+        exact = ix.search(query, 3, max_postings=None)
+        bound += ix.scored_terms(query, budget) != ix.scored_terms(query, None)
+        same += fast[0].expert_id == exact[0].expert_id
+        assert 0 < fast[0].relevance <= 1
+        assert exact == ix.search(query, 3, max_postings=10**9)  # a budget never reached: exact
+    assert bound == 100 and same >= 95, (bound, same)
 
 
 # -- incremental writes --------------------------------------------------------------------------

@@ -17,14 +17,15 @@ from urllib.parse import quote
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 from conftest import CharTokenizer, DmoeServe, dmoe_cli, tiny_lm, tiny_model_dir
 
-from dmoe.experts.lora import LoraSpec
+from dmoe.experts.lora import LoraSpec, random_expert
 from dmoe.knowledge import KnowledgeBase
 from dmoe.server import ServerConfig, ServerState, create_app
 from dmoe.server.service import TextDeltas
-from dmoe.training.experts import TrainConfig
+from dmoe.training.experts import TrainConfig, mlp_shapes
 
 USER, ADMIN = "user-key", "admin-key"
 QUESTION = "Who founded the town of Velmora?"
@@ -160,6 +161,39 @@ def test_stop_strings_are_never_streamed():
 
 
 # -- knowledge ---------------------------------------------------------------------------------
+
+def test_expert_list_pages_by_id(live):
+    kb, spec = live.state.kb, LoraSpec()
+    shapes = mlp_shapes(live.state.lm.model, spec.n_layers)
+    staged = [kb.bank.stage(random_expert(f"pages#{i}", shapes, spec, torch.Generator()),
+                            unit_id=f"pages#{i}", content_hash=f"c{i}", settings_hash="s",
+                            surrogate=f"page test {i}") for i in range(3)]
+    kb.indexed(kb.bank.commit_document("pages", staged), staged)
+    try:
+        _walk_expert_pages(live)
+    finally:
+        kb.delete_document("pages")
+
+
+def _walk_expert_pages(live: LiveServer) -> None:
+    with live.http() as http:
+        every = [e["id"] for e in http.get("/v1/experts").json()["data"]]
+        assert len(every) >= 3 and every == sorted(every)
+        paged, after = [], None
+        while True:
+            params = {"limit": 1} if after is None else {"limit": 1, "after": after}
+            page = http.get("/v1/experts", params=params).json()
+            assert len(page["data"]) <= 1
+            paged += [e["id"] for e in page["data"]]
+            if not page["has_more"]:
+                break
+            after = paged[-1]
+        assert paged == every
+        rest = http.get("/v1/experts", params={"after": every[0]}).json()
+        assert [e["id"] for e in rest["data"]] == every[1:] and "has_more" not in rest
+        bad = http.get("/v1/experts", params={"limit": 0})
+        assert bad.status_code == 400 and "limit" in bad.text
+
 
 def test_added_document_changes_the_answer_and_delete_restores_it(live):
     before, att = ask(live, **ALWAYS)

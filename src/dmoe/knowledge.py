@@ -39,7 +39,7 @@ from dmoe.experts.integrity import QUARANTINE, BankReport, check_bank, quarantin
 from dmoe.experts.lock import BankLock
 from dmoe.experts.lora import ExpertAdapter, LoraSpec
 from dmoe.routing.bm25 import BM25Index, BM25Router
-from dmoe.routing.consistency import ReconcileReport, reconcile
+from dmoe.routing.consistency import ReconcileReport, reconcile, text_hash
 
 INDEX_DIR = "index"
 log = logging.getLogger("dmoe.knowledge")
@@ -82,8 +82,6 @@ def check_knowledge(path: str | Path, *, deep: bool = False, repair: bool = Fals
         report = CheckReport(bank=check_bank(root, deep=deep, repair=repair), repaired=repair)
         if report.bank.database != "ok" and not repair:
             return report
-        with ExpertBank.open(root, readonly=True) as bank:
-            surrogates = bank.surrogates()
         try:
             index = BM25Index.open(root / INDEX_DIR, readonly=not repair)
         except RouterIndexError as e:
@@ -93,14 +91,23 @@ def check_knowledge(path: str | Path, *, deep: bool = False, repair: bool = Fals
             if (root / INDEX_DIR).exists():
                 report.bank.quarantined.append(_quarantine_index(root))
             index = BM25Index.create(root / INDEX_DIR)
-        with index:
-            report.index = reconcile(index, surrogates, dry_run=not repair)
+        with index, ExpertBank.open(root, readonly=True) as bank:
+            report.index = reconcile_with_bank(index, bank, dry_run=not repair)
         if repair:
             report.index_error = None
         return report
     finally:
         if lock is not None:
             lock.release()
+
+
+def reconcile_with_bank(index: BM25Index, bank: ExpertBank, dry_run: bool = False
+                        ) -> ReconcileReport:
+    """``reconcile`` the index with the bank by surrogate hashes: the routing texts are streamed
+    and hashed, and only those of drifted experts are read again, so memory grows by an id and a
+    hash per expert, not by the bank's text."""
+    hashes = {expert_id: text_hash(text) for expert_id, text in bank.iter_surrogates()}
+    return reconcile(index, hashes, dry_run=dry_run, hashed=True, load_text=bank.surrogate)
 
 
 class KnowledgeBase:
@@ -180,13 +187,13 @@ class KnowledgeBase:
     def sync(self) -> ReconcileReport:
         """Make the index hold exactly the bank's experts with their current surrogates."""
         with self.lock:
-            return reconcile(self.index, self.bank.surrogates())
+            return reconcile_with_bank(self.index, self.bank)
 
     def check(self, repair: bool = False, deep: bool = False) -> CheckReport:
         """Report (and with ``repair`` fix) the bank and this open index."""
         with self.lock:
             bank_report = check_bank(self.bank.path, deep=deep, repair=repair)
-            index_report = reconcile(self.index, self.bank.surrogates(), dry_run=not repair)
+            index_report = reconcile_with_bank(self.index, self.bank, dry_run=not repair)
             if repair:
                 self.invalidate()
             return CheckReport(bank=bank_report, index=index_report, repaired=repair)
@@ -220,8 +227,11 @@ class KnowledgeBase:
     def router(self) -> BM25Router:
         return BM25Router(self.index)
 
-    def list(self) -> list[ExpertInfo]:
-        return self.bank.list()
+    def list(self, after: str | None = None, limit: int | None = None) -> list[ExpertInfo]:
+        """Every expert in id order, or (``limit``) one page of them after id ``after``."""
+        if limit is None:
+            return self.bank.list() if after is None else self.bank.page(after, len(self.bank))
+        return self.bank.page(after, limit)
 
     def info(self, expert_id: str) -> ExpertInfo:
         try:

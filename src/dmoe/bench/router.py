@@ -21,7 +21,10 @@ loaded machine a commit's hand-offs between tantivy's threads wait for CPU, and
 ``load_avg_1m_at_start`` says how loaded it was.
 
 ``query_p50_ms`` is measured on the freshly built index; ``query_after_writes_p50_ms`` again after
-the single-document commits (more, smaller segments until tantivy merges them).
+the single-document commits (more, smaller segments until tantivy merges them). A query scores at
+most ``max_query_postings`` postings (``BM25Index.search``); ``query_exact_p50_ms`` times the same
+queries with every term scored, and ``top1_same_as_exact`` / ``topk_same_as_exact`` say how often
+the budget changed the answer.
 """
 
 from __future__ import annotations
@@ -33,12 +36,14 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
-from dmoe.routing.bm25 import BM25Index, BM25Router
+from dmoe.routing.bm25 import MAX_QUERY_POSTINGS, BM25Index, BM25Router
 
 STOP_WORDS = [
     "a",
@@ -167,6 +172,28 @@ def _time_queries(route: Any, queries: list[tuple[str, str]], k: int) -> tuple[l
     return times, hits / max(len(queries), 1)
 
 
+def _budget_effect(index: BM25Index, queries: list[tuple[str, str]], k: int) -> dict[str, Any]:
+    """The query budget against exact BM25 on the same queries: latency of both, how often the
+    budget dropped terms, and whether the top-1 / top-k came out the same."""
+    exact_times, same_top1, same_topk, pruned = [], 0, 0, 0
+    for text, _ in queries:
+        fast = [h.expert_id for h in index.search(text, k)]
+        t0 = time.perf_counter()
+        exact = [h.expert_id for h in index.search(text, k, max_postings=None)]
+        exact_times.append(time.perf_counter() - t0)
+        same_top1 += fast[:1] == exact[:1]
+        same_topk += fast == exact
+        pruned += index.scored_terms(text) != index.scored_terms(text, max_postings=None)
+    n = max(len(queries), 1)
+    return {
+        "query_exact_p50_ms": _ms(exact_times, 50),
+        "query_exact_p99_ms": _ms(exact_times, 99),
+        "budget_binds_fraction": round(pruned / n, 4),
+        "top1_same_as_exact": round(same_top1 / n, 4),
+        "topk_same_as_exact": round(same_topk / n, 4),
+    }
+
+
 def _bm25s_query_ms(texts: list[str], queries: list[tuple[str, str]], k: int) -> dict[str, Any]:
     """bm25s (static, in-memory, rebuild on change) on the same corpus: query latency only."""
     try:
@@ -190,6 +217,19 @@ def _bm25s_query_ms(texts: list[str], queries: list[tuple[str, str]], k: int) ->
     }
 
 
+def _surrogates(
+    corpus: SyntheticCorpus, keep: list[str] | None, progress: bool
+) -> Iterator[tuple[str, str]]:
+    """(id, surrogate) of every expert, generated as the index takes them (a million surrogates
+    are ~1.7 GB of text); ``keep`` collects them when bm25s needs them too."""
+    ids = tqdm(corpus.ids, desc="index", unit="doc", disable=not progress, mininterval=2)
+    for i, expert_id in enumerate(ids):
+        text = corpus.surrogate(i)
+        if keep is not None:
+            keep.append(text)
+        yield expert_id, text
+
+
 def bench_router(
     n_experts: int = 30_000,
     *,
@@ -199,6 +239,7 @@ def bench_router(
     seed: int = 0,
     path: str | Path | None = None,
     compare_bm25s: bool = False,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Build an index of ``n_experts`` synthetic surrogates and time queries, adds and deletes.
 
@@ -212,15 +253,16 @@ def bench_router(
     load_1m = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     try:
         corpus = SyntheticCorpus(n_experts, seed=seed)
-        texts = [corpus.surrogate(i) for i in range(n_experts)]
+        texts: list[str] | None = [] if compare_bm25s else None
         index = BM25Index.create(root / "index")
         t0 = time.perf_counter()
-        index.add_many(zip(corpus.ids, texts, strict=True))
+        index.add_many(_surrogates(corpus, texts, progress))
         build_s = time.perf_counter() - t0
         router = BM25Router(index)
         queries = [corpus.query() for _ in range(n_queries)]
         _time_queries(router.route, queries[:50], k)  # warm-up
         q_times, hit_at_1 = _time_queries(router.route, queries, k)
+        budget = _budget_effect(index, queries[: min(300, n_queries)], k)
 
         new = [
             (f"new-{i:05d}", corpus.surrogate(int(corpus.rng.integers(n_experts))))
@@ -256,6 +298,8 @@ def bench_router(
             "delete_cpu_p50_ms": _ms(del_cpu, 50),
             "delete_p99_ms": _ms(del_times, 99),
             "query_after_writes_p50_ms": _ms(q2_times, 50),
+            "max_query_postings": MAX_QUERY_POSTINGS,
+            **budget,
             "build_s": round(build_s, 2),
             "hit_at_1": round(hit_at_1, 4),
             "n_segments": stats["n_segments"],
@@ -267,12 +311,14 @@ def bench_router(
                 "k": k,
                 "seed": seed,
                 "query": "4 topic words of a target expert + 86 Zipf words (~90 words); route() end to end",
+                "query_exact": "the same queries with no postings budget (every term scored), "
+                "on the first 300; budget_binds_fraction: how often the budget dropped terms",
                 "surrogate": "200 Zipf words (33 stop words + 100k pseudo-words) + 50 draws of 8 topic words",
                 "add": "add one new expert + commit + reader reload (durable and searchable on return)",
                 "delete": "delete one expert + commit + reader reload",
             },
         }
-        if compare_bm25s:
+        if texts is not None:
             result["bm25s"] = _bm25s_query_ms(texts, queries, k)
         return result
     finally:
@@ -286,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--n-experts", type=int, default=30_000)
+    parser.add_argument("--n-experts", "--n", type=int, default=30_000)
     parser.add_argument("--n-queries", type=int, default=1000)
     parser.add_argument("--n-writes", type=int, default=100)
     parser.add_argument("-k", type=int, default=3)

@@ -31,9 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=run_decode)
     r = bsub.add_parser("router", help="BM25 index query/add/delete latency at N experts",
                         description="Router latency on an index of N synthetic surrogates.\n\n"
-                                    "example:\n  dmoe bench router --json",
+                                    "example:\n  dmoe bench router --json\n"
+                                    "  dmoe bench router --n 1000000 --json   # ~10 min, 3 GB RAM",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("--n-experts", type=int, default=30_000)
+    r.add_argument("--n-experts", "--n", type=int, default=30_000, help="index size")
     r.add_argument("--n-queries", type=int, default=1000)
     r.add_argument("--n-writes", type=int, default=100, help="timed adds and deletes")
     r.add_argument("-k", type=int, default=3, help="experts per query")
@@ -42,6 +43,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--compare-bm25s", action="store_true", help="also time bm25s queries")
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.set_defaults(func=run_router)
+    k = bsub.add_parser("bank", help="bank open time, expert load latency and RSS at N experts",
+                        description="A bank of N synthetic experts (SmolLM2-135M's shape) and one "
+                                    "of --n-small, each opened and read by a fresh process the way "
+                                    "`dmoe serve` does: open time, cold/warm expert load p50/p99, "
+                                    "resident memory and its ratio between the two sizes. With "
+                                    "--path the banks are kept and an interrupted build resumes."
+                                    "\n\nexample:\n  dmoe bench bank --json\n"
+                                    "  dmoe bench bank --n 100000 --path /data/bench-bank --json",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    k.add_argument("--n", type=int, default=100_000, help="experts in the big bank")
+    k.add_argument("--n-small", type=int, default=1_000, help="experts in the small bank")
+    k.add_argument("--n-loads", type=int, default=1_000, help="random experts loaded per probe")
+    k.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    k.add_argument("--doc-size", type=int, default=10, help="experts committed per document")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--path", help="keep the banks here (resumable) instead of a temporary dir")
+    k.add_argument("--json", action="store_true", help="print one JSON object")
+    k.set_defaults(func=run_bank)
     b = bsub.add_parser("build", help="expert training fast vs reference; augmentation cost",
                         description="Training stage: fast batched path vs the PEFT reference on "
                                     "the same SQuAD units (s/expert, speedup, max weight diff, "
@@ -137,8 +156,16 @@ def run_router(args: argparse.Namespace) -> int:
 
     result = bench_router(args.n_experts, n_queries=args.n_queries, n_writes=args.n_writes,
                           k=args.k, seed=args.seed, path=args.path,
-                          compare_bm25s=args.compare_bm25s)
+                          compare_bm25s=args.compare_bm25s, progress=True)
     _emit(result, args.json)
+    return 0
+
+
+def run_bank(args: argparse.Namespace) -> int:
+    from dmoe.bench.bank import bench_bank
+
+    _emit(bench_bank(args.n, n_small=args.n_small, n_loads=args.n_loads, dtype=args.dtype,
+                     doc_size=args.doc_size, seed=args.seed, path=args.path), args.json)
     return 0
 
 

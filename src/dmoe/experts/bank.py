@@ -39,7 +39,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -413,6 +413,13 @@ class ExpertBank:
         rows = self._db.execute(f"SELECT {','.join(COLUMNS)} FROM experts ORDER BY id").fetchall()
         return [self._info(r) for r in rows]
 
+    def page(self, after: str | None = None, limit: int = 1000) -> builtins.list[ExpertInfo]:
+        """Up to ``limit`` experts in id order, starting after id ``after`` (keyset paging: each
+        page costs ``limit`` rows, however large the bank)."""
+        rows = self._db.execute(f"SELECT {','.join(COLUMNS)} FROM experts WHERE id > ? ORDER BY id "
+                                f"LIMIT ?", (after or "", limit)).fetchall()
+        return [self._info(r) for r in rows]
+
     def ids(self) -> builtins.list[str]:
         return [r[0] for r in self._db.execute("SELECT id FROM experts ORDER BY id")]
 
@@ -436,7 +443,12 @@ class ExpertBank:
 
     def surrogates(self) -> dict[str, str]:
         """``{expert id: routing text}`` for building the router's index."""
-        return dict(self._db.execute("SELECT id, surrogate FROM experts ORDER BY id").fetchall())
+        return dict(self.iter_surrogates())
+
+    def iter_surrogates(self) -> Iterator[tuple[str, str]]:
+        """``(expert id, routing text)`` of every expert, streamed from the database (a bank of
+        10^5 experts holds ~170 MB of routing text; this never holds more than a row of it)."""
+        yield from self._db.execute("SELECT id, surrogate FROM experts ORDER BY id")
 
     def surrogate(self, expert_id: str) -> str:
         """The routing text of one expert."""

@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel
 
@@ -58,6 +58,8 @@ from dmoe.server.schemas import (
 )
 from dmoe.server.service import ApiError
 from dmoe.server.state import ServerState
+
+MAX_PAGE = 10_000  # experts per page of GET /v1/experts?limit=
 
 
 def get_state(request: Request) -> ServerState:
@@ -252,8 +254,15 @@ def _expert_out(info: Any, text: str | None = None) -> ExpertOut:
 
 
 @user.get("/v1/experts", response_model=ExpertList, response_model_exclude_none=True)
-def list_experts(request: Request) -> ExpertList:
-    return ExpertList(data=[_expert_out(i) for i in get_state(request).kb.list()])
+def list_experts(request: Request, limit: int | None = Query(None, ge=1, le=MAX_PAGE),
+                 after: str | None = None) -> ExpertList:
+    """Experts in id order: all of them, or with ``limit`` one page after id ``after``
+    (``has_more`` says whether to ask again with ``after`` = the last id)."""
+    kb = get_state(request).kb
+    if limit is None:
+        return ExpertList(data=[_expert_out(i) for i in kb.list(after)])
+    infos = kb.list(after, limit + 1)
+    return ExpertList(data=[_expert_out(i) for i in infos[:limit]], has_more=len(infos) > limit)
 
 
 @user.get("/v1/experts/{expert_id:path}", response_model=ExpertOut,

@@ -334,6 +334,7 @@ class ExpertOut(BaseModel):
 class ExpertList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ExpertOut]
+    has_more: bool | None = None  # set when a page was asked for (``limit``)
 
 
 class JobOut(BaseModel):
