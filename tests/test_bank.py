@@ -277,3 +277,23 @@ def test_build_resumes_after_sigkill(tmp_path):
     for expert_id in ref.ids():  # the resumed bank holds the same experts as an unbroken build
         torch.testing.assert_close(bank.get(expert_id).weights, ref.get(expert_id).weights,
                                    atol=1e-5, rtol=1e-4)
+
+
+def test_leftovers_are_found_in_a_listing_read_in_chunks(tmp_path, monkeypatch):
+    """``quarantine_leftovers`` (run by every writer on open) checks ``experts/`` a chunk of names
+    at a time against the rows; leftovers in any chunk are moved, referenced files never."""
+    import dmoe.experts.integrity as integrity
+
+    monkeypatch.setattr(integrity, "LISTING_CHUNK", 3)
+    with ExpertBank.create(tmp_path / "b", "fp", "tiny", SPEC) as bank:
+        for i in range(8):
+            _add(bank, _expert(f"e{i}", i), content=f"c{i}")
+        stray = bank.stage(_expert("stray"), unit_id="stray", content_hash="x", settings_hash="s",
+                           surrogate="never committed")  # a file no row points at
+        (bank.experts_dir / ".tmp-interrupted").write_bytes(b"half")
+        moved = bank.quarantine_leftovers()
+        assert sorted(moved) == sorted([stray.row["file"], ".tmp-interrupted"])
+        assert len(list(bank.experts_dir.iterdir())) == 8
+        assert all(bank.get(f"e{i}").id == f"e{i}" for i in range(8))
+        assert bank.quarantine_leftovers() == []
+    assert check_bank(tmp_path / "b").ok

@@ -13,7 +13,7 @@ from dmoe.knowledge import check_knowledge
 def test_bench_bank_builds_resumes_and_reports(tmp_path: Path) -> None:
     result = bench_bank(60, n_small=20, n_loads=15, doc_size=7, path=tmp_path, progress=False)
     for key in ["open_s", "rss_mb", "expert_load_p50_ms_cold", "expert_load_p50_ms_warm",
-                "expert_load_p99_ms_cold", "bytes_per_expert", "rss_ratio_60_vs_20"]:
+                "expert_load_p99_ms_cold", "bytes_per_expert", "rss_ratio_60_vs_20", "rss_anon_ratio"]:
         assert key in result, key
     assert result["n_experts"] == 60 and result["n_files"] == 60 and result["small"]["n"] == 20
     assert 0.5 < result["rss_ratio_60_vs_20"] < 2

@@ -188,7 +188,7 @@ def test_api_errors_never_show_server_paths(served, monkeypatch):
     state, client = served
     where = str(state.kb.bank.path)
 
-    def broken() -> list:
+    def broken(*args: object) -> list:
         raise BankError(f"cannot read {where}/experts/abc-1.safetensors")
 
     monkeypatch.setattr(state.kb, "list", broken)

@@ -21,9 +21,12 @@ What is measured, each in a fresh process (``multiprocessing`` spawn) on each ba
   server's expert cache (a miss: row lookup, file read, checksum, tensors) right after its file
   was evicted from the OS page cache (``posix_fadvise(DONTNEED)``); ``..._warm``: the same experts
   again straight from the bank, their files now in the page cache;
-- ``rss_mb``: resident memory of that process after opening, 200 routed queries and the loads
-  (the base model, the same for any bank, is not loaded); ``peak_rss_mb``: its high-water mark;
-  ``rss_ratio_100k_vs_1k``: ``rss_mb`` of the big bank over the small one's;
+- ``rss_mb``: resident memory (VmRSS) of that process after opening, 200 routed queries and the
+  loads (the base model, the same for any bank, is not loaded); ``peak_rss_mb``: its high-water
+  mark; ``rss_ratio_100k_vs_1k``: ``rss_mb`` of the big bank over the small one's. VmRSS is the
+  sum of ``rss_anon_mb`` (the process's own memory; ``rss_anon_ratio`` compares it) and
+  ``rss_file_mb`` (file pages mapped into it: the router index is memory-mapped, so the index
+  pages the queries touched count here; they are the kernel's page cache, shared and reclaimable);
 - ``list_dir_s``: one ``os.scandir`` of ``experts/``; ``bytes_per_expert``: file size.
 """
 
@@ -161,6 +164,7 @@ def probe(path: str, n_loads: int, seed: int) -> dict[str, Any]:
                 "expert_load_p50_ms_cold": _ms(cold, 50), "expert_load_p99_ms_cold": _ms(cold, 99),
                 "expert_load_p50_ms_warm": _ms(warm, 50), "expert_load_p99_ms_warm": _ms(warm, 99),
                 "route_p50_ms": _ms(route_ms, 50), "rss_mb": _rss_mb(),
+                "rss_anon_mb": _rss_mb("RssAnon"), "rss_file_mb": _rss_mb("RssFile"),
                 "peak_rss_mb": _rss_mb("VmHWM"), "rss_mb_after_open": rss_open,
                 "rss_mb_at_start": rss_start, "list_dir_s": round(list_dir_s, 3),
                 "n_files": n_files, "bytes_per_expert": kb.bank.info(ids[0]).bytes}
@@ -197,6 +201,7 @@ def bench_bank(n: int = 100_000, *, n_small: int = 1_000, n_loads: int = 1_000,
             "n_experts": n,
             **{k: v for k, v in big.items() if k != "n"},
             f"rss_ratio_{_short(n)}_vs_{_short(n_small)}": round(big["rss_mb"] / small["rss_mb"], 3),
+            "rss_anon_ratio": round(big["rss_anon_mb"] / small["rss_anon_mb"], 3),
             "peak_rss_ratio": round(big["peak_rss_mb"] / small["peak_rss_mb"], 3),
             "index_bytes": index_bytes,
             "small": small,

@@ -68,6 +68,9 @@ CREATE TABLE IF NOT EXISTS experts (
 CREATE INDEX IF NOT EXISTS experts_by_content ON experts (content_hash, settings_hash);
 CREATE INDEX IF NOT EXISTS experts_by_doc ON experts (doc_id);
 """
+# finding the files no row points at; banks made before it get it from their next writer
+FILE_INDEX = "CREATE INDEX IF NOT EXISTS experts_by_file ON experts (file)"
+SCHEMA += FILE_INDEX + ";\n"
 COLUMNS = ("id", "doc_id", "unit_id", "content_hash", "settings_hash", "title", "meta", "dtype",
            "bytes", "checksum", "file", "created", "updated")
 ROW_COLUMNS = (*COLUMNS, "surrogate")  # what an expert file's header ``record`` holds
@@ -152,6 +155,8 @@ def connect(db_path: Path, readonly: bool) -> sqlite3.Connection:
         db.close()
         raise BankDatabaseError(f"bank {name!r}: {DB_FILE} has no experts table of this format; "
                                 f"run `dmoe bank check --repair --bank {name}` to rebuild it")
+    if not readonly:
+        db.execute(FILE_INDEX)
     return db
 
 
@@ -427,6 +432,15 @@ class ExpertBank:
         """The expert ids of one document."""
         return [r[0] for r in self._db.execute("SELECT id FROM experts WHERE doc_id=? ORDER BY id",
                                                (doc_id,))]
+
+    def unreferenced(self, names: Sequence[str]) -> builtins.list[str]:
+        """The file names in ``names`` that no row points at (one indexed query)."""
+        if not names:
+            return []
+        marks = ",".join("?" * len(names))
+        known = {r[0] for r in self._db.execute(f"SELECT file FROM experts WHERE file IN ({marks})",
+                                                tuple(names))}
+        return [n for n in names if n not in known]
 
     def files(self) -> dict[str, str]:
         """``{file name: expert id}`` of every row."""

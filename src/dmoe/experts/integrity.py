@@ -254,14 +254,25 @@ def migrate_bank(path: str | Path) -> int:
     return n
 
 
+LISTING_CHUNK = 500  # file names looked up per query when listing experts/
+
+
 def quarantine_leftovers(bank: ExpertBank) -> list[str]:
     """Move the files an interrupted write left behind (temporary files, files no row points at)
     to ``quarantine/``; cheap (a directory listing), run by every writer when it opens a bank."""
     assert not bank.readonly and bank.lock is not None, "needs the bank open for writing"
-    rows = bank.files()
+    leftovers: list[str] = []
+    with os.scandir(bank.experts_dir) as entries:  # streamed: memory is one chunk of names
+        chunk: list[str] = []
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False):
+                chunk.append(entry.name)
+            if len(chunk) == LISTING_CHUNK:
+                leftovers += bank.unreferenced(chunk)
+                chunk = []
+        leftovers += bank.unreferenced(chunk)
     report = BankReport()
-    for path in sorted(bank.experts_dir.iterdir()):
-        if path.is_file() and path.name not in rows:
-            why = "interrupted write" if path.name.startswith(".tmp-") else "no row points at it"
-            _quarantine(bank.path, path, why, report)
+    for name in sorted(leftovers):
+        why = "interrupted write" if name.startswith(".tmp-") else "no row points at it"
+        _quarantine(bank.path, bank.experts_dir / name, why, report)
     return report.quarantined
