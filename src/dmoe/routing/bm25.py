@@ -398,7 +398,7 @@ class BM25Index:
 
         ``max_postings`` caps the work of one query. A term costs its document frequency (the
         postings scored), so a long query of common words on a large index is slow: a 90-word
-        synthetic query has ~2.9 M postings on 10^6 experts and takes ~22 ms exact. When the
+        synthetic query has ~2.9 M postings on 10^6 experts and takes 22-33 ms exact. When the
         query's terms have more postings than the budget, only the terms with the highest
         ``n_t * idf_t`` that fit are scored (Lucene's MoreLikeThis picks long-query terms by the
         same weight); the dropped terms are the most common ones, which add little to any score.
