@@ -21,6 +21,7 @@ COMMAND_MODULES: list[str] = [
     "dmoe.commands.ask",
     "dmoe.commands.router",
     "dmoe.commands.eval",
+    "dmoe.commands.ablate",
     "dmoe.commands.bench",
     "dmoe.commands.serve",
 ]

@@ -9,6 +9,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from dmoe.commands.common import add_model_args
 
@@ -120,15 +121,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace, config: object) -> None:
-    from dataclasses import asdict
-
+def load_resources(args: argparse.Namespace, config: object) -> tuple[Any, Any]:
+    """The base model and every artefact the arguments name (``--bank``, ``--experts``, ...), as
+    ``(LoadedModel, Resources)``; shared by ``dmoe eval`` and ``dmoe ablate``."""
     from dmoe.base_model import load_base_model
     from dmoe.baselines.protocol import MethodConfig
-    from dmoe.baselines.registry import Resources, build_method
-    from dmoe.baselines.retrieval import PassageRetriever
-    from dmoe.eval.datasets import load_task
-    from dmoe.eval.runner import check_weights, log_invocation, run_task, shard
+    from dmoe.baselines.registry import Resources
+    from dmoe.eval.runner import check_weights
     from dmoe.experts.lora import ExpertAdapter, LoraSpec
 
     assert isinstance(config, MethodConfig)
@@ -156,10 +155,22 @@ def _evaluate(args: argparse.Namespace, config: object) -> None:
 
         res.poly_pool, res.poly_routing = load_poly(args.poly, lm.fingerprint, args.poly_top_k)
     _warm_up(res)
+    return lm, res
+
+
+def _evaluate(args: argparse.Namespace, config: object) -> None:
+    from dataclasses import asdict
+
+    from dmoe.baselines.registry import build_method
+    from dmoe.baselines.retrieval import PassageRetriever
+    from dmoe.eval.datasets import load_task
+    from dmoe.eval.runner import log_invocation, run_task, shard
+
+    lm, res = load_resources(args, config)
     log_invocation(args.out, {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv,
         "methods": args.methods, "datasets": args.datasets, "limit": args.limit,
-        "offset": args.offset, "shard": args.shard, "batch_size": args.batch_size, "config": asdict(config), "model": str(lm.source.path),
+        "offset": args.offset, "shard": args.shard, "batch_size": args.batch_size, "config": asdict(res.config), "model": str(lm.source.path),
         "weights": lm.weights,
         "device": str(lm.device), "platform": platform.platform()})
     for name in args.datasets:

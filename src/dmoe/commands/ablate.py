@@ -1,0 +1,108 @@
+"""``dmoe ablate NAME``: sweep one DMoE knob over its arms on one dataset (see dmoe.eval.ablate)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from dmoe.commands.common import add_model_args
+
+EXAMPLE = """example:
+  dmoe ablate tau --dataset knowledge_conflicts --limit 100 --bank BANK --out results/ablations
+  dmoe ablate trigger --dataset hotpotqa --limit 100 --bank HP_BANK --out results/ablations
+  dmoe ablate tau --report-only --out results/ablations   # rebuild summary.json, table.md, plot
+
+Rerunning the same command resumes every arm where it stopped. Each arm is the shipped
+configuration with the overrides listed by --list-arms."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from dmoe.eval.ablate import NAMES
+    from dmoe.eval.datasets import DEFAULT_LIMIT, LOADERS
+
+    p = sub.add_parser("ablate", help="sweep one DMoE knob (tau, top_k, trigger, router)",
+                       description=(__doc__ or "") + "\n\n" + EXAMPLE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", choices=NAMES, help="the ablation")
+    p.add_argument("--dataset", default="knowledge_conflicts", choices=list(LOADERS),
+                   help="one benchmark (default knowledge_conflicts)")
+    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="questions (0 = all)")
+    p.add_argument("--offset", type=int, default=0, help="skip this many questions first")
+    p.add_argument("--out", type=Path, help="writes OUT/NAME/ (created/resumed); required")
+    p.add_argument("--bank", default=None, type=Path, metavar="DIR", help="the expert bank")
+    p.add_argument("--experts", default=None, type=Path, metavar="DIR",
+                   help="instead of --bank: a folder of {unit_id}.safetensors experts")
+    p.add_argument("--router-index", default=None, type=Path, metavar="PATH",
+                   help="BM25 index over expert surrogates (default: the bank's)")
+    p.add_argument("--data-dir", default=None, help="benchmark data folder")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a knob applied to every arm (before the arm's own overrides)")
+    p.add_argument("--list-arms", action="store_true", help="print the arms and exit")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the summary files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_model_args(p)
+    p.set_defaults(func=run, sft_lora=None, poly=None, poly_top_k=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dmoe.eval.ablate import ARMS, table, write_ablation
+
+    if args.list_arms:
+        for arm in ARMS[args.name]:
+            extra = " + trigger_rate matched to the entropy arm" if arm.derive else ""
+            print(f"{arm.label:<24} method={arm.method} {' '.join(arm.overrides)}{extra}")
+        return 0
+    if args.out is None:
+        raise ValueError("dmoe ablate needs --out DIR (the arms' results go to DIR/NAME/)")
+    if not args.report_only:
+        if args.bank is None and args.experts is None:
+            raise ValueError("dmoe ablate needs the experts: --bank DIR (or --experts DIR)")
+        _run_arms(args)
+    summary = write_ablation(args.out, args.name)
+    print(table(summary))
+    print(f"wrote {args.out / args.name}/summary.json, table.md, plot.png")
+    return 0
+
+
+def _run_arms(args: argparse.Namespace) -> None:
+    from dmoe.baselines.protocol import MethodConfig
+    from dmoe.baselines.registry import build_method
+    from dmoe.baselines.retrieval import PassageRetriever
+    from dmoe.commands.eval import load_resources
+    from dmoe.eval.ablate import ARMS, Arm, arm_overrides
+    from dmoe.eval.datasets import load_task
+    from dmoe.eval.runner import log_invocation, run_task
+
+    root = args.out / args.name
+    runs = root / "runs"
+    shared = MethodConfig().with_overrides(args.overrides)
+    # check_weights reads OUT/runs.jsonl: one weights mode per ablation folder
+    lm, res = load_resources(argparse.Namespace(**{**vars(args), "out": root}), shared)
+    task = load_task(args.dataset, args.data_dir, offset=args.offset, limit=args.limit or None)
+    log_invocation(root, {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                          "argv": sys.argv, "ablation": args.name, "weights": lm.weights})
+    retriever = PassageRetriever(task.corpus)
+    try:
+        for arm in [Arm("base", "base", method="base"), *ARMS[args.name]]:
+            overrides = arm_overrides(arm, runs, task.name)
+            config = shared.with_overrides(list(overrides))
+            log_invocation(runs / arm.slug, {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv,
+                "ablation": args.name, "arm": arm.label, "method": arm.method,
+                "overrides": list(overrides), "dataset": args.dataset, "limit": args.limit,
+                "offset": args.offset, "config": dataclasses.asdict(config),
+                "model": str(lm.source.path), "weights": lm.weights, "device": str(lm.device),
+                "platform": platform.platform()})
+            build = functools.partial(build_method, res=dataclasses.replace(res, config=config),
+                                      retriever=retriever)
+            ran = run_task(task, [arm.method], build, runs / arm.slug,
+                           progress=not args.no_progress)
+            print(json.dumps({"arm": arm.label, "computed": ran}), file=sys.stderr)
+    finally:
+        retriever.close()
