@@ -13,7 +13,10 @@ base model decodes until the next trigger. With experts on the last layer only, 
 No K/V depends on the last MLP, so the cache stays valid: no re-prefill. With experts on the last
 N > 1 layers earlier MLPs feed later attention, so the cache *is* stale after a swap and the engine
 must be told what to do (``kv_policy``): ``recompute`` re-prefills the whole sequence under the new
-set (exact), ``stale`` keeps the old cache and only re-runs position t (the paper's "KV mismatch").
+set (exact), ``stale`` keeps the old cache and only re-runs position t (the paper's "KV mismatch"),
+``partial`` re-runs only the N expert layers over every position from the residual stream entering
+the first of them, kept for the whole sequence (exact: the layers below never see an expert, so
+their K/V and outputs do not change; the cost is N/L of a re-prefill, plus the stored residuals).
 
 The engine takes token ids in and gives token ids out; it uses the tokenizer only to build router
 queries, detect stop strings and decode the final text. It knows nothing about how experts are
@@ -41,7 +44,8 @@ from dmoe.experts.lora import (
 )
 from dmoe.routing.base import RouteHit, Router, build_query, gate_hits
 
-KVPolicy = Literal["recompute", "stale"]
+KVPolicy = Literal["recompute", "stale", "partial"]
+KV_POLICIES: tuple[str, ...] = ("recompute", "stale", "partial")
 
 
 @dataclass(frozen=True)
@@ -87,8 +91,8 @@ class DecodeConfig:
                              f"and {self.min_relevance}")
         if self.no_repeat_ngram < 0:
             raise ValueError(f"no_repeat_ngram must be >= 0 (0 = off), got {self.no_repeat_ngram}")
-        if self.kv_policy not in ("recompute", "stale"):
-            raise ValueError(f"kv_policy must be 'recompute' or 'stale', got {self.kv_policy!r}")
+        if self.kv_policy not in KV_POLICIES:
+            raise ValueError(f"kv_policy must be one of {KV_POLICIES}, got {self.kv_policy!r}")
 
 
 def repeated_ngram_tokens(tokens: Sequence[int], n: int) -> list[int]:
@@ -127,7 +131,8 @@ class Generation:
     text: str
     records: list[TokenRecord]
     finish_reason: Literal["eos", "length", "stop"]
-    prefill_tokens: int  # tokens run through the full model outside single-token steps
+    prefill_tokens: float  # tokens run through the full model outside single-token steps (a
+    # partial recompute of N of L layers counts N/L per position)
     logits: list[torch.Tensor] = field(default_factory=list, repr=False)  # (V,) per step
     step_s: list[float] = field(default_factory=list, repr=False)  # one-token forward times
     trigger_s: list[float] = field(default_factory=list, repr=False)  # route+load+recompute times
@@ -173,13 +178,23 @@ class Engine:
         self._h_mid: torch.Tensor | None = None  # (B, 1, d) residual after the last attention
         norm: Any = self.layers[-1].post_attention_layernorm
         self._hook = norm.register_forward_pre_hook(self._capture_h_mid)
+        # kv_policy "partial": the residual stream entering the first expert layer, every position
+        self._first_expert_layer = min(adapter.layer_ids)
+        self._residuals: list[torch.Tensor] | None = None  # None: not kept (other policies)
+        self._residual_hook = self.layers[self._first_expert_layer].register_forward_pre_hook(
+            self._capture_residual, with_kwargs=True)
 
     def _capture_h_mid(self, module: Any, args: tuple[torch.Tensor, ...]) -> None:
         self._h_mid = args[0][:, -1:, :]
 
+    def _capture_residual(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._residuals is not None:
+            self._residuals.append(args[0] if args else kwargs["hidden_states"])
+
     def close(self) -> None:
-        """Remove the capture hook (the adapter stays attached)."""
+        """Remove the capture hooks (the adapter stays attached)."""
         self._hook.remove()
+        self._residual_hook.remove()
 
     # -- model calls --------------------------------------------------------------------------
 
@@ -196,6 +211,26 @@ class Engine:
         layer = self.layers[-1]
         h = h_mid + layer.mlp(layer.post_attention_layernorm(h_mid))  # (B, 1, d)
         return self.lm_head(self.final_norm(h))[:, -1, :]  # (B, V)
+
+    def _recompute_expert_layers(self, cache: DynamicCache) -> torch.Tensor:
+        """``kv_policy="partial"``: re-run the expert layers over every position from the stored
+        residual stream under the new active set, replacing their K/V; logits of the last
+        position (B, V). Equal to a full re-prefill (``tests/test_engine.py``)."""
+        assert self._residuals, "no forward pass has run yet"
+        h = residuals = torch.cat(self._residuals, dim=1)  # (B, T, d)
+        self._residuals = None  # the layer calls below are not new positions
+        n = h.shape[1]
+        positions = torch.arange(n, device=h.device)
+        mask = torch.full((n, n), float("-inf"), device=h.device, dtype=h.dtype).triu(1)
+        rotary = self.model.model.rotary_emb(h, positions[None])
+        for i in range(self._first_expert_layer, len(self.layers)):
+            cache.layers[i] = type(cache.layers[i])()  # drop this layer's stale K/V
+            out = self.layers[i](h, attention_mask=mask[None, None], position_ids=positions[None],
+                                 past_key_values=cache, cache_position=positions, use_cache=True,
+                                 position_embeddings=rotary)
+            h = out[0] if isinstance(out, tuple) else out
+        self._residuals = [residuals]
+        return self.lm_head(self.final_norm(h[:, -1:, :]))[:, -1, :]
 
     def _sync(self, profile: bool) -> None:
         if profile and self.model.device.type == "cuda":
@@ -216,6 +251,7 @@ class Engine:
             raise ValueError(f"input_ids must have shape (1, T>0), got {tuple(input_ids.shape)}")
         multi_layer = len(self.adapter.layer_ids) > 1
         seq = input_ids.to(self.model.device)
+        self._residuals = [] if multi_layer and cfg.kv_policy == "partial" else None
 
         # 0) the initial active set: pinned experts, or a route on the task input
         router = self.router if routing else None
@@ -246,6 +282,9 @@ class Engine:
                     cache = DynamicCache(config=self.model.config)
                     logits = self._forward(seq, cache)
                     out.prefill_tokens += seq.shape[1]
+                elif cfg.kv_policy == "partial":
+                    logits = self._recompute_expert_layers(cache)
+                    out.prefill_tokens += seq.shape[1] * len(self.adapter.layer_ids) / len(self.layers)
                 else:  # "stale": keep the old K/V of earlier positions, redo position t only
                     cache.crop(-1)  # drop position t from every layer
                     logits = self._forward(seq[:, -1:], cache)
