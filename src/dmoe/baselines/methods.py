@@ -83,7 +83,8 @@ class FlareMethod:
         dcfg = decode_config(self.cfg, record_logits=True)
         passages: list[str] = []
         retrieved: tuple[str, ...] = ()
-        generated = prefilled = retrievals = 0
+        generated = retrievals = 0
+        prefilled = 0.0
         low_at: list[int] = []
         queries: list[str] = []
         while True:

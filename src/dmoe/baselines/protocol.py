@@ -27,7 +27,8 @@ class Prediction:
     text: str  # raw generation (scoring extracts the answer from it)
     latency_s: float  # wall time of ``answer`` (retrieval, prompt building, every forward pass)
     generated_tokens: int  # tokens decoded, summed over every (re)generation
-    prefill_tokens: int  # prompt tokens run through the full model, summed over re-prefills
+    prefill_tokens: float  # prompt tokens run through the full model, summed over re-prefills (a partial
+    # recompute of N of L layers counts N/L per position, kv_policy="partial")
     triggers: int = 0  # DMoE re-routings / FLARE retrievals
     active_experts: tuple[str, ...] = ()  # every expert id active at some point, first-use order
     retrieved: tuple[str, ...] = ()  # passage ids put in the prompt (final generation)
