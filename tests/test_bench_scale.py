@@ -34,3 +34,15 @@ def test_bench_bank_builds_resumes_and_reports(tmp_path: Path) -> None:
         assert all(bank.info(i).file == f for i, f in first.items())  # untouched
         assert len(bank) == 60
     assert check_knowledge(partial, deep=True).ok
+
+
+def test_bench_recompute_partial_equals_reprefill_on_a_tiny_model(tmp_path: Path) -> None:
+    from conftest import tiny_model_dir
+
+    from dmoe.bench.recompute import bench_recompute
+
+    result = bench_recompute(str(tiny_model_dir(tmp_path / "m")), n_layers=(1, 2),
+                             prompt_tokens=24, repeats=2)
+    assert result["layers"] == 2 and set(result["by_expert_layers"]) == {"1", "2"}
+    for arm in result["by_expert_layers"].values():
+        assert arm["max_abs_logit_diff"] <= 1e-4 and arm["partial_ms"] > 0

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(d, several_weights=True)
     d.add_argument("--max-new-tokens", type=int, default=48)
     d.add_argument("--repeats", type=int, default=3, help="measured rounds over the prompts")
-    d.add_argument("--batch-sizes", default="1,4,8,16", type=_batch_sizes,
+    d.add_argument("--batch-sizes", default="1,4,8,16", type=_positive_ints,
                    help="batched arms (comma-separated sizes; '' = none)")
     d.add_argument("--json", action="store_true", help="print one JSON object")
     d.set_defaults(func=run_decode)
@@ -61,6 +61,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--path", help="keep the banks here (resumable) instead of a temporary dir")
     k.add_argument("--json", action="store_true", help="print one JSON object")
     k.set_defaults(func=run_bank)
+    rc = bsub.add_parser("recompute", help="experts on N layers: partial recompute vs re-prefill",
+                         description="A trigger with experts on the last N layers: re-running only "
+                                     "those layers from the stored residual stream (kv_policy "
+                                     "partial) against a full re-prefill, on the real model.\n\n"
+                                     "example:\n  dmoe bench recompute --json",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    rc.add_argument("--n-layers", default="2,4,8", type=_positive_ints,
+                    help="expert layer counts (comma-separated)")
+    rc.add_argument("--prompt-tokens", type=int, default=256)
+    rc.add_argument("--repeats", type=int, default=5)
+    rc.add_argument("--model", default=None)
+    rc.add_argument("--json", action="store_true", help="print one JSON object")
+    rc.set_defaults(func=run_recompute)
     b = bsub.add_parser("build", help="expert training fast vs reference; augmentation cost",
                         description="Training stage: fast batched path vs the PEFT reference on "
                                     "the same SQuAD units (s/expert, speedup, max weight diff, "
@@ -161,6 +174,13 @@ def run_router(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_recompute(args: argparse.Namespace) -> int:
+    from dmoe.bench.recompute import bench_recompute
+
+    _emit(bench_recompute(args.model, args.n_layers, args.prompt_tokens, args.repeats), args.json)
+    return 0
+
+
 def run_bank(args: argparse.Namespace) -> int:
     from dmoe.bench.bank import bench_bank
 
@@ -228,13 +248,13 @@ def run_injection(args: argparse.Namespace) -> int:
     return 0
 
 
-def _batch_sizes(text: str) -> tuple[int, ...]:
+def _positive_ints(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"batch sizes must be integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if any(b < 1 for b in sizes):
-        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"every value must be >= 1, got {text!r}")
     return sizes
 
 
