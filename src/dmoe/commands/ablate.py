@@ -43,6 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", default=None, help="benchmark data folder")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a knob applied to every arm (before the arm's own overrides)")
+    p.add_argument("--batch-size", type=int, default=1, metavar="B",
+                   help="answer B questions per batch (as dmoe eval --batch-size; same answers)")
     p.add_argument("--list-arms", action="store_true", help="print the arms and exit")
     p.add_argument("--report-only", action="store_true", help="only rebuild the summary files")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -96,13 +98,14 @@ def _run_arms(args: argparse.Namespace) -> None:
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv,
                 "ablation": args.name, "arm": arm.label, "method": arm.method,
                 "overrides": list(overrides), "dataset": args.dataset, "limit": args.limit,
-                "offset": args.offset, "config": dataclasses.asdict(config),
+                "offset": args.offset, "batch_size": args.batch_size,
+                "config": dataclasses.asdict(config),
                 "model": str(lm.source.path), "weights": lm.weights, "device": str(lm.device),
                 "platform": platform.platform()})
             build = functools.partial(build_method, res=dataclasses.replace(res, config=config),
                                       retriever=retriever)
             ran = run_task(task, [arm.method], build, runs / arm.slug,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, batch_size=args.batch_size)
             print(json.dumps({"arm": arm.label, "computed": ran}), file=sys.stderr)
     finally:
         retriever.close()
