@@ -223,8 +223,15 @@ def test_trigger_policies():
     assert AlwaysTrigger()(5, 0.0) and not NeverTrigger()(5, 99.0)
     r = RandomTrigger(rate=0.3, seed=7)
     first = [r(s, 0.0) for s in range(200)]
-    again = [r(s, 0.0) for s in range(200)]
+    again = [r(s, 0.0) for s in reversed(range(200))][::-1]  # no state: any call order
     assert first == again and 30 < sum(first) < 90
+    # each question (its own entropies) gets its own steps, at the asked rate overall
+    g = torch.Generator().manual_seed(0)
+    entropies = (torch.rand(100, 32, generator=g) * 5).tolist()
+    steps = [tuple(s for s in range(32) if r(s, e[s])) for e in entropies]
+    assert len(set(steps)) > 90
+    assert abs(sum(map(len, steps)) / 3200 - 0.3) < 0.03
+    assert [RandomTrigger(rate=0.3, seed=8)(s, 0.0) for s in range(200)] != first  # seeded
     assert isinstance(make_trigger("entropy", tau=1.5), EntropyTrigger)
     with pytest.raises(ValueError, match="unknown trigger"):
         make_trigger("sometimes")
