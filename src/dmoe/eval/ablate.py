@@ -103,7 +103,8 @@ def summarize_ablation(out: Path, name: str) -> dict[str, Any]:
             s = summarize_records(records, base)
             metric, value = main_metric(dataset, s)
             rows.append({"arm": arm.label, "value": _json_value(arm.value), "method": arm.method,
-                         "n": s["n"], "metric": metric, "quality": value,
+                         "n": s["n"], "n_quality": s["n_quality"], "metric": metric,
+                         "quality": value,
                          "locality": s.get("locality"), "em": s.get("em"), "f1": s.get("f1"),
                          "latency_s_mean": s["latency_s_mean"],
                          "trigger_rate": trigger_rate(records),
@@ -151,21 +152,28 @@ def plot(summary: dict[str, Any], path: Path) -> None:
                              squeeze=False)
     for ax, (dataset, d) in zip(axes[0], datasets, strict=False):
         arms = [r for r in d["arms"] if r["method"] != "base"]
-        labels = [r["arm"].split("=", 1)[-1] for r in arms]
-        x = range(len(arms))
-        ax.plot(x, [100 * (r["quality"] or 0) for r in arms], "o-", color="tab:blue",
-                label=arms[0]["metric"] if arms else "quality")
+        numeric = all(isinstance(r["value"], (int, float)) or r["value"] == "inf" for r in arms)
+        style = "-" if numeric else ""  # categories are not joined by lines
+        x = list(range(len(arms)))
+        metric = arms[0]["metric"] if arms else "quality"
+        ax.plot(x, [100 * (r["quality"] or 0) for r in arms], "o" + style, color="tab:blue",
+                label=metric)
+        if any(r["locality"] is not None for r in arms):
+            ax.plot(x, [100 * (r["locality"] or 0) for r in arms], "^" + style, color="tab:green",
+                    label="locality")
         base = next((r for r in d["arms"] if r["method"] == "base"), None)
         if base is not None and base["quality"] is not None:
-            ax.axhline(100 * base["quality"], color="tab:blue", ls=":", label="base model")
-        ax.set_xticks(list(x), labels, rotation=30)
-        ax.set_ylabel(f"{arms[0]['metric'] if arms else 'quality'} (%)", color="tab:blue")
-        ax.set_title(f"{summary['ablation']} on {dataset} (n = "
-                     f"{min((r['n'] for r in arms), default=0)} per arm)")
+            ax.axhline(100 * base["quality"], color="tab:blue", ls=":", label=f"base {metric}")
+        ax.set_xticks(x, [r["arm"].split("=", 1)[-1] for r in arms], rotation=30)
+        ax.set_ylabel("%")
+        n = min((r["n_quality"] for r in arms), default=0)
+        ax.set_title(f"{summary['ablation']} on {dataset} ({n} questions per arm"
+                     + (f" + {min(r['n'] for r in arms) - n} locality)" if dataset == KC else ")"))
         right = ax.twinx()
-        right.plot(x, [r["latency_s_mean"] for r in arms], "s--", color="tab:red")
+        right.plot(x, [r["latency_s_mean"] for r in arms], "s" + ("--" if numeric else ""),
+                   color="tab:red", label="latency")
         right.set_ylabel("latency s / question", color="tab:red")
-        ax.legend(loc="upper left", fontsize=8)
+        ax.legend(loc="center left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
