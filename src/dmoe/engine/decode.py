@@ -318,6 +318,7 @@ class Engine:
             out.step_s.append(time.perf_counter() - t0)
 
         out.text = self._final_text(out.token_ids, cfg.stop_strings)
+        self._residuals = None  # the next generation starts its own
         return out
 
     def _start(self, task_input: str, cfg: DecodeConfig, initial_experts: Sequence[str],
