@@ -84,3 +84,22 @@ def test_ablate_refuses_bad_use(tmp_path, capsys):
         main(["ablate", "nope", "--out", str(tmp_path)])
     assert main(["ablate", "top_k", "--list-arms"]) == 0
     assert "k=5,softmax" in capsys.readouterr().out
+
+
+def test_cut_bank_keeps_own_experts_and_a_seeded_share_of_the_rest():
+    from dmoe.eval.ablate import cut_bank
+
+    ids = [f"e{i}" for i in range(40)]
+    own = {"e1", "e5", "missing"}  # an own expert the bank lacks is not invented
+    cut = cut_bank(ids, own, 0.25, seed=3)
+    assert {"e1", "e5"} <= set(cut) and "missing" not in cut and len(cut) == 2 + round(0.25 * 38)
+    assert cut == cut_bank(ids, own, 0.25, seed=3) != cut_bank(ids, own, 0.25, seed=4)
+    assert cut_bank(ids, own, 1.0) == sorted({"e1", "e5"}) + sorted(set(ids) - {"e1", "e5"})
+    assert cut_bank(ids, own, 0.0) == ["e1", "e5"]
+
+
+def test_bank_size_ablation_runs_on_cut_banks(setup, tmp_path):
+    model_dir, bank = setup
+    assert _ablate("bank_size", model_dir, bank, tmp_path) == 0
+    rows = json.loads((tmp_path / "bank_size" / "summary.json").read_text())["datasets"][KC]["arms"]
+    assert [r["arm"] for r in rows] == ["base"] + [a.label for a in ARMS["bank_size"]]

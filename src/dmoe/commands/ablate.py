@@ -10,6 +10,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from dmoe.commands.common import add_model_args
 
@@ -26,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from dmoe.eval.ablate import NAMES
     from dmoe.eval.datasets import DEFAULT_LIMIT, LOADERS
 
-    p = sub.add_parser("ablate", help="sweep one DMoE knob (tau, top_k, trigger, router)",
+    p = sub.add_parser("ablate", help="sweep one DMoE knob (tau, top_k, trigger, router, bank_size)",
                        description=(__doc__ or "") + "\n\n" + EXAMPLE,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", choices=NAMES, help="the ablation")
@@ -102,10 +103,32 @@ def _run_arms(args: argparse.Namespace) -> None:
                 "config": dataclasses.asdict(config),
                 "model": str(lm.source.path), "weights": lm.weights, "device": str(lm.device),
                 "platform": platform.platform()})
-            build = functools.partial(build_method, res=dataclasses.replace(res, config=config),
-                                      retriever=retriever)
+            arm_res = dataclasses.replace(res, config=config)
+            if arm.distractors is not None:
+                arm_res = _cut_bank(arm_res, args.bank, task, arm.distractors, config.seed)
+            build = functools.partial(build_method, res=arm_res, retriever=retriever)
             ran = run_task(task, [arm.method], build, runs / arm.slug,
                            progress=not args.no_progress, batch_size=args.batch_size)
             print(json.dumps({"arm": arm.label, "computed": ran}), file=sys.stderr)
     finally:
         retriever.close()
+
+
+def _cut_bank(res: Any, bank_dir: Path | None, task: Any, fraction: float, seed: int) -> Any:
+    """``res`` routing over the evaluated questions' own experts plus a seeded ``fraction`` of
+    the bank's others (``dmoe.eval.ablate.cut_bank``): BM25 over those surrogates only."""
+    from dmoe.eval.ablate import cut_bank
+    from dmoe.experts.bank import ExpertBank
+    from dmoe.routing.bm25 import BM25Index, BM25Router
+
+    if bank_dir is None:
+        raise ValueError("the bank_size ablation needs --bank")
+    expert_of = res.expert_of or (lambda unit_id: unit_id)
+    own = {expert_of(u) for s in task.samples for u in s.gold_unit_ids} - {None}
+    with ExpertBank.open(bank_dir, readonly=True) as bank:
+        kept = cut_bank(bank.ids(), own, fraction, seed)
+        index = BM25Index.in_memory()
+        index.add_many((i, bank.surrogate(i)) for i in kept)
+    print(json.dumps({"distractors": fraction, "experts": len(kept), "own": len(own)}),
+          file=sys.stderr)
+    return dataclasses.replace(res, router=BM25Router(index), expert_ids=kept)

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ class Arm:
     value: float | str
     method: str = "dmoe"
     overrides: tuple[str, ...] = ()
+    distractors: float | None = None  # bank_size: the fraction of other experts the router sees
     # computed from earlier arms' records when the arm starts (the trigger ablation's matched rate)
     derive: Callable[[Path, str], tuple[str, ...]] | None = field(default=None, compare=False)
 
@@ -65,6 +67,7 @@ ARMS: dict[str, list[Arm]] = {
     + [Arm("trigger=random", "random", overrides=("trigger=random",), derive=_matched_rate)],
     "router": [Arm("router=bm25", "bm25"), Arm("router=random", "random", method="dmoe_random"),
                Arm("router=shuffled", "shuffled", method="dmoe_shuffled")],
+    "bank_size": [Arm(f"distractors={f:g}", f, distractors=f) for f in (0.1, 0.2, 0.5, 1.0)],
 }
 NAMES = tuple(ARMS)
 
@@ -73,6 +76,15 @@ def trigger_rate(records: list[dict[str, Any]]) -> float | None:
     """Triggers per generated token over ``records`` (None without tokens)."""
     tokens = sum(r.get("generated_tokens", 0) for r in records)
     return sum(r.get("triggers", 0) for r in records) / tokens if tokens else None
+
+
+def cut_bank(expert_ids: Sequence[str], own: set[str], fraction: float, seed: int = 0
+             ) -> list[str]:
+    """The experts a ``bank_size`` arm routes over: every one in ``own`` (the evaluated
+    questions' experts) plus a seeded ``fraction`` of the others (the distractors)."""
+    others = sorted(set(expert_ids) - own)
+    keep = random.Random(seed).sample(others, round(fraction * len(others)))
+    return sorted(own & set(expert_ids)) + sorted(keep)
 
 
 def arm_overrides(arm: Arm, runs: Path, dataset: str) -> tuple[str, ...]:
