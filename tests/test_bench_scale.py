@@ -11,7 +11,12 @@ from dmoe.knowledge import check_knowledge
 
 
 def test_bench_bank_builds_resumes_and_reports(tmp_path: Path) -> None:
-    result = bench_bank(60, n_small=20, n_loads=15, doc_size=7, path=tmp_path, progress=False)
+    from conftest import tiny_model_dir
+
+    model = str(tiny_model_dir(tmp_path / "model"))
+    result = bench_bank(60, n_small=20, n_loads=15, doc_size=7, path=tmp_path, progress=False,
+                        model=model)
+    assert result["rss_mb_with_model"] > result["rss_mb"] and result["rss_ratio_with_model"] > 0
     for key in ["open_s", "rss_mb", "expert_load_p50_ms_cold", "expert_load_p50_ms_warm",
                 "expert_load_p99_ms_cold", "bytes_per_expert", "rss_ratio_60_vs_20", "rss_anon_ratio"]:
         assert key in result, key

@@ -27,6 +27,8 @@ What is measured, each in a fresh process (``multiprocessing`` spawn) on each ba
   sum of ``rss_anon_mb`` (the process's own memory; ``rss_anon_ratio`` compares it) and
   ``rss_file_mb`` (file pages mapped into it: the router index is memory-mapped, so the index
   pages the queries touched count here; they are the kernel's page cache, shared and reclaimable);
+  with ``model`` (``--with-model [SPEC]``) each process then also loads the base model, as a
+  ``dmoe serve`` process holds it: ``rss_mb_with_model`` and ``rss_ratio_with_model``;
 - ``list_dir_s``: one ``os.scandir`` of ``experts/``; ``bytes_per_expert``: file size.
 """
 
@@ -125,8 +127,9 @@ def _random_ids(bank: ExpertBank, count: int, seed: int) -> list[str]:
     return list(ids)
 
 
-def probe(path: str, n_loads: int, seed: int) -> dict[str, Any]:
-    """One serving process's view of the bank at ``path`` (run in a fresh process)."""
+def probe(path: str, n_loads: int, seed: int, model: str | None = None) -> dict[str, Any]:
+    """One serving process's view of the bank at ``path`` (run in a fresh process); with
+    ``model``, the process then loads that base model too, as ``dmoe serve`` holds it."""
     torch.set_num_threads(1)
     rss_start = _rss_mb()
     t0 = time.perf_counter()
@@ -160,7 +163,7 @@ def probe(path: str, n_loads: int, seed: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         n_files = sum(1 for _ in os.scandir(kb.bank.experts_dir))
         list_dir_s = time.perf_counter() - t0
-        return {"n": n, "open_s": round(open_s, 3), "bank_open_s": round(bank_open_s, 4),
+        result: dict[str, Any] = {"n": n, "open_s": round(open_s, 3), "bank_open_s": round(bank_open_s, 4),
                 "expert_load_p50_ms_cold": _ms(cold, 50), "expert_load_p99_ms_cold": _ms(cold, 99),
                 "expert_load_p50_ms_warm": _ms(warm, 50), "expert_load_p99_ms_warm": _ms(warm, 99),
                 "route_p50_ms": _ms(route_ms, 50), "rss_mb": _rss_mb(),
@@ -168,19 +171,26 @@ def probe(path: str, n_loads: int, seed: int) -> dict[str, Any]:
                 "peak_rss_mb": _rss_mb("VmHWM"), "rss_mb_after_open": rss_open,
                 "rss_mb_at_start": rss_start, "list_dir_s": round(list_dir_s, 3),
                 "n_files": n_files, "bytes_per_expert": kb.bank.info(ids[0]).bytes}
+        if model is not None:  # after every bank number: the model adds the same to any bank
+            from dmoe.base_model import load_base_model
+
+            lm = load_base_model(model or None, "cpu")
+            result.update(rss_mb_with_model=_rss_mb(), model_weights=lm.weights)
+        return result
     finally:
         kb.close()
 
 
-def _probe_fresh(path: Path, n_loads: int, seed: int) -> dict[str, Any]:
+def _probe_fresh(path: Path, n_loads: int, seed: int, model: str | None) -> dict[str, Any]:
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
-        return pool.apply(probe, (str(path), n_loads, seed))
+        return pool.apply(probe, (str(path), n_loads, seed, model))
 
 
 def bench_bank(n: int = 100_000, *, n_small: int = 1_000, n_loads: int = 1_000,
                dtype: str = "float16", doc_size: int = 10, seed: int = 0,
-               path: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+               path: str | Path | None = None, progress: bool = True,
+               model: str | None = None) -> dict[str, Any]:
     """Build (or resume) banks of ``n`` and ``n_small`` synthetic experts under ``path`` and probe
     both; see the module docstring. Without ``path`` they go to a temporary directory, removed
     afterwards."""
@@ -192,8 +202,11 @@ def bench_bank(n: int = 100_000, *, n_small: int = 1_000, n_loads: int = 1_000,
     try:
         builds = {size: build_bank(root / f"bank-{size}", size, dtype=dtype, doc_size=doc_size,
                                    seed=seed, progress=progress) for size in (n_small, n)}
-        small = _probe_fresh(root / f"bank-{n_small}", n_loads, seed)
-        big = _probe_fresh(root / f"bank-{n}", n_loads, seed)
+        small = _probe_fresh(root / f"bank-{n_small}", n_loads, seed, model)
+        big = _probe_fresh(root / f"bank-{n}", n_loads, seed, model)
+        if model is not None:
+            big["rss_ratio_with_model"] = round(big["rss_mb_with_model"]
+                                                / small["rss_mb_with_model"], 3)
         index = root / f"bank-{n}" / INDEX_DIR
         with BM25Index.open(index, readonly=True) as ix:
             index_bytes = ix.stats()["index_bytes"]

@@ -59,6 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--doc-size", type=int, default=10, help="experts committed per document")
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--path", help="keep the banks here (resumable) instead of a temporary dir")
+    k.add_argument("--with-model", nargs="?", const="", default=None, metavar="SPEC",
+                   help="each probe also loads the base model (default: the packaged one), as "
+                        "a `dmoe serve` process does, and reports its RSS too")
     k.add_argument("--json", action="store_true", help="print one JSON object")
     k.set_defaults(func=run_bank)
     rc = bsub.add_parser("recompute", help="experts on N layers: partial recompute vs re-prefill",
@@ -185,7 +188,8 @@ def run_bank(args: argparse.Namespace) -> int:
     from dmoe.bench.bank import bench_bank
 
     _emit(bench_bank(args.n, n_small=args.n_small, n_loads=args.n_loads, dtype=args.dtype,
-                     doc_size=args.doc_size, seed=args.seed, path=args.path), args.json)
+                     doc_size=args.doc_size, seed=args.seed, path=args.path,
+                     model=args.with_model), args.json)
     return 0
 
 
