@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dmoe.bench.router import SyntheticCorpus, _ms
+from dmoe.bench.router import SyntheticCorpus, _ms, expert_id
 from dmoe.experts.bank import ExpertBank
 from dmoe.experts.lora import LoraSpec, random_expert
 from dmoe.knowledge import INDEX_DIR, KnowledgeBase
@@ -111,20 +111,11 @@ def _evict(path: Path) -> None:
         os.close(fd)
 
 
-def _random_ids(bank: ExpertBank, count: int, seed: int) -> list[str]:
-    """Up to ``count`` distinct random expert ids, drawn by rowid (the ids are never all held in
-    memory; rowids may have gaps where documents were rewritten)."""
-    db = bank._db
-    top = int(db.execute("SELECT max(rowid) FROM experts").fetchone()[0] or 0)
+def _random_ids(n: int, count: int, seed: int) -> list[str]:
+    """``count`` distinct random ids of a synthetic bank of ``n`` (``build_bank`` gives expert
+    ``i`` the id ``expert_id(i)``)."""
     rng = np.random.default_rng(seed)
-    ids: dict[str, None] = {}
-    for r in rng.integers(1, top + 1, size=2 * count):
-        row = db.execute("SELECT id FROM experts WHERE rowid >= ? LIMIT 1", (int(r),)).fetchone()
-        if row is not None:
-            ids.setdefault(row[0])
-        if len(ids) == count:
-            break
-    return list(ids)
+    return [expert_id(int(i)) for i in rng.choice(n, size=min(count, n), replace=False)]
 
 
 def probe(path: str, n_loads: int, seed: int, model: str | None = None) -> dict[str, Any]:
@@ -149,7 +140,7 @@ def probe(path: str, n_loads: int, seed: int, model: str | None = None) -> dict[
             t1 = time.perf_counter()
             router.route(text, 3)
             route_ms.append(time.perf_counter() - t1)
-        ids = _random_ids(kb.bank, n_loads, seed)
+        ids = _random_ids(n, n_loads, seed)
         cold, warm = [], []
         for expert_id in ids:
             _evict(kb.bank.experts_dir / kb.bank.info(expert_id).file)

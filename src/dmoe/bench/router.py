@@ -129,6 +129,11 @@ def _vocabulary(size: int, rng: np.random.Generator) -> list[str]:
     return STOP_WORDS + sorted(words)
 
 
+def expert_id(i: int) -> str:
+    """The id of synthetic expert ``i``."""
+    return f"exp-{i:06d}"
+
+
 class SyntheticCorpus:
     """Zipf background text + per-expert topic words (see the module docstring)."""
 
@@ -139,7 +144,7 @@ class SyntheticCorpus:
         self.cdf = np.cumsum(weights) / weights.sum()
         tail = np.arange(len(self.vocab) // 10, len(self.vocab))  # topic words: rarer 90%
         self.topics = self.rng.choice(tail, size=(n_experts, 8))  # (n, 8) word ids
-        self.ids = [f"exp-{i:06d}" for i in range(n_experts)]
+        self.ids = [expert_id(i) for i in range(n_experts)]
 
     def background(self, n: int) -> np.ndarray:
         return np.searchsorted(self.cdf, self.rng.random(n))

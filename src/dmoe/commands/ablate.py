@@ -125,8 +125,8 @@ def _cut_bank(res: Any, bank_dir: Path | None, task: Any, fraction: float, seed:
         raise ValueError("the bank_size ablation needs --bank")
     expert_of = res.expert_of or (lambda unit_id: unit_id)
     own = {expert_of(u) for s in task.samples for u in s.gold_unit_ids} - {None}
+    kept = cut_bank(res.expert_ids, own, fraction, seed)
     with ExpertBank.open(bank_dir, readonly=True) as bank:
-        kept = cut_bank(bank.ids(), own, fraction, seed)
         index = BM25Index.in_memory()
         index.add_many((i, bank.surrogate(i)) for i in kept)
     print(json.dumps({"distractors": fraction, "experts": len(kept), "own": len(own)}),

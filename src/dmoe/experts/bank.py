@@ -442,10 +442,6 @@ class ExpertBank:
                                                 tuple(names))}
         return [n for n in names if n not in known]
 
-    def files(self) -> dict[str, str]:
-        """``{file name: expert id}`` of every row."""
-        return dict(self._db.execute("SELECT file, id FROM experts").fetchall())
-
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM experts").fetchone()[0])
 
