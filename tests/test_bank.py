@@ -16,7 +16,7 @@ from dmoe.experts.lora import Expert, LoraSpec, random_expert
 
 SPEC = LoraSpec(rank=4, alpha=16)
 SHAPES = {(1, "gate_proj"): (96, 64), (1, "up_proj"): (96, 64), (1, "down_proj"): (64, 96)}
-TOL = {"float32": 0.0, "float16": 1e-3, "bfloat16": 1e-2}
+TOL = {"float32": 0.0, "float16": 1e-3, "bfloat16": 1e-2, "int8": 5e-3}
 
 
 def _expert(expert_id: str, seed: int = 0) -> Expert:
@@ -28,7 +28,7 @@ def _add(bank: ExpertBank, expert: Expert, content: str = "c", settings: str = "
              surrogate=f"text of {expert.id}", title="T", meta={"k": 1})
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
 def test_round_trip(tmp_path, dtype):
     ids = ["plain", "../../escape", "a/b\\c", "ünï cödé ✓", ""]
     with ExpertBank.create(tmp_path / "b", "fp-1", "tiny", SPEC, dtype) as bank:
@@ -40,7 +40,7 @@ def test_round_trip(tmp_path, dtype):
         got, want = bank.get(expert_id), _expert(expert_id, i)
         assert got.id == expert_id and got.spec == SPEC
         for k, v in want.weights.items():
-            assert got.weights[k].dtype == getattr(torch, dtype)
+            assert got.weights[k].dtype == (torch.float32 if dtype == "int8" else getattr(torch, dtype))
             torch.testing.assert_close(got.weights[k].float(), v, atol=TOL[dtype], rtol=TOL[dtype])
         info = bank.info(expert_id)
         assert (info.unit_id, info.content_hash, info.title, info.meta) == (f"unit:{expert_id}", f"h{i}", "T", {"k": 1})
@@ -52,6 +52,34 @@ def test_round_trip(tmp_path, dtype):
     assert [i.id for i in bank.list()] == sorted(ids)
     cache = ExpertCache(bank.loader(), capacity=2)
     assert cache(["plain", "plain"])[0].id == "plain" and cache.hits == 1
+
+
+def test_convert_bank_keeps_everything_but_the_storage_dtype_and_resumes(tmp_path):
+    from dmoe.experts.bank import convert_bank
+
+    with ExpertBank.create(tmp_path / "src", "fp-1", "tiny", SPEC) as bank:
+        for i in range(5):
+            _add(bank, _expert(f"e{i}", i), content=f"h{i}")
+    assert convert_bank(tmp_path / "src", tmp_path / "q8", "int8") == 5
+    with ExpertBank.open(tmp_path / "q8") as q8:  # as if interrupted before e1 and e3
+        q8.delete("e1")
+        q8.delete("e3")
+    seen: list[int] = []
+    assert convert_bank(tmp_path / "src", tmp_path / "q8", "int8", progress=seen.append) == 2
+    assert sum(seen) == 5
+    with ExpertBank.open(tmp_path / "src", readonly=True) as src, \
+            ExpertBank.open(tmp_path / "q8", readonly=True) as q8:
+        assert (q8.dtype, q8.spec, q8.fingerprint, q8.model_name) == ("int8", SPEC, "fp-1", "tiny")
+        assert q8.surrogates() == src.surrogates()
+        for a, b in zip(src.list(), q8.list(), strict=True):
+            assert (a.id, a.doc_id, a.unit_id, a.content_hash, a.settings_hash, a.title, a.meta) \
+                == (b.id, b.doc_id, b.unit_id, b.content_hash, b.settings_hash, b.title, b.meta)
+            assert b.dtype == "int8" and b.bytes < 0.6 * a.bytes  # tiny tensors: header-heavy
+            for k, v in src.get(a.id).weights.items():
+                torch.testing.assert_close(q8.get(a.id).weights[k], v, atol=TOL["int8"], rtol=0)
+    assert check_bank(tmp_path / "q8", deep=True).ok
+    with pytest.raises(BankError, match="int8 bank, not float16"):
+        convert_bank(tmp_path / "src", tmp_path / "q8", "float16")
 
 
 def test_delete_and_update_touch_one_expert(tmp_path):

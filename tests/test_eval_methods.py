@@ -210,6 +210,21 @@ def test_dmoe_controls_route_elsewhere(res, retriever):
     assert len({e for p in rnd for e in p.active_experts}) >= 2  # not the one relevant expert
 
 
+def test_dmoe_oracle_routes_each_sample_to_its_own_gold_experts(res, retriever):
+    import dataclasses
+
+    r = dataclasses.replace(res, config=dataclasses.replace(CFG, trigger="always", dmoe_top_k=1))
+    method = build_method("dmoe_oracle", r, retriever)
+    try:
+        preds = {s.id: method.answer(s) for s in BATCH}
+    finally:
+        method.close()
+    assert preds["q1"].active_experts == ("u-paris",)
+    assert preds["q2"].active_experts == ("u-nile",)
+    assert preds["q3"].active_experts == ("u-moon",)  # top-1 of its two, the first given
+    assert preds["q4"].active_experts == () and preds["q4"].triggers > 0  # no gold: no expert
+
+
 def test_shuffled_router_is_a_derangement_that_keeps_scores():
     from dmoe.routing.base import FunctionRouter
     from dmoe.routing.simple import ShuffledRouter
@@ -224,8 +239,8 @@ def test_shuffled_router_is_a_derangement_that_keeps_scores():
     assert [h.expert_id for h in hits] == [router.mapping[h.expert_id] for h in real]
 
 
-BATCH = [SAMPLE, Sample("q2", "Where does the Nile flow?", ("sea",)),
-         Sample("q3", "What orbits the Earth?", ("Moon",)),
+BATCH = [SAMPLE, Sample("q2", "Where does the Nile flow?", ("sea",), gold_unit_ids=("u-nile",)),
+         Sample("q3", "What orbits the Earth?", ("Moon",), gold_unit_ids=("u-moon", "u-nile")),
          Sample("q4", "Rome is the capital of which country, and since when?", ("Italy",))]
 
 

@@ -99,7 +99,24 @@ def test_wrong_shape_expert_is_refused():
         adapter.activate([e])
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_int8_storage_is_per_row_absmax_within_half_a_step():
+    from dmoe.experts.format import decode_weights, encode_weights, quantize_int8
+
+    w = torch.randn(6, 40) * torch.logspace(-3, 1, 6)[:, None]  # rows of very different scale
+    w[2] = 0.0
+    q, s = quantize_int8(w)
+    assert q.dtype == torch.int8 and s.shape == (6,) and int(q.abs().max()) == 127
+    assert s[2] == 1.0 and not q[2].any()
+    err = (q.float() * s[:, None] - w).abs().amax(dim=1)
+    assert bool((err <= s / 2 * (1 + 1e-5)).all())  # rounding: at most half a step, per row
+    stored = encode_weights({"x.lora_A": w}, "int8")
+    assert set(stored) == {"x.lora_A", "x.lora_A.scale"}
+    torch.testing.assert_close(decode_weights(stored)["x.lora_A"], q.float() * s[:, None])
+    with pytest.raises(ExpertFormatError, match="no per-row scales"):
+        decode_weights({"x.lora_A": q})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
 def test_expert_file_roundtrip(tmp_path, dtype):
     adapter = ExpertAdapter(tiny_model(), LoraSpec(rank=2, alpha=8))
     (e,) = _experts(adapter, 1, LoraSpec(rank=2, alpha=8))
@@ -107,7 +124,8 @@ def test_expert_file_roundtrip(tmp_path, dtype):
     assert n == (tmp_path / "e.safetensors").stat().st_size
     back = load_expert(tmp_path / "e.safetensors", expected_fingerprint="abc")
     assert back.id == e.id and back.spec == e.spec
-    assert read_expert_metadata(tmp_path / "e.safetensors")["dtype"] == dtype
+    meta = read_expert_metadata(tmp_path / "e.safetensors")
+    assert (meta["dtype"], meta["version"]) == (dtype, "3" if dtype == "int8" else "2")
     tol = 0 if dtype == "float32" else 1e-2
     for k, v in e.weights.items():
         torch.testing.assert_close(back.weights[k].float(), v, atol=tol, rtol=tol)

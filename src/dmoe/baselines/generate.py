@@ -36,7 +36,8 @@ def decode_config(cfg: MethodConfig, record_logits: bool = False) -> DecodeConfi
                         route_at_start=cfg.route_at_start, composition=cfg.composition,
                         composition_temperature=cfg.composition_temperature,
                         composition_scale=cfg.composition_scale,
-                        no_repeat_ngram=cfg.no_repeat_ngram, record_logits=record_logits)
+                        no_repeat_ngram=cfg.no_repeat_ngram, kv_policy=cfg.kv_policy,
+                        record_logits=record_logits)
 
 
 def first_seen(ids: Sequence[Sequence[str]]) -> tuple[str, ...]:
@@ -52,6 +53,7 @@ class Job:
     passages: Sequence[str]
     config: DecodeConfig
     initial_experts: Sequence[str] = ()
+    router: Router | None = None  # this generation's router (None: the runner's)
 
 
 class PromptRunner:
@@ -65,10 +67,11 @@ class PromptRunner:
         self.engine = Engine(model, tokenizer, adapter, load_experts, router, trigger)
 
     def run(self, question: str, passages: Sequence[str], cfg: DecodeConfig,
-            initial_experts: Sequence[str] = ()) -> Generation:
+            initial_experts: Sequence[str] = (), router: Router | None = None) -> Generation:
         ids = torch.tensor([encode_prompt(self.tokenizer, question, passages)], dtype=torch.long)
         try:
-            return self.engine.generate(ids, question, cfg, initial_experts=initial_experts)
+            return self.engine.generate(ids, question, cfg, initial_experts=initial_experts,
+                                        router=router)
         finally:
             self.adapter.activate([])
 
@@ -76,10 +79,11 @@ class PromptRunner:
         """All ``jobs`` as one batch (one at a time if experts sit on more than the last layer,
         which the batched engine refuses); the same generations as ``run`` on each."""
         if len(self.adapter.layer_ids) > 1 or len(jobs) == 1:
-            return [self.run(j.question, j.passages, j.config, j.initial_experts) for j in jobs]
+            return [self.run(j.question, j.passages, j.config, j.initial_experts, j.router)
+                    for j in jobs]
         reqs = [Request(torch.tensor([encode_prompt(self.tokenizer, j.question, j.passages)],
                                      dtype=torch.long), j.question, j.config,
-                        initial_experts=j.initial_experts) for j in jobs]
+                        initial_experts=j.initial_experts, router=j.router) for j in jobs]
         try:
             return BatchEngine(self.engine, max_batch=len(reqs)).run(reqs)
         finally:
@@ -116,7 +120,8 @@ class OneShotMethod:
     def answer(self, sample: Sample) -> Prediction:
         t0 = time.perf_counter()
         job, fields = self.prepare(sample)
-        gen = self.runner.run(job.question, job.passages, job.config, job.initial_experts)
+        gen = self.runner.run(job.question, job.passages, job.config, job.initial_experts,
+                              job.router)
         return prediction(gen, t0, **fields(gen))
 
     def answer_batch(self, samples: Sequence[Sample]) -> list[Prediction]:

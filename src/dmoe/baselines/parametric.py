@@ -41,26 +41,35 @@ from dmoe.engine.decode import ExpertLoader
 from dmoe.engine.triggers import make_trigger
 from dmoe.experts.lora import Expert, ExpertAdapter, scaled_expert
 from dmoe.routing.base import Router
+from dmoe.routing.simple import OracleRouter
 from dmoe.samples import Sample
 
 
 class DmoeMethod(OneShotMethod):
-    """DMoE: entropy-triggered BM25 routing of final-layer experts during decoding."""
+    """DMoE: entropy-triggered BM25 routing of final-layer experts during decoding.
+
+    ``gold_experts`` makes it the oracle arm (``dmoe_oracle``): each sample's triggers route to
+    its gold units' experts (an ``OracleRouter`` per generation, so batches stay exact), and a
+    sample with none decodes with no expert.
+    """
 
     name = "dmoe"
 
     def __init__(self, model: Any, tokenizer: Any, adapter: ExpertAdapter,
                  load_experts: ExpertLoader, router: Router,
-                 config: MethodConfig | None = None) -> None:
+                 config: MethodConfig | None = None,
+                 gold_experts: Callable[[Sample], Sequence[str]] | None = None) -> None:
         self.cfg = config or MethodConfig()
         self.router = router
+        self.gold_experts = gold_experts
         self.k = self.cfg.dmoe_top_k or self.cfg.top_k  # experts per trigger
         trigger = make_trigger(self.cfg.trigger, self.cfg.tau, self.cfg.trigger_rate, self.cfg.seed)
         self.runner = PromptRunner(model, tokenizer, adapter, load_experts, router, trigger)
 
     def prepare(self, sample: Sample) -> tuple[Job, Fields]:
         cfg = dataclasses.replace(decode_config(self.cfg), top_k=self.k)
-        return Job(sample.question, (), cfg), lambda gen: {
+        router = None if self.gold_experts is None else OracleRouter(self.gold_experts(sample))
+        return Job(sample.question, (), cfg, router=router), lambda gen: {
             "triggers": gen.n_triggers, "active_experts": first_seen([r.active for r in gen.records]),
             "extra": {"trigger_steps": [i for i, r in enumerate(gen.records) if r.triggered]}}
 

@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from dmoe.engine.decode import DecodeConfig as _D
+from dmoe.engine.decode import KVPolicy
 from dmoe.engine.triggers import DEFAULT_TAU
 from dmoe.experts.lora import Composition
 from dmoe.samples import Sample
 
 METHOD_NAMES = ("base", "rag", "flare", "prag", "prag_combine", "sft_lora", "poly_prag", "dmoe",
-                "dmoe_random", "dmoe_shuffled")  # the last two: dmoe's controls
+                "dmoe_random", "dmoe_shuffled", "dmoe_oracle")  # dmoe's controls and upper bound
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class MethodConfig:
     composition_scale: float = _D.composition_scale  # λ, the convex mix's overall strength
     no_repeat_ngram: int = _D.no_repeat_ngram  # every method: greedy never repeats a generated
     # n-gram of this length (0 = off)
+    kv_policy: KVPolicy = _D.kv_policy  # dmoe, experts on > 1 layer: recompute | partial | stale
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -10,6 +10,9 @@ name                what it is                                           needs i
 ``dmoe_random``     control: dmoe's trigger, uniformly random experts    ``load_experts``
 ``dmoe_shuffled``   control: dmoe's routing, hits sent to other units'   ``load_experts``
                     experts (a seeded derangement of the expert ids)
+``dmoe_oracle``     upper bound: dmoe's trigger, routed to the sample's   ``load_experts``
+                    gold units' experts (evaluation only: it reads the
+                    answer key)
 ``prag``            merged top-k passage LoRAs for the whole answer      ``load_experts``
 ``prag_combine``    ``prag`` + the passages in the prompt                ``load_experts``
 ``sft_lora``        one corpus-wide LoRA                                 ``sft_lora``
@@ -79,7 +82,7 @@ def build_method(name: str, res: Resources, retriever: PassageRetriever) -> Meth
         return RagMethod(m, tok, res.adapter, retriever, cfg)
     if name == "flare":
         return FlareMethod(m, tok, res.adapter, retriever, cfg)
-    if name in ("dmoe", "dmoe_random", "dmoe_shuffled"):
+    if name in ("dmoe", "dmoe_random", "dmoe_shuffled", "dmoe_oracle"):
         loader = _need(res.load_experts, name, "an expert bank (--experts DIR)")
         router: Router = res.router or retriever
         ids = res.expert_ids or [e for e in map(res.expert_of or (lambda u: u), retriever.units)
@@ -88,7 +91,11 @@ def build_method(name: str, res: Resources, retriever: PassageRetriever) -> Meth
             router = RandomRouter(ids, seed=cfg.seed)
         elif name == "dmoe_shuffled":
             router = ShuffledRouter(router, ids, seed=cfg.seed)
-        method = DmoeMethod(m, tok, res.adapter, loader, router, cfg)
+        gold = None
+        if name == "dmoe_oracle":
+            expert_of = res.expert_of or (lambda unit_id: unit_id)
+            gold = lambda s: [e for e in map(expert_of, s.gold_unit_ids) if e is not None]  # noqa: E731
+        method = DmoeMethod(m, tok, res.adapter, loader, router, cfg, gold_experts=gold)
         method.name = name
         return method
     if name in ("prag", "prag_combine"):

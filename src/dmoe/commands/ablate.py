@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from dmoe.eval.ablate import NAMES
     from dmoe.eval.datasets import DEFAULT_LIMIT, LOADERS
 
-    p = sub.add_parser("ablate", help="sweep one DMoE knob (tau, top_k, trigger, router, bank_size)",
+    p = sub.add_parser("ablate", help="sweep one DMoE knob (" + ", ".join(NAMES) + ")",
                        description=(__doc__ or "") + "\n\n" + EXAMPLE,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", choices=NAMES, help="the ablation")
@@ -36,7 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="questions (0 = all)")
     p.add_argument("--offset", type=int, default=0, help="skip this many questions first")
     p.add_argument("--out", type=Path, help="writes OUT/NAME/ (created/resumed); required")
-    p.add_argument("--bank", default=None, type=Path, metavar="DIR", help="the expert bank")
+    p.add_argument("--bank", default=None, type=Path, metavar="DIR",
+                   help="the expert bank (rank and placement train their own; dtype converts it)")
+    p.add_argument("--work", default=None, type=Path, metavar="DIR",
+                   help="where arms' own banks go (default OUT/NAME/banks; resumed, not results)")
     p.add_argument("--experts", default=None, type=Path, metavar="DIR",
                    help="instead of --bank: a folder of {unit_id}.safetensors experts")
     p.add_argument("--router-index", default=None, type=Path, metavar="PATH",
@@ -59,12 +62,22 @@ def run(args: argparse.Namespace) -> int:
     if args.list_arms:
         for arm in ARMS[args.name]:
             extra = " + trigger_rate matched to the entropy arm" if arm.derive else ""
+            if arm.router:
+                extra += f" router={arm.router}"
+            if arm.distractors is not None:
+                extra += f" + {arm.distractors:g} of the other experts"
+            if arm.dtype:
+                extra += f" bank stored in {arm.dtype}"
+            if arm.spec:
+                extra += (f" own bank: rank {arm.spec.rank}, alpha {arm.spec.alpha:g}, last "
+                          f"{arm.spec.n_layers} layer(s)")
             print(f"{arm.label:<24} method={arm.method} {' '.join(arm.overrides)}{extra}")
         return 0
     if args.out is None:
         raise ValueError("dmoe ablate needs --out DIR (the arms' results go to DIR/NAME/)")
     if not args.report_only:
-        if args.bank is None and args.experts is None:
+        own_banks = all(arm.spec is not None for arm in ARMS[args.name])
+        if args.bank is None and args.experts is None and not own_banks:
             raise ValueError("dmoe ablate needs the experts: --bank DIR (or --experts DIR)")
         _run_arms(args)
     summary = write_ablation(args.out, args.name)
@@ -91,6 +104,7 @@ def _run_arms(args: argparse.Namespace) -> None:
     log_invocation(root, {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                           "argv": sys.argv, "ablation": args.name, "weights": lm.weights})
     retriever = PassageRetriever(task.corpus)
+    banks = _ArmBanks(args.work or root / "banks", args, task)
     try:
         for arm in [Arm("base", "base", method="base"), *ARMS[args.name]]:
             overrides = arm_overrides(arm, runs, task.name)
@@ -106,12 +120,18 @@ def _run_arms(args: argparse.Namespace) -> None:
             arm_res = dataclasses.replace(res, config=config)
             if arm.distractors is not None:
                 arm_res = _cut_bank(arm_res, args.bank, task, arm.distractors, config.seed)
+            if arm.router is not None:
+                arm_res = _other_router(arm_res, args.bank, arm.router)
+            if arm.bank_variant is not None:
+                arm_res, bank_info = _over_bank(arm_res, lm, banks.prepare(arm), arm)
+                (runs / arm.slug / "bank.json").write_text(json.dumps(bank_info, indent=1) + "\n")
             build = functools.partial(build_method, res=arm_res, retriever=retriever)
             ran = run_task(task, [arm.method], build, runs / arm.slug,
                            progress=not args.no_progress, batch_size=args.batch_size)
             print(json.dumps({"arm": arm.label, "computed": ran}), file=sys.stderr)
     finally:
         retriever.close()
+        banks.close()
 
 
 def _cut_bank(res: Any, bank_dir: Path | None, task: Any, fraction: float, seed: int) -> Any:
@@ -132,3 +152,81 @@ def _cut_bank(res: Any, bank_dir: Path | None, task: Any, fraction: float, seed:
     print(json.dumps({"distractors": fraction, "experts": len(kept), "own": len(own)}),
           file=sys.stderr)
     return dataclasses.replace(res, router=BM25Router(index), expert_ids=kept)
+
+
+def _other_router(res: Any, bank_dir: Path | None, name: str) -> Any:
+    """``res`` with router ``name`` over the same bank's routing texts."""
+    from dmoe.experts.bank import ExpertBank
+    from dmoe.routing.factory import make_router
+
+    if bank_dir is None:
+        raise ValueError(f"the {name} router arm needs --bank")
+    with ExpertBank.open(bank_dir, readonly=True) as bank:
+        router = make_router(name, surrogates=bank.surrogates())
+    return dataclasses.replace(res, router=router)
+
+
+def _over_bank(res: Any, lm: Any, bank_dir: Path, arm: Any) -> tuple[Any, dict[str, Any]]:
+    """``res`` over the arm's own bank (its experts, its BM25, an adapter of its shape), and what
+    the arm's ``bank.json`` records of that bank (its size per expert)."""
+    from dmoe.baselines.registry import attach_bank
+    from dmoe.experts.bank import ExpertBank
+    from dmoe.experts.lora import ExpertAdapter
+
+    bank = ExpertBank.open(bank_dir, expected_fingerprint=lm.fingerprint, readonly=True)
+    if bank.spec.n_layers > 1 and lm.weights != "fp32":
+        raise ValueError(f"arm {arm.label}: experts on {bank.spec.n_layers} layers need those "
+                         f"layers' MLPs in float; run this ablation with --weights fp32")
+    arm_res = dataclasses.replace(res, adapter=ExpertAdapter(lm.model, bank.spec))
+    attach_bank(arm_res, bank)
+    infos = bank.list()
+    return arm_res, {"path": str(bank_dir), "experts": len(infos), "dtype": bank.dtype,
+                     "spec": dataclasses.asdict(bank.spec),
+                     "bytes_per_expert": sum(i.bytes for i in infos) / max(len(infos), 1)}
+
+
+class _ArmBanks:
+    """The banks of arms that need their own: ``--bank`` converted (``dtype``), or trained on the
+    evaluated questions' passages with the arm's shape (``rank``, ``placement``). Each is made
+    once, resumably, under ``work/<variant>``; the training model (float weights) is loaded on
+    first need."""
+
+    def __init__(self, work: Path, args: argparse.Namespace, task: Any) -> None:
+        self.work, self.args, self.task = work, args, task
+        self._trainer: Any = None
+        self._jobs: Any = None
+
+    def prepare(self, arm: Any) -> Path:
+        from dmoe.experts.bank import ExpertBank, convert_bank
+
+        assert arm.bank_variant is not None
+        if arm.dtype is not None:
+            if self.args.bank is None:
+                raise ValueError("the dtype ablation converts --bank, which was not given")
+            with ExpertBank.open(self.args.bank, readonly=True) as source:
+                if source.dtype == arm.dtype:
+                    return Path(self.args.bank)
+            path = self.work / arm.bank_variant
+            n = convert_bank(self.args.bank, path, arm.dtype)
+            print(json.dumps({"arm": arm.label, "converted": n, "bank": str(path)}),
+                  file=sys.stderr)
+            return path
+        return self._train(arm)
+
+    def _train(self, arm: Any) -> Path:
+        from dmoe.base_model import load_base_model
+        from dmoe.training.build import BuildConfig
+        from dmoe.training.experts import TrainConfig
+        from dmoe.training.task_bank import expert_jobs, train_task_bank
+
+        if self._trainer is None:
+            self._trainer = load_base_model(self.args.model, self.args.device, training=True)
+            self._jobs = expert_jobs(self._trainer, self.task.corpus)  # the shipped recipe
+        path = self.work / arm.bank_variant
+        train_task_bank(self._trainer, self._jobs, path, TrainConfig(spec=arm.spec),
+                        desc=f"train {arm.bank_variant}", progress=not self.args.no_progress,
+                        settings={"recipe": BuildConfig.recipe, "augmenter": "extractive"})
+        return path
+
+    def close(self) -> None:
+        self._trainer = self._jobs = None

@@ -11,6 +11,8 @@ from dmoe.commands.common import add_model_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from dmoe.experts.format import STORAGE_DTYPES
+
     p = sub.add_parser("bench", help="benchmarks (decode speed, …); --json for machine output",
                        description="Benchmarks on the real base model. Each prints its numbers "
                                    "and how it measured them.\n\nexample:\n  dmoe bench decode --json",
@@ -55,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--n", type=int, default=100_000, help="experts in the big bank")
     k.add_argument("--n-small", type=int, default=1_000, help="experts in the small bank")
     k.add_argument("--n-loads", type=int, default=1_000, help="random experts loaded per probe")
-    k.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    k.add_argument("--dtype", default="float16", choices=list(STORAGE_DTYPES))
     k.add_argument("--doc-size", type=int, default=10, help="experts committed per document")
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--path", help="keep the banks here (resumable) instead of a temporary dir")

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from dmoe.experts.format import STORAGE_DTYPES
+
     p = sub.add_parser(
         "build", help="corpus -> augmentation -> one expert per unit -> bank + router index",
         description="Build (or extend, resumably) an expert bank from a corpus: JSONL (id, text, "
@@ -46,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="ntp: cross-entropy; distill: KL to the model reading the passage")
     t.add_argument("--no-passage-lm", action="store_true",
                    help="prag recipe: train on the QA pairs only, not on the passage text")
-    t.add_argument("--storage-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    t.add_argument("--storage-dtype", default="float32", choices=list(STORAGE_DTYPES))
     t.add_argument("--chunk-size", type=int, default=32, help="experts trained/stored together")
     x = p.add_argument_group("where it runs")
     x.add_argument("--executor", default="local", choices=["local", "ray"],

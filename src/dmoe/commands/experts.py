@@ -1,4 +1,4 @@
-"""``dmoe experts list|show|rm`` and ``dmoe bank check``: inspect and edit a bank."""
+"""``dmoe experts list|show|rm`` and ``dmoe bank check|migrate|convert``: inspect and edit a bank."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 DEFAULT_BANK_ENV = "DMOE_BANK"
@@ -65,6 +66,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     mig = bsub.add_parser("migrate", help="upgrade a bank written by an older dmoe, in place")
     _bank_arg(mig)
     mig.set_defaults(func=run_migrate)
+    from dmoe.experts.format import STORAGE_DTYPES
+
+    conv = bsub.add_parser(
+        "convert", help="copy a bank with its experts stored in another dtype (e.g. int8)",
+        description="Copy --bank into a new bank --to whose expert files are stored in --dtype "
+                    "(int8: per-row absmax, a quarter of fp32's bytes). Ids, documents and "
+                    "routing texts are kept; the source is only read. Rerun to resume. The new "
+                    "bank's router index is built when it is first opened for serving.")
+    _bank_arg(conv)
+    conv.add_argument("--to", required=True, type=Path, metavar="DIR", help="the new bank")
+    conv.add_argument("--dtype", required=True, choices=STORAGE_DTYPES)
+    conv.set_defaults(func=run_convert)
     b.set_defaults(func=lambda args: (b.print_help(), 2)[1])
 
 
@@ -170,6 +183,23 @@ def run_check(args: argparse.Namespace) -> int:
                  f"{len(bank.removed_rows)} rows (rebuild to retrain them)" if args.repair else ""),
               file=sys.stderr)
     return 0 if report.ok or args.repair else 1
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from dmoe.experts.bank import ExpertBank, convert_bank
+
+    src = _need_bank(args)
+    with ExpertBank.open(src, readonly=True) as bank:
+        total = len(bank)
+    with tqdm(total=total, desc=f"convert to {args.dtype}", unit="expert") as bar:
+        n = convert_bank(src, args.to, args.dtype, progress=bar.update)
+    with ExpertBank.open(args.to, readonly=True) as bank:
+        size = sum(i.bytes for i in bank.list())
+        print(f"{n} experts written, {total - n} already there; {args.to} holds {len(bank)} "
+              f"{bank.dtype} experts, {size / max(len(bank), 1):,.0f} B each")
+    return 0
 
 
 def run_migrate(args: argparse.Namespace) -> int:

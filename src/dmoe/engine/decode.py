@@ -242,10 +242,11 @@ class Engine:
     def generate(self, input_ids: torch.Tensor, task_input: str = "",
                  config: DecodeConfig | None = None, initial_experts: Sequence[str] = (),
                  on_token: Callable[[TokenRecord], None] | None = None,
-                 routing: bool = True) -> Generation:
+                 routing: bool = True, router: Router | None = None) -> Generation:
         """Greedy-decode from ``input_ids`` (1, T). ``task_input`` seeds router queries;
         ``on_token`` is called with each committed token's record (streaming); ``routing=False``
-        never asks the router (the same engine as a plain base-model arm)."""
+        never asks a router (the same engine as a plain base-model arm); ``router`` replaces the
+        engine's for this generation only (as ``Request.router`` does in a batch)."""
         cfg = config or DecodeConfig()
         if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must have shape (1, T>0), got {tuple(input_ids.shape)}")
@@ -254,7 +255,7 @@ class Engine:
         self._residuals = [] if multi_layer and cfg.kv_policy == "partial" else None
 
         # 0) the initial active set: pinned experts, or a route on the task input
-        router = self.router if routing else None
+        router = (router or self.router) if routing else None
         self._start(task_input, cfg, initial_experts, router)
         out = Generation(token_ids=[], text="", records=[], finish_reason="length",
                          prefill_tokens=seq.shape[1])

@@ -12,10 +12,17 @@ Layout under ``OUT/NAME/``::
     table.md                              one row per arm: quality, latency, trigger rate
     plot.png                              swept value against quality and latency
 
+    banks/<variant>/                      the banks arms route over instead of --bank (``dtype``:
+                                          --bank converted; ``rank``, ``placement``: trained on the
+                                          evaluated questions' passages); not results: ``--work``
+                                          puts them elsewhere
+    runs/<arm>/bank.json                  such an arm's bank: path, experts, bytes per expert
+
 Each arm is the shipped configuration with a few ``MethodConfig`` overrides (``ARMS``); nothing is
 tuned here: these runs are measurements. The ``trigger`` ablation's ``random`` arm fires at the
 rate the ``entropy`` arm measured (triggers per generated token), so the two differ only in *when*
-they route.
+they route. ``rank`` keeps the shipped ``alpha / rank`` = 4, so every rank starts from the same
+update scale.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from typing import Any
 
 from dmoe.eval.report import KC, summarize_records
 from dmoe.eval.runner import latest_records
+from dmoe.experts.lora import LoraSpec
 
 INF = math.inf
 
@@ -44,12 +52,22 @@ class Arm:
     method: str = "dmoe"
     overrides: tuple[str, ...] = ()
     distractors: float | None = None  # bank_size: the fraction of other experts the router sees
+    router: str | None = None  # router: this one replaces BM25 over the same bank ("dense")
+    dtype: str | None = None  # dtype: the bank's experts stored in this dtype
+    spec: LoraSpec | None = None  # rank, placement: a bank of this shape, trained for the arm
     # computed from earlier arms' records when the arm starts (the trigger ablation's matched rate)
     derive: Callable[[Path, str], tuple[str, ...]] | None = field(default=None, compare=False)
 
     @property
     def slug(self) -> str:
         return re.sub(r"[^A-Za-z0-9_.=-]+", "_", self.label)
+
+    @property
+    def bank_variant(self) -> str | None:
+        """The folder name of this arm's own bank (arms of one shape share it), or None."""
+        if self.spec is not None:
+            return f"rank{self.spec.rank}-alpha{self.spec.alpha:g}-layers{self.spec.n_layers}"
+        return self.dtype
 
 
 def _matched_rate(runs: Path, dataset: str) -> tuple[str, ...]:
@@ -65,9 +83,18 @@ ARMS: dict[str, list[Arm]] = {
     "trigger": [Arm(f"trigger={t}", t, overrides=(f"trigger={t}",))
                 for t in ("entropy", "always", "never")]
     + [Arm("trigger=random", "random", overrides=("trigger=random",), derive=_matched_rate)],
-    "router": [Arm("router=bm25", "bm25"), Arm("router=random", "random", method="dmoe_random"),
+    "router": [Arm("router=bm25", "bm25"), Arm("router=dense", "dense", router="dense"),
+               Arm("router=oracle", "oracle", method="dmoe_oracle"),
+               Arm("router=random", "random", method="dmoe_random"),
                Arm("router=shuffled", "shuffled", method="dmoe_shuffled")],
     "bank_size": [Arm(f"distractors={f:g}", f, distractors=f) for f in (0.1, 0.2, 0.5, 1.0)],
+    "dtype": [Arm(f"dtype={d}", d, dtype=d) for d in ("float32", "bfloat16", "float16", "int8")],
+    "rank": [Arm(f"rank={r}", r, spec=LoraSpec(rank=r, alpha=4.0 * r)) for r in (1, 2, 4, 8, 16)],
+    # experts on the last n layers; with n > 1 a trigger changes earlier positions' K/V, and the
+    # kv_policy arms say what is done about it (n = 1: nothing to do, the cache stays exact)
+    "placement": [Arm("layers=1", 1, spec=LoraSpec(n_layers=1))]
+    + [Arm(f"layers={n},{p}", n, spec=LoraSpec(n_layers=n), overrides=(f"kv_policy={p}",))
+       for n in (2, 4, 8) for p in ("recompute", "partial", "stale")],
 }
 NAMES = tuple(ARMS)
 
@@ -114,13 +141,16 @@ def summarize_ablation(out: Path, name: str) -> dict[str, Any]:
                 continue
             s = summarize_records(records, base)
             metric, value = main_metric(dataset, s)
+            bank_file = runs / arm.slug / "bank.json"
+            bank = json.loads(bank_file.read_text()) if bank_file.is_file() else {}
             rows.append({"arm": arm.label, "value": _json_value(arm.value), "method": arm.method,
                          "n": s["n"], "n_quality": s["n_quality"], "metric": metric,
                          "quality": value,
                          "locality": s.get("locality"), "em": s.get("em"), "f1": s.get("f1"),
                          "latency_s_mean": s["latency_s_mean"],
                          "trigger_rate": trigger_rate(records),
-                         "prefill_tokens_mean": s["prefill_tokens_mean"]})
+                         "prefill_tokens_mean": s["prefill_tokens_mean"],
+                         "bytes_per_expert": bank.get("bytes_per_expert")})
         datasets[dataset] = {"arms": rows}
     return {"ablation": name, "datasets": datasets}
 
@@ -130,18 +160,28 @@ def _json_value(value: float | str) -> float | str:
 
 
 def table(summary: dict[str, Any]) -> str:
+    """One Markdown table per dataset (+ prefill tokens for placement, bytes where measured)."""
     lines = [f"# Ablation: {summary['ablation']}", ""]
     for dataset, d in summary["datasets"].items():
-        metric = d["arms"][0]["metric"] if d["arms"] else "quality"
-        lines += [f"## {dataset}", "",
-                  f"| arm | n | {metric} | locality | latency s | triggers / token |",
-                  "|---|---|---|---|---|---|"]
-        for r in d["arms"]:
+        rows = d["arms"]
+        metric = rows[0]["metric"] if rows else "quality"
+        prefill = summary["ablation"] == "placement"  # what a trigger re-runs
+        sizes = any(r.get("bytes_per_expert") for r in rows)
+        head = (f"| arm | n | {metric} | locality | latency s | triggers / token |"
+                + (" prefill tokens |" if prefill else "") + (" bytes / expert |" if sizes else ""))
+        lines += [f"## {dataset}", "", head, "|---" * head.count(" |") + "|"]
+        for r in rows:
             lines.append(f"| {r['arm']} | {r['n']} | {_pct(r['quality'])} | "
                          f"{_pct(r['locality'])} | {_num(r['latency_s_mean'], 2)} | "
-                         f"{_num(r['trigger_rate'], 3)} |")
+                         f"{_num(r['trigger_rate'], 3)} |"
+                         + (f" {_num(r['prefill_tokens_mean'], 1)} |" if prefill else "")
+                         + (f" {_int(r.get('bytes_per_expert'))} |" if sizes else ""))
         lines.append("")
     return "\n".join(lines)
+
+
+def _int(x: float | None) -> str:
+    return "–" if x is None else f"{x:,.0f}"
 
 
 def _pct(x: float | None) -> str:

@@ -39,7 +39,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -488,3 +488,36 @@ class StagingBank(ExpertBank):
 
     def _may_stage(self) -> None:
         """Staging writes only a file nobody points at."""
+
+
+def convert_bank(src: str | Path, dst: str | Path, dtype: str,
+                 progress: Callable[[int], None] | None = None) -> int:
+    """Copy bank ``src`` into bank ``dst`` with every expert stored in ``dtype``: the same ids,
+    documents, hashes, routing texts and records; only the expert files are re-encoded (int8:
+    per-row absmax, see ``dmoe.experts.format``). Converting up (fp16 -> fp32) restores nothing.
+
+    Resumable: ``dst`` may exist from an interrupted run (same base model, spec and dtype), and
+    experts it already holds are skipped. Returns how many were written; ``progress(1)`` after each.
+    """
+    written = 0
+    with ExpertBank.open(src, readonly=True) as source:
+        target = ExpertBank.open_or_create(dst, source.fingerprint, source.model_name,
+                                           source.spec, dtype)
+        try:
+            if target.dtype != dtype:
+                raise BankError(f"{Path(dst).name!r} already holds a {target.dtype} bank, "
+                                f"not {dtype}")
+            after = None
+            while page := source.page(after):
+                for info in page:
+                    if not target.exists(info.id):
+                        target.add(source.get(info.id), info.unit_id, info.content_hash,
+                                   info.settings_hash, source.surrogate(info.id), info.title,
+                                   info.meta, info.doc_id)
+                        written += 1
+                    if progress is not None:
+                        progress(1)
+                after = page[-1].id
+        finally:
+            target.close()
+    return written

@@ -3,8 +3,8 @@
 Tensors are named ``layers.{L}.mlp.{proj}.lora_{A|B}`` (see ``lora.weight_key``); the safetensors
 header metadata (all strings) records::
 
-    format = "dmoe-expert"   version = "2"   id   rank   alpha   n_layers
-    base_fingerprint         dtype ("float32" | "float16" | "bfloat16")
+    format = "dmoe-expert"   version = "2" ("3" for int8)   id   rank   alpha   n_layers
+    base_fingerprint         dtype ("float32" | "float16" | "bfloat16" | "int8")
     checksum                 sha256 of the tensors (``tensor_checksum``), hex
     record                   JSON: what the bank knows of the expert (doc id, unit id, hashes,
                              routing text, title, ...), so a lost database can be rebuilt from
@@ -15,6 +15,12 @@ raw little-endian bytes; it is computed from the file's own bytes, so ``verify_e
 no torch and catches a bit flip anywhere in the tensor data. Loading checks the file size (when the
 caller knows it), the header, the checksum and that every weight is finite; a file that fails is
 refused with ``ExpertFormatError`` and never half-used.
+
+**int8** (version 3) stores each weight per output channel (row) as symmetric int8, ``W ≈ diag(s)
+· Q`` with ``s_o = max_i |W_oi| / 127`` (absmax), and the fp32 scales beside it as
+``{name}.scale`` (shape ``(rows,)``). Loading dequantises to fp32, so the engine never sees int8;
+only the bytes on disk and in the expert cache's files change. Float files stay version 2, so a
+reader from before int8 still reads every float bank.
 
 Writes go to a temporary file in the same directory and are ``os.replace``d into place, so a crash
 never leaves a half-written expert visible. Version-1 files (no checksum) still load outside a bank.
@@ -43,8 +49,11 @@ from dmoe.experts.lora import Expert, LoraSpec
 
 FORMAT = "dmoe-expert"
 VERSION = "2"
-READABLE_VERSIONS = ("1", "2")
-STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+INT8_VERSION = "3"  # the first version that can hold int8 weights + scales
+READABLE_VERSIONS = ("1", "2", "3")
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+STORAGE_DTYPES = (*FLOAT_DTYPES, "int8")
+SCALE_SUFFIX = ".scale"  # int8: ``{name}.scale`` holds the per-row fp32 scales of ``{name}``
 MAX_HEADER_BYTES = 64 << 20  # a header larger than this is corruption, not an expert
 
 
@@ -108,16 +117,55 @@ def tensor_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
     return _parse(save_bytes(dict(tensors)), "<tensors>").checksum
 
 
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric absmax int8: ``(q, s)`` with ``w ≈ q * s[:, None]`` (a zero row: s = 1)."""
+    w = w.detach().to("cpu", torch.float32)
+    s = w.abs().amax(dim=1) / 127.0
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), s.contiguous()
+
+
+def encode_weights(weights: Mapping[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """The tensors an expert file stores for ``weights`` in ``dtype`` (see the module docstring)."""
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
+    if dtype != "int8":
+        return {k: v.detach().to("cpu", FLOAT_DTYPES[dtype]).contiguous()
+                for k, v in weights.items()}
+    out = {}
+    for k, v in weights.items():
+        if v.dim() != 2:
+            raise ValueError(f"int8 storage needs 2-d weights, {k!r} has shape {tuple(v.shape)}")
+        out[k], out[k + SCALE_SUFFIX] = quantize_int8(v)
+    return out
+
+
+def decode_weights(tensors: Mapping[str, torch.Tensor], name: str = "<tensors>"
+                   ) -> dict[str, torch.Tensor]:
+    """The weights an expert file's tensors hold: floats as stored, int8 dequantised to fp32."""
+    out = {}
+    for k, v in tensors.items():
+        if k.endswith(SCALE_SUFFIX):
+            continue
+        if v.dtype == torch.int8:
+            s = tensors.get(k + SCALE_SUFFIX)
+            if s is None or s.shape != (v.shape[0],):
+                raise ExpertFormatError(f"{name}: int8 tensor {k!r} has no per-row scales")
+            out[k] = v.float() * s.float()[:, None]
+        else:
+            out[k] = v
+    return out
+
+
 def write_expert(path: str | Path, expert: Expert, base_fingerprint: str, dtype: str = "float32",
                  record: Mapping[str, Any] | None = None) -> ExpertFile:
     """Write ``expert`` atomically in ``dtype`` with ``record`` in its header; return the parsed
     file (size and checksum)."""
-    if dtype not in STORAGE_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
     path = Path(path)
-    tensors = {k: v.detach().to("cpu", STORAGE_DTYPES[dtype]).contiguous()
-               for k, v in expert.weights.items()}
-    meta = {"format": FORMAT, "version": VERSION, "id": expert.id,
+    tensors = encode_weights(expert.weights, dtype)
+    version = INT8_VERSION if dtype == "int8" else VERSION
+    meta = {"format": FORMAT, "version": version, "id": expert.id,
             "rank": str(expert.spec.rank), "alpha": repr(expert.spec.alpha),
             "n_layers": str(expert.spec.n_layers), "base_fingerprint": base_fingerprint,
             "dtype": dtype, "checksum": tensor_checksum(tensors),
@@ -193,7 +241,7 @@ def load_expert(path: str | Path, expected_fingerprint: str | None = None,
     try:
         spec = LoraSpec(rank=int(meta["rank"]), alpha=float(meta["alpha"]),
                         n_layers=int(meta["n_layers"]))
-        weights = load_bytes(data)
+        weights = decode_weights(load_bytes(data), name)
     except (KeyError, ValueError, SafetensorError) as e:
         raise ExpertFormatError(f"{name}: malformed expert ({e})") from e
     bad = [k for k, v in weights.items() if not bool(torch.isfinite(v).all())]

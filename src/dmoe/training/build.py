@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from tqdm import tqdm
 
 from dmoe.augment import augment_cached, make_augmenter, training_examples
+from dmoe.augment.training import Recipe
 from dmoe.augment.types import Augmentation
 from dmoe.corpus import read_corpus
 from dmoe.corpus.units import KnowledgeUnit
@@ -43,7 +44,7 @@ class BuildConfig:
     include_passage_lm: bool = True  # prag recipe: also train on the passage/paraphrase text
     # training examples per unit: prag | recite | recite_qa (dmoe.augment.training). recite_qa won
     # the dev sweep (results/dev/README.md): the expert learns to say its passage in the answer frame
-    recipe: str = "recite_qa"
+    recipe: Recipe = "recite_qa"
     chunk_size: int = 32  # experts trained and stored together
     storage_dtype: str = "float32"  # float32 | float16 | bfloat16
     limit: int | None = None  # only the first N units (quick tries)
@@ -194,7 +195,7 @@ def build_into(kb: BuildTarget, corpus: str | Path, lm: Any, config: BuildConfig
             documents.append(doc)
         examples = training_examples(unit, aug, lm.tokenizer, target=config.target,  # type: ignore[arg-type]
                                      include_passage_lm=config.include_passage_lm,
-                                     recipe=config.recipe)  # type: ignore[arg-type]
+                                     recipe=config.recipe)
         if not examples:
             summary.failed.append(f"{unit.id}: no training examples")
             continue
