@@ -23,6 +23,7 @@ passage LM examples, by lm_head at every supervised position.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -35,6 +36,7 @@ import torch
 from dmoe.augment.types import TrainingExample
 from dmoe.base_model import load_base_model
 from dmoe.experts.format import STORAGE_DTYPES, save_expert
+from dmoe.experts.lora import LoraSpec
 from dmoe.prompts import format_prompt
 from dmoe.training.experts import TrainConfig, train_fast, train_reference
 
@@ -68,21 +70,32 @@ def squad_jobs(tokenizer: Any, n_units: int, n_questions: int = 3, mix: str = "q
 
 def bench_training(n_units: int = 8, epochs: int = 10, lr: float = 5e-3, mix: str = "qa",
                    n_questions: int = 3, repeats: int = 2, n_reference: int = 2,
-                   share_prefix: bool = True, model: str | None = None) -> dict[str, Any]:
+                   share_prefix: bool = True, model: str | None = None,
+                   n_layers: int = 1) -> dict[str, Any]:
     """Train the same units through both paths; timings, weight agreement and expert sizes.
 
-    The fast path trains all ``n_units`` together; the reference (slow) trains the first
-    ``n_reference`` of them, one at a time, and the weight comparison covers those.
+    The fast path (``train_fast``; ``train_fast_layers`` for experts on ``n_layers`` > 1) trains
+    all ``n_units`` together; the reference (slow) trains the first ``n_reference`` of them, one
+    at a time, and the weight comparison covers those.
     """
+    from dmoe.training.layers import train_fast_layers
+
     lm = load_base_model(model, training=True)
     tok = lm.tokenizer
     jobs = squad_jobs(tok, n_units, n_questions, mix)
-    config = TrainConfig(lr=lr, epochs=epochs, loss_on="answer")
-    train_fast(lm.model, tok, jobs[:1], TrainConfig(lr=lr, epochs=1))  # warm-up
+    spec = LoraSpec(n_layers=n_layers)
+    config = TrainConfig(spec=spec, lr=lr, epochs=epochs, loss_on="answer")
+
+    def fast_path(jobs: Any, config: TrainConfig) -> list[Any]:
+        if n_layers == 1:
+            return train_fast(lm.model, tok, jobs, config, share_prefix=share_prefix)
+        return train_fast_layers(lm.model, tok, jobs, config)
+
+    fast_path(jobs[:1], dataclasses.replace(config, epochs=1))  # warm-up
     fast_s, fast_cpu = [], []
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
-        fast = train_fast(lm.model, tok, jobs, config, share_prefix=share_prefix)
+        fast = fast_path(jobs, config)
         fast_s.append((time.perf_counter() - t0) / len(jobs))
         fast_cpu.append((time.process_time() - c0) / len(jobs))
     ref_s, ref_cpu, ref = [], [], []
@@ -102,7 +115,8 @@ def bench_training(n_units: int = 8, epochs: int = 10, lr: float = 5e-3, mix: st
     fast_med, ref_med = statistics.median(fast_s), statistics.median(ref_s)
     return {
         "model": lm.source.name, "device": str(lm.device), "threads": torch.get_num_threads(),
-        "n_units": len(jobs), "n_reference": len(ref), "share_prefix": share_prefix, "mix": mix,
+        "n_units": len(jobs), "n_reference": len(ref), "n_layers": n_layers,
+        "share_prefix": share_prefix and n_layers == 1, "mix": mix,
         "examples_per_unit": len(jobs[0][1]),
         "tokens_per_unit_median": statistics.median(n_tokens), "epochs": epochs, "lr": lr,
         "s_per_expert_fast": round(fast_med, 4), "s_per_expert_reference": round(ref_med, 4),
@@ -114,7 +128,8 @@ def bench_training(n_units: int = 8, epochs: int = 10, lr: float = 5e-3, mix: st
                               "reference": [round(x, 3) for x in ref_s]},
         "max_abs_weight_diff": diff,
         "max_abs_B": b_max, "bytes_per_expert": sizes, "n_params": fast[0].n_params,
-        "how": (f"fast: median of {repeats} runs of train_fast over all {len(jobs)} units "
+        "how": (f"fast: median of {repeats} runs of "
+                f"{'train_fast' if n_layers == 1 else 'train_fast_layers'} over all {len(jobs)} units "
                 f"(after a warm-up), divided by n_units; reference: median over the first "
                 f"{len(ref)} units of train_reference on that unit alone (PEFT, batch 1, full "
                 f"forward); wall clock (time.perf_counter) and process CPU time (time.process_time, "

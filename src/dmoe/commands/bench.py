@@ -89,6 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--n-units", type=int, default=8, help="units trained by the fast path")
     b.add_argument("--n-reference", type=int, default=2, help="of which also by the reference")
     b.add_argument("--epochs", type=int, default=10)
+    b.add_argument("--layers", type=int, default=1, metavar="N",
+                   help="experts on the last N layers (N > 1: the multi-layer fast path)")
     b.add_argument("--augment-units", type=int, default=4,
                    help="units augmented by the base model (0 = skip the augmentation part)")
     b.add_argument("--model", default=None)
@@ -204,7 +206,7 @@ def run_build(args: argparse.Namespace) -> int:
         return 0
 
     result = bench_training(args.n_units, epochs=args.epochs, n_reference=args.n_reference,
-                            model=args.model)
+                            model=args.model, n_layers=args.layers)
     if args.augment_units > 0:
         result.update(_bench_augment(args.augment_units, args.model))
     _emit(result, args.json)

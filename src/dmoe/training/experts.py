@@ -21,7 +21,7 @@ the expert (see ``trunk.py``)::
 A: (n, r, in) and B: (n, out, r) per projection are stacked tensors and the head applies them
 with bmm. AdamW is elementwise, so one update over the active rows is exactly per-expert AdamW;
 rows of finished experts are not touched at all (no decay, no moment update). Valid for experts on
-one layer only (``spec.n_layers == 1``); ``train`` falls back to the reference path otherwise.
+one layer only (``spec.n_layers == 1``); ``dmoe.training.layers`` is the fast path for more.
 
 This module knows nothing about banks, corpora or augmentation.
 """
@@ -212,9 +212,14 @@ def _teachers(model: Any, encoded: Sequence[Sequence[EncodedExample]],
 
 def train(model: Any, tokenizer: Any, jobs: Sequence[Job], config: TrainConfig,
           fast: bool = True, **fast_kwargs: Any) -> list[Expert]:
-    """Train one expert per job: the fast path when it applies, else the reference path."""
+    """Train one expert per job: a fast path when one applies (``train_fast`` on one layer,
+    ``dmoe.training.layers.train_fast_layers`` on more, cross-entropy), else the reference."""
     if fast and config.spec.n_layers == 1:
         return train_fast(model, tokenizer, jobs, config, **fast_kwargs)
+    if fast and config.objective == "ntp":
+        from dmoe.training.layers import train_fast_layers
+
+        return train_fast_layers(model, tokenizer, jobs, config)
     return train_reference(model, tokenizer, jobs, config)
 
 

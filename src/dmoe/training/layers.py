@@ -1,0 +1,177 @@
+"""Fast training of experts on the last n > 1 layers: the frozen layers below run once.
+
+An expert on the MLPs of layers ``L-n .. L-1`` changes nothing below layer ``L-n``, so each
+training sequence's residual stream entering that layer is computed once, for every position, and
+only the top n layers run per step, for all active experts side by side::
+
+    x[i][j] = embed + layers[0 .. L-n-1] (example j of expert i)       # once, every position
+    for step s in range(max_i steps_i):                                 # as train_fast
+        h = x[i][s % n_i] for the active experts i, right-padded        # (n, T, d)
+        h = layers[L-n .. L-1](h), row i's LoRA on each MLP             # ExpertMLP row stacks
+        loss = Σ_i mean CE(lm_head(norm(h_i))[supervised positions])
+        loss.backward(); masked AdamW over the active rows
+
+Unlike the one-layer path (``train_fast``), attention sits above an expert here, so whole
+sequences go through the top layers, not just the supervised positions: the cost per step is n
+layers over every token, against the reference's whole model forward and backward. The causal
+mask is explicit, and right padding means no real token attends to a pad. The same seeded
+initialisation, example order and per-expert AdamW as ``train_reference`` give the same experts
+to rounding (tested on tiny Llama and Qwen2). Cross-entropy only: the distillation objective
+takes the reference path.
+
+This module knows nothing about banks, corpora or augmentation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dmoe.experts.lora import PROJECTIONS, Expert, ExpertAdapter, decoder_layers, weight_key
+from dmoe.training.experts import (
+    EncodedExample,
+    Job,
+    Progress,
+    TrainConfig,
+    _encode_jobs,
+    _row_groups,
+    init_expert,
+    masked_adamw_,
+    mlp_shapes,
+)
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: nothing above the first expert layer is needed."""
+
+
+@torch.no_grad()
+def layer_inputs(model: Any, seqs: Sequence[torch.Tensor], first: int,
+                 max_batch_tokens: int = 8192) -> list[torch.Tensor]:
+    """The residual stream entering decoder layer ``first`` at every position, (T_i, d) per
+    sequence; right-padded batches of at most ``max_batch_tokens`` tokens."""
+    layer = decoder_layers(model)[first]
+    device = next(model.parameters()).device
+    out: list[torch.Tensor | None] = [None] * len(seqs)
+    captured: list[torch.Tensor] = []
+
+    def capture(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        captured.append(args[0] if args else kwargs["hidden_states"])
+        raise _Stop
+
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    hook = layer.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        for lo, hi in _row_groups([len(seqs[i]) for i in order], max_batch_tokens):
+            idx = order[lo:hi]
+            t_max = len(seqs[idx[0]])
+            ids = torch.zeros(len(idx), t_max, dtype=torch.long, device=device)
+            mask = torch.zeros(len(idx), t_max, dtype=torch.long, device=device)
+            for row, i in enumerate(idx):
+                ids[row, :len(seqs[i])] = seqs[i].to(device)
+                mask[row, :len(seqs[i])] = 1
+            captured.clear()
+            with contextlib.suppress(_Stop):
+                model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            for row, i in enumerate(idx):
+                out[i] = captured[0][row, :len(seqs[i])].clone()
+    finally:
+        hook.remove()
+    return out  # type: ignore[return-value]
+
+
+def _causal_mask(t: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(1, 1, T, T) additive mask: 0 on and below the diagonal, the dtype's minimum above."""
+    full = torch.full((t, t), torch.finfo(dtype).min, dtype=dtype, device=device)
+    return full.triu(1)[None, None]
+
+
+def _top_layers_loss(model: Any, adapter: ExpertAdapter, first: int,
+                     rows: Sequence[tuple[torch.Tensor, EncodedExample]],
+                     lora: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
+                     scale: float) -> torch.Tensor:
+    """Σ over rows of the mean CE of row i's example, through layers ``first ..`` with row i's
+    LoRA (``lora[(layer, proj)] = (A (n, r, in), B (n, out, r))``, one row per example)."""
+    inner = model.model
+    layers = decoder_layers(model)
+    h = torch.nn.utils.rnn.pad_sequence([x for x, _ in rows], batch_first=True)  # (n, T, d)
+    n, t = h.shape[:2]
+    positions = torch.arange(t, device=h.device)[None].expand(n, t)
+    rope = inner.rotary_emb(h, positions)
+    mask = _causal_mask(t, h.dtype, h.device)
+    for i in range(first, len(layers)):
+        adapter.mlps[i].lora = {p: (lora[(i, p)][0], lora[(i, p)][1] * scale) for p in PROJECTIONS}
+        out = layers[i](h, attention_mask=mask, position_ids=positions, position_embeddings=rope)
+        h = out[0] if isinstance(out, tuple) else out
+    h = inner.norm(h)
+    total = h.new_zeros(())
+    for row, (_, ex) in enumerate(rows):  # positions start-1 .. T-2 predict ids[start:]
+        logits = model.get_output_embeddings()(h[row, ex.start - 1:len(ex.ids) - 1])
+        total = total + F.cross_entropy(logits.float(), ex.ids[ex.start:].to(h.device))
+    return total
+
+
+def train_fast_layers(model: Any, tokenizer: Any, jobs: Sequence[Job], config: TrainConfig,
+                      trunk_batch_tokens: int = 8192, step_batch_tokens: int = 4096,
+                      progress: Progress | None = None) -> list[Expert]:
+    """Experts on the last ``config.spec.n_layers`` layers, all jobs side by side (see the
+    module docstring). ``step_batch_tokens`` bounds the padded tokens that go through the top
+    layers together (their activations are kept for the backward pass)."""
+    if config.objective != "ntp":
+        raise ValueError("the multi-layer fast path trains cross-entropy only; use "
+                         "train_reference for the distillation objective")
+    if not jobs:
+        return []
+    n_layers = config.spec.n_layers
+    shapes = mlp_shapes(model, n_layers)
+    first = min(i for i, _ in shapes)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    encoded = _encode_jobs(tokenizer, jobs, config)
+    flat = layer_inputs(model, [ex.ids for exs in encoded for ex in exs], first, trunk_batch_tokens)
+    states, k = [], 0
+    for exs in encoded:
+        states.append(flat[k:k + len(exs)])
+        k += len(exs)
+    steps = [config.epochs * len(exs) for exs in encoded]
+    order = sorted(range(len(jobs)), key=lambda i: -steps[i])
+    inits = [init_expert(jobs[i][0], shapes, config) for i in order]
+    lora = {key: tuple(torch.stack([e.weights[weight_key(*key, part)] for e in inits])
+                       .to(device, dtype).requires_grad_(True) for part in "AB")
+            for key in sorted(shapes)}  # (layer, proj) -> (A (n, r, in), B (n, out, r))
+    params = [t for pair in lora.values() for t in pair]
+    moments = [(torch.zeros_like(t), torch.zeros_like(t)) for t in params]
+    adapter = ExpertAdapter(model, config.spec)
+    saved = {i: m.lora for i, m in adapter.mlps.items()}
+    n_done = 0
+    try:
+        for s in range(max(steps)):
+            n_active = sum(1 for i in order if steps[i] > s)
+            if progress and n_active < len(order) - n_done:
+                progress(len(order) - n_done - n_active)
+                n_done = len(order) - n_active
+            cur = [(states[order[row]][s % len(encoded[order[row]])],
+                    encoded[order[row]][s % len(encoded[order[row]])]) for row in range(n_active)]
+            for lo, hi in _row_groups([len(ex.ids) for _, ex in cur], step_batch_tokens):
+                group = {key: (a[lo:hi], b[lo:hi]) for key, (a, b) in lora.items()}
+                _top_layers_loss(model, adapter, first, cur[lo:hi], group,
+                                 config.spec.scale).backward()
+            masked_adamw_(params, moments, n_active, s + 1, config.lr, config.betas, config.eps,
+                          config.weight_decay)
+            for t in params:
+                t.grad = None
+    finally:
+        for i, m in adapter.mlps.items():
+            m.lora = saved[i]
+    if progress and n_done < len(order):
+        progress(len(order) - n_done)
+    experts: list[Expert | None] = [None] * len(jobs)
+    for row, i in enumerate(order):
+        experts[i] = Expert(id=jobs[i][0], spec=config.spec, weights={
+            weight_key(layer, p, part): t[row].detach().float().cpu().clone()
+            for (layer, p), (a, b) in lora.items() for part, t in (("A", a), ("B", b))})
+    return experts  # type: ignore[return-value]
