@@ -61,7 +61,7 @@ def tiny_lm():
                        device=torch.device("cpu"), fingerprint=model_fingerprint(model))
 
 
-def tiny_model_dir(path: Path) -> Path:
+def tiny_model_dir(path: Path, layers: int = 2) -> Path:
     """A tiny random Llama + a byte-level tokenizer, saved as a Hugging Face model directory."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -72,7 +72,7 @@ def tiny_model_dir(path: Path) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>").save_pretrained(path)
-    tiny_model("llama", layers=2).save_pretrained(path)
+    tiny_model("llama", layers=layers).save_pretrained(path)
     return path
 
 

@@ -161,3 +161,40 @@ def test_router_ablation_dense_and_oracle_arms(setup, tmp_path):
     assert any(r["active_experts"] for r in oracle)
     dense = latest_records(tmp_path / "router" / "runs" / "router=dense" / KC / "dmoe.jsonl")
     assert len(dense) == len(task.samples) and any(r["active_experts"] for r in dense)
+
+
+def test_placement_ablation_on_packed_weights_trains_multi_layer_banks(tmp_path):
+    if not (data_dir() / KC).is_dir():
+        pytest.skip(f"benchmark data not found under {data_dir()}")
+    model_dir = tiny_model_dir(tmp_path / "model", layers=9)  # n = 8 leaves one layer below
+    args = ["ablate", "placement", "--dataset", KC, "--limit", "1", "--out", str(tmp_path),
+            "--model", str(model_dir), "--weights", "fp16", "--device", "cpu", "--no-progress",
+            "--set", "max_new_tokens=3", "--set", "route_min_relevance=0",
+            "--set", "trigger=always"]
+    assert main(args) == 0  # fp16 trunk, the top 8 MLPs kept float for the experts
+    rows = _rows(tmp_path, "placement")
+    for arm in ARMS["placement"]:
+        info = json.loads((tmp_path / "placement" / "runs" / arm.slug / "bank.json").read_text())
+        assert info["spec"]["n_layers"] == arm.value and info["experts"] == 1
+    # a trigger re-runs the whole prompt under recompute, the expert layers under partial, and
+    # only the pending position under stale
+    for n in (2, 4, 8):
+        full, part, stale = (rows[f"layers={n},{p}"]["prefill_tokens_mean"]
+                             for p in ("recompute", "partial", "stale"))
+        assert full > part > stale, (n, full, part, stale)
+    assert rows["layers=1"]["prefill_tokens_mean"] == rows["base"]["prefill_tokens_mean"]
+    assert "prefill tokens" in (tmp_path / "placement" / "table.md").read_text()
+
+
+def test_packed_mlps_refuse_experts_with_a_clear_error(tmp_path):
+    from dmoe.base_model import load_base_model
+    from dmoe.errors import UnsupportedModelError
+    from dmoe.experts.lora import ExpertAdapter
+
+    model_dir = tiny_model_dir(tmp_path / "model", layers=4)
+    lm = load_base_model(str(model_dir), "cpu", "fp16")  # the last MLP only stays float
+    ExpertAdapter(lm.model, LoraSpec(n_layers=1))
+    with pytest.raises(UnsupportedModelError, match="float_mlps >= 2"):
+        ExpertAdapter(lm.model, LoraSpec(n_layers=2))
+    lm = load_base_model(str(model_dir), "cpu", "fp16", float_mlps=3)
+    assert ExpertAdapter(lm.model, LoraSpec(n_layers=3)).layer_ids == [1, 2, 3]

@@ -203,9 +203,12 @@ class LoadedModel:
 
 
 def load_base_model(spec: str | None = None, device: str | None = None,
-                    weights: str | None = None, *, training: bool = False) -> LoadedModel:
+                    weights: str | None = None, *, training: bool = False,
+                    float_mlps: int = 1) -> LoadedModel:
     """Load a frozen model + tokenizer offline. See the module docstring for ``spec`` and
-    ``resolve_weights`` for ``weights`` (``training``: the model will train experts)."""
+    ``resolve_weights`` for ``weights`` (``training``: the model will train experts). With packed
+    weights, the MLPs of the last ``float_mlps`` layers stay float: experts on that many layers
+    can sit there."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -226,11 +229,11 @@ def load_base_model(spec: str | None = None, device: str | None = None,
     lm = LoadedModel(model=model, tokenizer=tok, source=source, device=dev,
                      fingerprint=model_fingerprint(model), weights="fp32" if packed else mode)
     if packed:
-        pack_weights(lm, mode)
+        pack_weights(lm, mode, float_mlps)
     return lm
 
 
-def pack_weights(lm: LoadedModel, mode: str) -> None:
+def pack_weights(lm: LoadedModel, mode: str, float_mlps: int = 1) -> None:
     """Pack a loaded fp32 CPU model's trunk to ``mode`` (fp16 or int8) in place (``dmoe.quant``),
     e.g. after it trained experts; engines made before keep the float output head, so make them
     after. The fingerprint stays the float weights': experts trained on them serve on packed
@@ -243,7 +246,7 @@ def pack_weights(lm: LoadedModel, mode: str) -> None:
     if mode == "int8":
         print("dmoe: int8 weights quantise activations too and change most answers on SmolLM2 "
               "(results/dev/weights.md); fp16 keeps them", file=sys.stderr, flush=True)
-    pack_trunk(lm.model, mode)
+    pack_trunk(lm.model, mode, keep_last=float_mlps)
     lm.weights = mode
 
 

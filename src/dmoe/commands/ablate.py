@@ -99,7 +99,10 @@ def _run_arms(args: argparse.Namespace) -> None:
     runs = root / "runs"
     shared = MethodConfig().with_overrides(args.overrides)
     # check_weights reads OUT/runs.jsonl: one weights mode per ablation folder
-    lm, res = load_resources(argparse.Namespace(**{**vars(args), "out": root}), shared)
+    # arms with experts on more layers need those MLPs float under packed weights
+    float_mlps = max((arm.spec.n_layers for arm in ARMS[args.name] if arm.spec), default=1)
+    lm, res = load_resources(argparse.Namespace(**{**vars(args), "out": root,
+                                                   "float_mlps": float_mlps}), shared)
     task = load_task(args.dataset, args.data_dir, offset=args.offset, limit=args.limit or None)
     log_invocation(root, {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                           "argv": sys.argv, "ablation": args.name, "weights": lm.weights})
@@ -174,9 +177,6 @@ def _over_bank(res: Any, lm: Any, bank_dir: Path, arm: Any) -> tuple[Any, dict[s
     from dmoe.experts.lora import ExpertAdapter
 
     bank = ExpertBank.open(bank_dir, expected_fingerprint=lm.fingerprint, readonly=True)
-    if bank.spec.n_layers > 1 and lm.weights != "fp32":
-        raise ValueError(f"arm {arm.label}: experts on {bank.spec.n_layers} layers need those "
-                         f"layers' MLPs in float; run this ablation with --weights fp32")
     arm_res = dataclasses.replace(res, adapter=ExpertAdapter(lm.model, bank.spec))
     attach_bank(arm_res, bank)
     infos = bank.list()

@@ -67,13 +67,15 @@ def run(args: argparse.Namespace) -> int:
     from dmoe.base_model import load_base_model
     from dmoe.engine.decode import DecodeConfig, Engine
     from dmoe.engine.triggers import make_trigger
+    from dmoe.experts.bank import expert_layers
     from dmoe.experts.lora import ExpertAdapter, LoraSpec
     from dmoe.knowledge import KnowledgeBase
     from dmoe.prompts import encode_prompt
 
     if not args.question.strip():
         raise ValueError("the question is empty")
-    lm = load_base_model(args.model, args.device, args.weights)
+    lm = load_base_model(args.model, args.device, args.weights,
+                         float_mlps=expert_layers(args.bank))
     kb = KnowledgeBase.open(args.bank, lm.fingerprint, readonly=True) if args.bank else None
     trigger = make_trigger(args.trigger, args.tau, args.trigger_rate, args.seed)
     engine = (kb.engine(lm, trigger) if kb is not None

@@ -128,12 +128,16 @@ def load_resources(args: argparse.Namespace, config: object) -> tuple[Any, Any]:
     from dmoe.baselines.protocol import MethodConfig
     from dmoe.baselines.registry import Resources
     from dmoe.eval.runner import check_weights
+    from dmoe.experts.bank import expert_layers
     from dmoe.experts.lora import ExpertAdapter, LoraSpec
 
     assert isinstance(config, MethodConfig)
-    lm = load_base_model(args.model, args.device, args.weights)
+    layers = expert_layers(args.bank)  # the bank's experts sit on this many top MLPs
+    lm = load_base_model(args.model, args.device, args.weights,
+                         float_mlps=max(layers, getattr(args, "float_mlps", 1)))
     check_weights(args.out, lm.weights)
-    res = Resources(lm.model, lm.tokenizer, ExpertAdapter(lm.model, LoraSpec()), config)
+    res = Resources(lm.model, lm.tokenizer, ExpertAdapter(lm.model, LoraSpec(n_layers=layers)),
+                    config)
     if args.experts is not None:
         from dmoe.experts.cache import ExpertCache, directory_loader
 

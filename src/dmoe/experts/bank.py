@@ -521,3 +521,11 @@ def convert_bank(src: str | Path, dst: str | Path, dtype: str,
         finally:
             target.close()
     return written
+
+
+def expert_layers(path: str | Path | None) -> int:
+    """How many top layers the bank at ``path`` puts experts on (1 when there is no bank yet):
+    the MLPs a packed model must keep float (``load_base_model(float_mlps=...)``)."""
+    if path is None or not (Path(path) / "bank.json").is_file():
+        return 1
+    return int(read_header(Path(path))["spec"]["n_layers"])

@@ -212,8 +212,9 @@ def check_supported(model: nn.Module, n_layers: int) -> list[int]:
                 f"{missing or ['mlp']}); final-layer experts need a gated FFN")
         if not all(isinstance(getattr(mlp, p), nn.Linear) for p in PROJECTIONS):
             raise UnsupportedModelError(
-                f"layer {i}'s MLP has quantised (int8) weights; experts there need float weights "
-                "(--weights fp32 or bf16)")
+                f"layer {i}'s MLP holds packed (fp16/int8) weights, and experts on the last "
+                f"{n_layers} layers need float ones there: load the model with "
+                f"float_mlps >= {n_layers} (or --weights fp32)")
         if not hasattr(layer, "post_attention_layernorm") or hasattr(layer, "post_feedforward_layernorm"):
             raise UnsupportedModelError(f"layer {i} of {type(model).__name__} is not a Llama-style "
                                         "pre-norm block (post_attention_layernorm -> mlp)")

@@ -126,8 +126,9 @@ class ServerState:
         """Load the base model and open the bank (created empty when missing); builds run in a
         worker process that loads the same model."""
         from dmoe.base_model import load_base_model, training_weights
+        from dmoe.experts.bank import expert_layers
 
-        lm = load_base_model(model, device, weights)
+        lm = load_base_model(model, device, weights, float_mlps=expert_layers(bank))
         bank = Path(bank)
         if (bank / "bank.json").is_file():
             kb = KnowledgeBase.open(bank, lm.fingerprint)
