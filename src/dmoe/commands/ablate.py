@@ -35,6 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="one benchmark (default knowledge_conflicts)")
     p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="questions (0 = all)")
     p.add_argument("--offset", type=int, default=0, help="skip this many questions first")
+    p.add_argument("--corpus-scope", default="full", choices=["full", "gold"],
+                   help="as dmoe eval: gold = only the passages holding the selected questions' "
+                        "answers (what rank and placement train their banks on; HotpotQA's full "
+                        "scope is ~10 passages per question)")
     p.add_argument("--out", type=Path, help="writes OUT/NAME/ (created/resumed); required")
     p.add_argument("--bank", default=None, type=Path, metavar="DIR",
                    help="the expert bank (rank and placement train their own; dtype converts it)")
@@ -103,7 +107,8 @@ def _run_arms(args: argparse.Namespace) -> None:
     float_mlps = max((arm.spec.n_layers for arm in ARMS[args.name] if arm.spec), default=1)
     lm, res = load_resources(argparse.Namespace(**{**vars(args), "out": root,
                                                    "float_mlps": float_mlps}), shared)
-    task = load_task(args.dataset, args.data_dir, offset=args.offset, limit=args.limit or None)
+    task = load_task(args.dataset, args.data_dir, offset=args.offset, limit=args.limit or None,
+                     corpus_scope=args.corpus_scope)
     log_invocation(root, {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                           "argv": sys.argv, "ablation": args.name, "weights": lm.weights})
     retriever = PassageRetriever(task.corpus)
@@ -116,7 +121,8 @@ def _run_arms(args: argparse.Namespace) -> None:
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv,
                 "ablation": args.name, "arm": arm.label, "method": arm.method,
                 "overrides": list(overrides), "dataset": args.dataset, "limit": args.limit,
-                "offset": args.offset, "batch_size": args.batch_size,
+                "offset": args.offset, "corpus_scope": args.corpus_scope,
+                "batch_size": args.batch_size,
                 "config": dataclasses.asdict(config),
                 "model": str(lm.source.path), "weights": lm.weights, "device": str(lm.device),
                 "platform": platform.platform()})
