@@ -99,20 +99,24 @@ def test_wrong_shape_expert_is_refused():
         adapter.activate([e])
 
 
-def test_int8_storage_is_per_row_absmax_within_half_a_step():
+def test_int8_storage_has_one_scale_per_rank_channel_within_half_a_step():
     from dmoe.experts.format import decode_weights, encode_weights, quantize_int8
 
-    w = torch.randn(6, 40) * torch.logspace(-3, 1, 6)[:, None]  # rows of very different scale
-    w[2] = 0.0
-    q, s = quantize_int8(w)
-    assert q.dtype == torch.int8 and s.shape == (6,) and int(q.abs().max()) == 127
-    assert s[2] == 1.0 and not q[2].any()
-    err = (q.float() * s[:, None] - w).abs().amax(dim=1)
-    assert bool((err <= s / 2 * (1 + 1e-5)).all())  # rounding: at most half a step, per row
-    stored = encode_weights({"x.lora_A": w}, "int8")
-    assert set(stored) == {"x.lora_A", "x.lora_A.scale"}
-    torch.testing.assert_close(decode_weights(stored)["x.lora_A"], q.float() * s[:, None])
-    with pytest.raises(ExpertFormatError, match="no per-row scales"):
+    a = torch.randn(4, 40) * torch.logspace(-3, 1, 4)[:, None]  # A (r, in): rows of any scale
+    a[2] = 0.0
+    b = torch.randn(40, 4) * torch.logspace(-3, 1, 4)[None, :]  # B (out, r): columns likewise
+    for w, axis in ((a, 1), (b, 0)):
+        q, s = quantize_int8(w)
+        assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+        assert s.shape == ((4, 1) if axis == 1 else (1, 4))  # r scales, not one per output row
+        err = (q.float() * s - w).abs().amax(dim=axis, keepdim=True)
+        assert bool((err <= s / 2 * (1 + 1e-5)).all())  # rounding: at most half a step
+    q, s = quantize_int8(a)
+    assert s[2, 0] == 1.0 and not q[2].any()  # an all-zero channel
+    stored = encode_weights({"x.lora_A": a, "x.lora_B": b}, "int8")
+    assert set(stored) == {"x.lora_A", "x.lora_A.scale", "x.lora_B", "x.lora_B.scale"}
+    torch.testing.assert_close(decode_weights(stored)["x.lora_A"], q.float() * s)
+    with pytest.raises(ExpertFormatError, match="no per-channel scales"):
         decode_weights({"x.lora_A": q})
 
 

@@ -269,6 +269,25 @@ def test_cli_lost_database_is_reported_never_recreated_then_rebuilt(lm, tmp_path
         assert kb.bank.ids() == want and sorted(kb.index.ids()) == want
 
 
+def test_cli_bank_convert_to_int8_gives_a_checked_bank_with_its_index(lm, tmp_path):
+    bank = tmp_path / "bank"
+    quiet_build(corpus(tmp_path / "c.jsonl", {"velmora": LONG, "zorbit": OTHER}), bank, lm)
+    out = dmoe("bank", "convert", "--bank", str(bank), "--to", str(tmp_path / "q8"), "--dtype", "int8")
+    assert out.returncode == 0, out.stderr
+    checked = dmoe("bank", "check", "--bank", str(tmp_path / "q8"), "--deep", "--json")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    with KnowledgeBase.open(bank, readonly=True) as kb, \
+            KnowledgeBase.open(tmp_path / "q8", readonly=True) as q8:
+        assert q8.bank.dtype == "int8" and q8.bank.ids() == kb.bank.ids()
+        assert sorted(q8.index.ids()) == sorted(kb.index.ids())  # routable as it is
+        assert "int8 experts" in out.stdout and "already there" in out.stdout
+    again = dmoe("bank", "convert", "--bank", str(bank), "--to", str(tmp_path / "q8"), "--dtype", "int8")
+    assert again.returncode == 0 and again.stdout.startswith("0 experts written")
+    wrong = dmoe("bank", "convert", "--bank", str(bank), "--to", str(tmp_path / "q8"), "--dtype",
+                 "float16")
+    assert wrong.returncode != 0 and "int8 bank, not float16" in wrong.stderr
+
+
 def test_cli_refuses_bad_numbers_and_non_model_files(tmp_path):
     nan = dmoe("ask", "hi", "--tau", "nan")
     assert nan.returncode == 2 and "finite" in nan.stderr

@@ -71,9 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     conv = bsub.add_parser(
         "convert", help="copy a bank with its experts stored in another dtype (e.g. int8)",
         description="Copy --bank into a new bank --to whose expert files are stored in --dtype "
-                    "(int8: per-row absmax, a quarter of fp32's bytes). Ids, documents and "
-                    "routing texts are kept; the source is only read. Rerun to resume. The new "
-                    "bank's router index is built when it is first opened for serving.")
+                    "(int8: absmax per rank channel, about a quarter of fp32's tensor bytes). "
+                    "Ids, documents and routing texts are kept; the source is only read; the new "
+                    "bank gets its own router index. Rerun to resume.")
     _bank_arg(conv)
     conv.add_argument("--to", required=True, type=Path, metavar="DIR", help="the new bank")
     conv.add_argument("--dtype", required=True, choices=STORAGE_DTYPES)
@@ -189,12 +189,14 @@ def run_convert(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from dmoe.experts.bank import ExpertBank, convert_bank
+    from dmoe.knowledge import KnowledgeBase
 
     src = _need_bank(args)
     with ExpertBank.open(src, readonly=True) as bank:
         total = len(bank)
     with tqdm(total=total, desc=f"convert to {args.dtype}", unit="expert") as bar:
         n = convert_bank(src, args.to, args.dtype, progress=bar.update)
+    KnowledgeBase.open(args.to).close()  # a writable open builds the router index from the bank
     with ExpertBank.open(args.to, readonly=True) as bank:
         size = sum(i.bytes for i in bank.list())
         print(f"{n} experts written, {total - n} already there; {args.to} holds {len(bank)} "

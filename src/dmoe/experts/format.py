@@ -16,11 +16,13 @@ no torch and catches a bit flip anywhere in the tensor data. Loading checks the 
 caller knows it), the header, the checksum and that every weight is finite; a file that fails is
 refused with ``ExpertFormatError`` and never half-used.
 
-**int8** (version 3) stores each weight per output channel (row) as symmetric int8, ``W ≈ diag(s)
-· Q`` with ``s_o = max_i |W_oi| / 127`` (absmax), and the fp32 scales beside it as
-``{name}.scale`` (shape ``(rows,)``). Loading dequantises to fp32, so the engine never sees int8;
-only the bytes on disk and in the expert cache's files change. Float files stay version 2, so a
-reader from before int8 still reads every float bank.
+**int8** (version 3) stores each weight as symmetric int8 with one fp32 absmax scale per *rank
+channel*: a row of ``A`` (r, in), a column of ``B`` (out, r), so ``W ≈ Q * s`` with ``s`` of shape
+``(r, 1)`` or ``(1, r)``, stored beside it as ``{name}.scale`` (in general: one scale per slice
+along the smaller dimension). A rank-r LoRA then carries 2r scales per projection, not one per
+output row (which for ``B`` would cost as much as fp16). Loading dequantises to fp32, so the engine
+never sees int8; only the bytes on disk change. Float files stay version 2, so a reader from before
+int8 still reads every float bank.
 
 Writes go to a temporary file in the same directory and are ``os.replace``d into place, so a crash
 never leaves a half-written expert visible. Version-1 files (no checksum) still load outside a bank.
@@ -53,7 +55,7 @@ INT8_VERSION = "3"  # the first version that can hold int8 weights + scales
 READABLE_VERSIONS = ("1", "2", "3")
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 STORAGE_DTYPES = (*FLOAT_DTYPES, "int8")
-SCALE_SUFFIX = ".scale"  # int8: ``{name}.scale`` holds the per-row fp32 scales of ``{name}``
+SCALE_SUFFIX = ".scale"  # int8: ``{name}.scale`` holds the fp32 channel scales of ``{name}``
 MAX_HEADER_BYTES = 64 << 20  # a header larger than this is corruption, not an expert
 
 
@@ -118,11 +120,13 @@ def tensor_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric absmax int8: ``(q, s)`` with ``w ≈ q * s[:, None]`` (a zero row: s = 1)."""
+    """Symmetric absmax int8 with one scale per slice along ``w``'s smaller dimension (a LoRA's
+    rank channels): ``(q, s)``, ``w ≈ q * s``, ``s`` of shape ``(rows, 1)`` or ``(1, cols)``; an
+    all-zero slice gets scale 1."""
     w = w.detach().to("cpu", torch.float32)
-    s = w.abs().amax(dim=1) / 127.0
+    s = w.abs().amax(dim=1 if w.shape[0] <= w.shape[1] else 0, keepdim=True) / 127.0
     s = torch.where(s > 0, s, torch.ones_like(s))
-    q = torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8)
+    q = torch.round(w / s).clamp_(-127, 127).to(torch.int8)
     return q.contiguous(), s.contiguous()
 
 
@@ -150,9 +154,9 @@ def decode_weights(tensors: Mapping[str, torch.Tensor], name: str = "<tensors>"
             continue
         if v.dtype == torch.int8:
             s = tensors.get(k + SCALE_SUFFIX)
-            if s is None or s.shape != (v.shape[0],):
-                raise ExpertFormatError(f"{name}: int8 tensor {k!r} has no per-row scales")
-            out[k] = v.float() * s.float()[:, None]
+            if s is None or s.shape not in ((v.shape[0], 1), (1, v.shape[1])):
+                raise ExpertFormatError(f"{name}: int8 tensor {k!r} has no per-channel scales")
+            out[k] = v.float() * s.float()
         else:
             out[k] = v
     return out
