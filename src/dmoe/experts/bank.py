@@ -494,7 +494,8 @@ def convert_bank(src: str | Path, dst: str | Path, dtype: str,
                  progress: Callable[[int], None] | None = None) -> int:
     """Copy bank ``src`` into bank ``dst`` with every expert stored in ``dtype``: the same ids,
     documents, hashes, routing texts and records; only the expert files are re-encoded (int8:
-    absmax per rank channel, see ``dmoe.experts.format``). Converting up (fp16 -> fp32) restores nothing.
+    absmax per rank channel, see ``dmoe.experts.format``). Converting up (fp16 -> fp32) restores
+    nothing.
 
     Resumable: ``dst`` may exist from an interrupted run (same base model, spec and dtype), and
     experts it already holds are skipped. Returns how many were written; ``progress(1)`` after each.
