@@ -17,6 +17,9 @@ from dmoe.commands.common import add_model_args
 EXAMPLE = """example:
   dmoe ablate tau --dataset knowledge_conflicts --limit 100 --bank BANK --out results/ablations
   dmoe ablate trigger --dataset hotpotqa --limit 100 --bank HP_BANK --out results/ablations
+  dmoe ablate dtype --dataset knowledge_conflicts --limit 100 --bank BANK --out results/ablations
+  dmoe ablate rank --dataset knowledge_conflicts --limit 100 --out results/ablations \
+      --work /tmp/ablation-banks      # trains one bank per rank on the questions' passages
   dmoe ablate tau --report-only --out results/ablations   # rebuild summary.json, table.md, plot
 
 Rerunning the same command resumes every arm where it stopped. Each arm is the shipped

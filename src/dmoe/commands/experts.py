@@ -42,11 +42,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     rm.set_defaults(func=run_rm)
     e.set_defaults(func=lambda args: (e.print_help(), 2)[1])
 
-    b = sub.add_parser("bank", help="bank maintenance (check / repair / migrate)",
+    b = sub.add_parser("bank", help="bank maintenance (check / repair / migrate / convert)",
                        description="Bank maintenance.\n\nexamples:\n"
                                    "  dmoe bank check --bank runs/demo-bank --deep\n"
                                    "  dmoe bank check --bank runs/demo-bank --repair\n"
-                                   "  dmoe bank migrate --bank runs/old-bank",
+                                   "  dmoe bank migrate --bank runs/old-bank\n"
+                                   "  dmoe bank convert --bank runs/demo-bank --to runs/q8 "
+                                   "--dtype int8",
                        formatter_class=fmt)
     bsub = b.add_subparsers(dest="bank_command", metavar="SUBCOMMAND")
     check = bsub.add_parser(
