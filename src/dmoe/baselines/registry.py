@@ -44,6 +44,7 @@ from dmoe.errors import DmoeError
 from dmoe.experts.lora import Expert, ExpertAdapter
 from dmoe.routing.base import Router
 from dmoe.routing.simple import RandomRouter, ShuffledRouter
+from dmoe.samples import Sample
 
 __all__ = ["METHOD_NAMES", "Resources", "attach_bank", "build_method"]
 
@@ -91,11 +92,8 @@ def build_method(name: str, res: Resources, retriever: PassageRetriever) -> Meth
             router = RandomRouter(ids, seed=cfg.seed)
         elif name == "dmoe_shuffled":
             router = ShuffledRouter(router, ids, seed=cfg.seed)
-        gold = None
-        if name == "dmoe_oracle":
-            expert_of = res.expert_of or (lambda unit_id: unit_id)
-            gold = lambda s: [e for e in map(expert_of, s.gold_unit_ids) if e is not None]  # noqa: E731
-        method = DmoeMethod(m, tok, res.adapter, loader, router, cfg, gold_experts=gold)
+        method = DmoeMethod(m, tok, res.adapter, loader, router, cfg,
+                            gold_experts=_gold_experts(res) if name == "dmoe_oracle" else None)
         method.name = name
         return method
     if name in ("prag", "prag_combine"):
@@ -110,6 +108,16 @@ def build_method(name: str, res: Resources, retriever: PassageRetriever) -> Meth
         routing = _need(res.poly_routing, name, "a routing function")
         return PolyPragMethod(m, tok, res.adapter, pool, routing, retriever, cfg)
     raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
+
+
+def _gold_experts(res: Resources) -> Callable[[Sample], list[str]]:
+    """A sample -> its gold units' experts (the oracle's routes), in the order given."""
+    expert_of = res.expert_of or (lambda unit_id: unit_id)
+
+    def gold(sample: Sample) -> list[str]:
+        return [e for e in map(expert_of, sample.gold_unit_ids) if e is not None]
+
+    return gold
 
 
 def attach_bank(res: Resources, bank: Any, cache_capacity: int = 64) -> None:
