@@ -314,8 +314,6 @@ def train_fast(model: Any, tokenizer: Any, jobs: Sequence[Job], config: TrainCon
     if not jobs:
         return []
     shapes = mlp_shapes(model, 1)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     encoded = _encode_jobs(tokenizer, jobs, config)
     # 1) trunk once per sequence, batched across all experts
     flat = [(ex.ids, ex.start) for exs in encoded for ex in exs]
@@ -324,43 +322,75 @@ def train_fast(model: Any, tokenizer: Any, jobs: Sequence[Job], config: TrainCon
     teachers = [t for ts in _teachers(model, encoded, config) for t in ts]
     for st, teacher in zip(states_flat, teachers, strict=True):
         st.teacher = teacher
-    states, k = [], 0
+    states = per_job(states_flat, encoded)
+
+    # 2) + 3) every step: the head of each active expert on its current example
+    def backward(cur: Sequence[tuple[int, int]], lora: StackedLora) -> None:
+        rows = [states[i][j] for i, j in cur]
+        for lo, hi in _row_groups([len(c.targets) for c in rows], head_batch_tokens):
+            _head_step(model, rows[lo:hi],
+                       {p: (a[lo:hi], b[lo:hi]) for (_, p), (a, b) in lora.items()},
+                       config.spec.scale, config.distill_temperature)
+
+    return train_stacked(model, jobs, [len(exs) for exs in encoded], shapes, config, backward,
+                         progress)
+
+
+StackedLora = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, proj) -> A, B
+
+
+def per_job(flat: Sequence[Any], encoded: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    """A flat list over every job's examples, cut back into one list per job."""
+    out, k = [], 0
     for exs in encoded:
-        states.append(states_flat[k:k + len(exs)])
+        out.append(list(flat[k:k + len(exs)]))
         k += len(exs)
-    # 2) stacked parameters, experts sorted by number of steps (longest first)
-    steps = [config.epochs * len(exs) for exs in encoded]
+    return out
+
+
+def train_stacked(model: Any, jobs: Sequence[Job], n_examples: Sequence[int],
+                  shapes: dict[tuple[int, str], tuple[int, int]], config: TrainConfig,
+                  backward: Callable[[Sequence[tuple[int, int]], StackedLora], None],
+                  progress: Progress | None = None) -> list[Expert]:
+    """The optimisation the fast paths share: every expert's LoRA in stacked tensors (longest
+    schedule first), step s of expert i on its example ``s % n_i`` like the reference, masked
+    AdamW over the active rows, then unstacked back to job order.
+
+    ``backward(cur, lora)`` accumulates step s's gradients: ``cur[row] = (job, example)`` for the
+    active experts in stack order, and row ``row`` of every ``lora[(layer, proj)] = (A (n, r, in),
+    B (n, out, r))`` is that expert's.
+    """
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    steps = [config.epochs * n for n in n_examples]
     order = sorted(range(len(jobs)), key=lambda i: -steps[i])
     inits = [init_expert(jobs[i][0], shapes, config) for i in order]
-    layer = next(iter(shapes))[0]
-    lora = {p: tuple(torch.stack([e.weights[weight_key(layer, p, part)] for e in inits])
-                     .to(device, dtype).requires_grad_(True) for part in "AB")
-            for p in PROJECTIONS}  # p -> (A (n, r, in), B (n, out, r))
+    lora: StackedLora = {
+        key: (torch.stack([e.weights[weight_key(*key, "A")] for e in inits]).to(device, dtype)
+              .requires_grad_(True),
+              torch.stack([e.weights[weight_key(*key, "B")] for e in inits]).to(device, dtype)
+              .requires_grad_(True))
+        for key in sorted(shapes)}
     params = [t for pair in lora.values() for t in pair]
     moments = [(torch.zeros_like(t), torch.zeros_like(t)) for t in params]
-    # 3) optimise: step s of expert i uses example s % n_i, like the reference
     n_done = 0
     for s in range(max(steps)):
         n_active = sum(1 for i in order if steps[i] > s)
         if progress and n_active < len(order) - n_done:
             progress(len(order) - n_done - n_active)
             n_done = len(order) - n_active
-        cur = [states[order[row]][s % len(encoded[order[row]])] for row in range(n_active)]
-        for lo, hi in _row_groups([len(c.targets) for c in cur], head_batch_tokens):
-            _head_step(model, cur[lo:hi], {p: (a[lo:hi], b[lo:hi]) for p, (a, b) in lora.items()},
-                       config.spec.scale, config.distill_temperature)
+        backward([(order[row], s % n_examples[order[row]]) for row in range(n_active)], lora)
         masked_adamw_(params, moments, n_active, s + 1, config.lr, config.betas, config.eps,
                       config.weight_decay)
         for t in params:
             t.grad = None
     if progress and n_done < len(order):
         progress(len(order) - n_done)
-    # 4) unstack, back to job order
     experts: list[Expert | None] = [None] * len(jobs)
     for row, i in enumerate(order):
         experts[i] = Expert(id=jobs[i][0], spec=config.spec, weights={
             weight_key(layer, p, part): t[row].detach().float().cpu().clone()
-            for p, (a, b) in lora.items() for part, t in (("A", a), ("B", b))})
+            for (layer, p), (a, b) in lora.items() for part, t in (("A", a), ("B", b))})
     return experts  # type: ignore[return-value]
 
 

@@ -31,17 +31,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dmoe.experts.lora import PROJECTIONS, Expert, ExpertAdapter, decoder_layers, weight_key
+from dmoe.experts.lora import PROJECTIONS, Expert, ExpertAdapter, decoder_layers
 from dmoe.training.experts import (
     EncodedExample,
     Job,
     Progress,
+    StackedLora,
     TrainConfig,
     _encode_jobs,
     _row_groups,
-    init_expert,
-    masked_adamw_,
     mlp_shapes,
+    per_job,
+    train_stacked,
 )
 
 
@@ -92,8 +93,7 @@ def _causal_mask(t: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
 
 def _top_layers_loss(model: Any, adapter: ExpertAdapter, first: int,
                      rows: Sequence[tuple[torch.Tensor, EncodedExample]],
-                     lora: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
-                     scale: float) -> torch.Tensor:
+                     lora: StackedLora, scale: float) -> torch.Tensor:
     """Σ over rows of the mean CE of row i's example, through layers ``first ..`` with row i's
     LoRA (``lora[(layer, proj)] = (A (n, r, in), B (n, out, r))``, one row per example)."""
     inner = model.model
@@ -126,52 +126,24 @@ def train_fast_layers(model: Any, tokenizer: Any, jobs: Sequence[Job], config: T
                          "train_reference for the distillation objective")
     if not jobs:
         return []
-    n_layers = config.spec.n_layers
-    shapes = mlp_shapes(model, n_layers)
+    shapes = mlp_shapes(model, config.spec.n_layers)
     first = min(i for i, _ in shapes)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     encoded = _encode_jobs(tokenizer, jobs, config)
-    flat = layer_inputs(model, [ex.ids for exs in encoded for ex in exs], first, trunk_batch_tokens)
-    states, k = [], 0
-    for exs in encoded:
-        states.append(flat[k:k + len(exs)])
-        k += len(exs)
-    steps = [config.epochs * len(exs) for exs in encoded]
-    order = sorted(range(len(jobs)), key=lambda i: -steps[i])
-    inits = [init_expert(jobs[i][0], shapes, config) for i in order]
-    lora = {key: tuple(torch.stack([e.weights[weight_key(*key, part)] for e in inits])
-                       .to(device, dtype).requires_grad_(True) for part in "AB")
-            for key in sorted(shapes)}  # (layer, proj) -> (A (n, r, in), B (n, out, r))
-    params = [t for pair in lora.values() for t in pair]
-    moments = [(torch.zeros_like(t), torch.zeros_like(t)) for t in params]
+    states = per_job(layer_inputs(model, [ex.ids for exs in encoded for ex in exs], first,
+                                  trunk_batch_tokens), encoded)
     adapter = ExpertAdapter(model, config.spec)
     saved = {i: m.lora for i, m in adapter.mlps.items()}
-    n_done = 0
+
+    def backward(cur: Sequence[tuple[int, int]], lora: StackedLora) -> None:
+        rows = [(states[i][j], encoded[i][j]) for i, j in cur]
+        for lo, hi in _row_groups([len(ex.ids) for _, ex in rows], step_batch_tokens):
+            group = {key: (a[lo:hi], b[lo:hi]) for key, (a, b) in lora.items()}
+            _top_layers_loss(model, adapter, first, rows[lo:hi], group,
+                             config.spec.scale).backward()
+
     try:
-        for s in range(max(steps)):
-            n_active = sum(1 for i in order if steps[i] > s)
-            if progress and n_active < len(order) - n_done:
-                progress(len(order) - n_done - n_active)
-                n_done = len(order) - n_active
-            cur = [(states[order[row]][s % len(encoded[order[row]])],
-                    encoded[order[row]][s % len(encoded[order[row]])]) for row in range(n_active)]
-            for lo, hi in _row_groups([len(ex.ids) for _, ex in cur], step_batch_tokens):
-                group = {key: (a[lo:hi], b[lo:hi]) for key, (a, b) in lora.items()}
-                _top_layers_loss(model, adapter, first, cur[lo:hi], group,
-                                 config.spec.scale).backward()
-            masked_adamw_(params, moments, n_active, s + 1, config.lr, config.betas, config.eps,
-                          config.weight_decay)
-            for t in params:
-                t.grad = None
+        return train_stacked(model, jobs, [len(exs) for exs in encoded], shapes, config,
+                             backward, progress)
     finally:
         for i, m in adapter.mlps.items():
             m.lora = saved[i]
-    if progress and n_done < len(order):
-        progress(len(order) - n_done)
-    experts: list[Expert | None] = [None] * len(jobs)
-    for row, i in enumerate(order):
-        experts[i] = Expert(id=jobs[i][0], spec=config.spec, weights={
-            weight_key(layer, p, part): t[row].detach().float().cpu().clone()
-            for (layer, p), (a, b) in lora.items() for part, t in (("A", a), ("B", b))})
-    return experts  # type: ignore[return-value]
