@@ -57,6 +57,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=TrainConfig.lr, help="per-passage expert lr")
     ap.add_argument("--epochs", type=int, default=TrainConfig.epochs,
                     help="per-passage expert epochs")
+    ap.add_argument("--model", default=None, metavar="SPEC",
+                    help="base model, as dmoe's --model (default: the packaged smollm2; also "
+                         "gemma3-270m, an HF model directory or a .gguf file)")
+    ap.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda")
     ap.add_argument("--dtype", default="float32", choices=STORAGE_DTYPES,
                     help="storage dtype of the bank's expert files (default float32)")
     corpus = ap.add_argument_group("corpus-wide LoRAs (sft_lora, poly_prag)")
@@ -81,7 +85,7 @@ def main() -> None:
     if args.no_bank and not (args.sft_lora or args.poly):
         ap.error("--no-bank with nothing to train: add --sft-lora FILE and/or --poly DIR")
 
-    lm = load_base_model(training=True)  # experts train on float weights
+    lm = load_base_model(args.model, args.device, training=True)  # experts train on float weights
     task = load_task(args.dataset, offset=args.offset, limit=args.limit or None,
                      corpus_scope=args.corpus_scope)
     jobs = expert_jobs(lm, task.corpus, args.recipe, args.augmenter)

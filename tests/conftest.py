@@ -45,6 +45,16 @@ def tiny_model(arch: str = "llama", layers: int = 2, seed: int = 0):
         model = LlamaForCausalLM(LlamaConfig(**common))
     elif arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif arch == "gemma3":
+        # Gemma 3's block (pre/post feed-forward norms, q/k norms, scaled embeddings), its
+        # alternating layer types, and a sliding window short enough that the tests' sequences
+        # cross it. Both tied embeddings and two rope bases as in the real model.
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        kinds = ["sliding_attention", "full_attention"] * layers
+        model = Gemma3ForCausalLM(Gemma3TextConfig(
+            **common, head_dim=16, sliding_window=6, layer_types=kinds[:layers],
+            query_pre_attn_scalar=16, final_logit_softcapping=None))
     else:
         raise ValueError(arch)
     return model.eval().requires_grad_(False)

@@ -71,7 +71,7 @@ def assert_same(gen, ref):
     assert diff <= 1e-4, diff
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 @pytest.mark.parametrize("max_batch", [4, 2])  # 2: rows leave and waiting ones join mid-run
 def test_batch_rows_equal_single_sequence_engine(tokenizer, arch, max_batch):
     model, adapter, bank = setup(arch)

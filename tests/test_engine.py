@@ -54,7 +54,7 @@ def reference_logits(model, adapter, bank, prompt, gen):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_cached_engine_equals_no_cache_recompute(tokenizer, arch):
     model, adapter, bank, router, cache, trigger = setup(arch)
     engine = Engine(model, tokenizer, adapter, cache, router, trigger)
@@ -89,7 +89,7 @@ def test_multi_layer_experts_need_recompute(tokenizer, policy, should_agree):
         assert gen.prefill_tokens == PROMPT.shape[1]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_partial_recompute_of_the_expert_layers_equals_a_full_recompute(tokenizer, arch):
     """kv_policy="partial": re-running only the last N layers from the stored residual stream is
     exact (max abs logit diff <= 1e-4 in fp32) and costs N/L of a re-prefill per trigger."""
@@ -110,7 +110,7 @@ def test_partial_recompute_of_the_expert_layers_equals_a_full_recompute(tokenize
     assert partial.prefill_tokens == pytest.approx(PROMPT.shape[1] + sum(lengths) * 2 / 4)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_no_experts_equals_hf_generate(tokenizer, arch):
     model = tiny_model(arch)
     adapter = ExpertAdapter(model, LoraSpec())

@@ -19,7 +19,7 @@ def _experts(adapter, n, spec, seed=0):
     return [random_expert(f"e{i}", adapter.mlp_shapes, spec, g, std=0.2) for i in range(n)]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 @pytest.mark.parametrize("k", [1, 3])
 def test_stacked_lora_matches_merged_reference(arch, k):
     model = tiny_model(arch)

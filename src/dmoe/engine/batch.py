@@ -38,7 +38,14 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from dmoe.engine.decode import DecodeConfig, Engine, Generation, TokenRecord, greedy_token
+from dmoe.engine.decode import (
+    DecodeConfig,
+    Engine,
+    Generation,
+    TokenRecord,
+    greedy_token,
+    new_cache,
+)
 from dmoe.engine.triggers import TriggerPolicy, token_entropy
 from dmoe.experts.lora import Expert
 from dmoe.routing.base import Router
@@ -182,7 +189,7 @@ class BatchEngine:
             eng._start(req.task_input, req.config, req.initial_experts, router)
             seq = req.input_ids.to(eng.model.device)
             t0 = time.perf_counter()
-            cache = DynamicCache(config=eng.model.config)
+            cache = new_cache()
             logits = eng._forward(seq, cache)
             eng._sync(req.config.profile)
             out = Generation(token_ids=[], text="", records=[], finish_reason="length",

@@ -10,6 +10,8 @@ base model decodes until the next trigger. With experts on the last layer only, 
     h_mid  = residual stream of position t after the last layer's attention   (cached by a hook)
     logits = lm_head(norm(h_mid + MLP_{θ+ΣΔ}(post_attention_layernorm(h_mid))))
 
+(Gemma 3 wraps the MLP in its own pre/post norms: ``dmoe.experts.blocks.FeedForward``.)
+
 No K/V depends on the last MLP, so the cache stays valid: no re-prefill. With experts on the last
 N > 1 layers earlier MLPs feed later attention, so the cache *is* stale after a swap and the engine
 must be told what to do (``kv_policy``): ``recompute`` re-prefills the whole sequence under the new
@@ -34,6 +36,7 @@ import torch
 from transformers import DynamicCache
 
 from dmoe.engine.triggers import NeverTrigger, TriggerPolicy, token_entropy
+from dmoe.experts.blocks import attention_inputs, feed_forward
 from dmoe.experts.lora import (
     COMPOSITIONS,
     Composition,
@@ -147,6 +150,16 @@ ExpertLoader = Callable[[Sequence[str]], list[Expert]]
 ActiveSet = tuple[tuple[Expert, ...], tuple[float, ...]]  # experts and their composition weights
 
 
+def new_cache() -> DynamicCache:
+    """An empty KV cache whose every layer keeps all its positions.
+
+    A cache built from the config would give sliding-window layers (Gemma 3) a cache that drops
+    keys older than the window. The model's masks already hide those keys, so keeping them changes
+    no logit, and it keeps every layer's cache the same length: rows of a batch splice, and the
+    expert layers can be re-run over every position (``kv_policy="partial"``)."""
+    return DynamicCache()
+
+
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
     """Every id that ends generation: the generation config's EOS ids plus the tokenizer's."""
     ids: set[int] = set()
@@ -176,8 +189,8 @@ class Engine:
         self.lm_head = model.get_output_embeddings()
         self.eos_ids = eos_token_ids(model, tokenizer)
         self._h_mid: torch.Tensor | None = None  # (B, 1, d) residual after the last attention
-        norm: Any = self.layers[-1].post_attention_layernorm
-        self._hook = norm.register_forward_pre_hook(self._capture_h_mid)
+        self._ffn = feed_forward(self.layers[-1])
+        self._hook = self._ffn.pre.register_forward_pre_hook(self._capture_h_mid)  # reads h_mid
         # kv_policy "partial": the residual stream entering the first expert layer, every position
         self._first_expert_layer = min(adapter.layer_ids)
         self._residuals: list[torch.Tensor] | None = None  # None: not kept (other policies)
@@ -208,8 +221,7 @@ class Engine:
         (default: the one the last forward captured)."""
         h_mid = self._h_mid if h_mid is None else h_mid
         assert h_mid is not None, "no forward pass has run yet"
-        layer = self.layers[-1]
-        h = h_mid + layer.mlp(layer.post_attention_layernorm(h_mid))  # (B, 1, d)
+        h = self._ffn(h_mid, self.layers[-1].mlp)  # (B, 1, d)
         return self.lm_head(self.final_norm(h))[:, -1, :]  # (B, V)
 
     def _recompute_expert_layers(self, cache: DynamicCache) -> torch.Tensor:
@@ -221,11 +233,12 @@ class Engine:
         self._residuals = None  # the layer calls below are not new positions
         n = h.shape[1]
         positions = torch.arange(n, device=h.device)
-        mask = torch.full((n, n), float("-inf"), device=h.device, dtype=h.dtype).triu(1)
-        rotary = self.model.model.rotary_emb(h, positions[None])
-        for i in range(self._first_expert_layer, len(self.layers)):
+        ids = list(range(self._first_expert_layer, len(self.layers)))
+        inputs = attention_inputs(self.model, h, positions[None], ids)
+        for i in ids:
             cache.layers[i] = type(cache.layers[i])()  # drop this layer's stale K/V
-            out = self.layers[i](h, attention_mask=mask[None, None], position_ids=positions[None],
+            mask, rotary = inputs[i]
+            out = self.layers[i](h, attention_mask=mask, position_ids=positions[None],
                                  past_key_values=cache, cache_position=positions, use_cache=True,
                                  position_embeddings=rotary)
             h = out[0] if isinstance(out, tuple) else out
@@ -262,7 +275,7 @@ class Engine:
 
         # 1) prefill: the prompt under the initial active set
         t0 = time.perf_counter()
-        cache = DynamicCache(config=self.model.config)
+        cache = new_cache()
         logits = self._forward(seq, cache)  # (1, V)
         self._sync(cfg.profile)
         out.prefill_s = time.perf_counter() - t0
@@ -280,7 +293,7 @@ class Engine:
                 if not multi_layer:
                     logits = self._recompute_last_mlp()
                 elif cfg.kv_policy == "recompute":
-                    cache = DynamicCache(config=self.model.config)
+                    cache = new_cache()
                     logits = self._forward(seq, cache)
                     out.prefill_tokens += seq.shape[1]
                 elif cfg.kv_policy == "partial":

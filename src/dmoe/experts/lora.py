@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmoe.errors import ExpertFormatError, UnsupportedModelError
+from dmoe.experts.blocks import feed_forward
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 Composition = Literal["cat", "softmax"]
@@ -179,27 +180,28 @@ def merged_mlp_forward(mlp: Any, x: torch.Tensor, experts: Sequence[Expert],
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder's layer list of a Llama/Qwen2/Mistral-style ``*ForCausalLM``."""
+    """The decoder's layer list of a Llama/Qwen2/Mistral/Gemma 3-style ``*ForCausalLM``."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise UnsupportedModelError(f"{type(model).__name__} has no `.model.layers`; dmoe supports "
-                                    "Llama-style decoders (Llama, Qwen2, Mistral, SmolLM2)")
+                                    "Llama-style decoders (Llama, Qwen2, Mistral, SmolLM2) and "
+                                    "Gemma 3")
     return layers
 
 
 def check_supported(model: nn.Module, n_layers: int) -> list[int]:
-    """Validate that the last ``n_layers`` layers have a Llama-style MLP block; return their ids.
+    """Validate that the last ``n_layers`` layers have a supported MLP block; return their ids.
 
-    The block must compute ``h = h_mid + mlp(post_attention_layernorm(h_mid))`` with a
-    gate/up/down MLP, because the engine recomputes exactly that on a trigger.
+    The block must be one ``dmoe.experts.blocks.feed_forward`` knows (Llama-style or Gemma 3) with
+    a gate/up/down MLP, because the engine recomputes exactly that on a trigger.
     """
     layers = decoder_layers(model)
     if not 1 <= n_layers <= len(layers):
         raise ValueError(f"n_layers must be in [1, {len(layers)}], got {n_layers}")
     config = getattr(model, "config", None)
     if getattr(config, "final_logit_softcapping", None):
-        raise UnsupportedModelError("models with final-logit softcapping (Gemma) are not supported")
+        raise UnsupportedModelError("models with final-logit softcapping (Gemma 2) are not supported")
     ids = list(range(len(layers) - n_layers, len(layers)))
     for i in ids:
         layer = layers[i]
@@ -215,9 +217,7 @@ def check_supported(model: nn.Module, n_layers: int) -> list[int]:
                 f"layer {i}'s MLP holds packed (fp16/int8) weights, and experts on the last "
                 f"{n_layers} layers need float ones there: load the model with "
                 f"float_mlps >= {n_layers} (or --weights fp32)")
-        if not hasattr(layer, "post_attention_layernorm") or hasattr(layer, "post_feedforward_layernorm"):
-            raise UnsupportedModelError(f"layer {i} of {type(model).__name__} is not a Llama-style "
-                                        "pre-norm block (post_attention_layernorm -> mlp)")
+        feed_forward(layer, i)  # raises on a block shape the engine cannot recompute
     return ids
 
 

@@ -23,7 +23,7 @@ from dmoe.engine.attribution import spans, token_texts
 from dmoe.engine.batch import Request
 from dmoe.engine.decode import DecodeConfig, Generation, TokenRecord
 from dmoe.engine.triggers import make_trigger
-from dmoe.prompts import format_chat
+from dmoe.prompts import encode_text, format_chat
 from dmoe.routing.base import Router
 from dmoe.routing.simple import RandomRouter
 from dmoe.server.scheduler import GenerationCancelled, Ticket
@@ -102,8 +102,8 @@ def _prepare(state: ServerState, id_prefix: str, text: str, task_input: str,
         raise ApiError(400, f"the prompt is {len(text)} characters; no prompt over {char_limit} "
                             f"characters fits this server's limit of {state.max_prompt_tokens} "
                             f"tokens", prompt_param, code="context_length_exceeded")
-    ids = list(state.lm.tokenizer(text, add_special_tokens=False)["input_ids"])
-    if not ids:
+    ids = encode_text(state.lm.tokenizer, text)
+    if not text or not ids:
         raise ApiError(400, "the prompt is empty", prompt_param)
     limit = state.max_prompt_tokens
     if limit is not None and len(ids) > limit:

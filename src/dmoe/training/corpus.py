@@ -126,8 +126,8 @@ def mixture_example_ce(model: Any, states: Sequence[SupervisedStates], pool: Poo
     All examples' positions are flattened into one (N, d) block (no padding); each position
     carries its example's coefficients, spread over that LoRA's r columns (module docstring).
     """
-    pln, mlp, final_norm, lm_head = last_layer_parts(model)
-    dtype = pln.weight.dtype
+    ffn, mlp, final_norm, lm_head = last_layer_parts(model)
+    dtype = ffn.pre.weight.dtype
     lengths = torch.tensor([len(s.targets) for s in states])
     h_mid = torch.cat([s.h_mid for s in states])  # (N, d)
     row = torch.repeat_interleave(torch.arange(len(states)), lengths).to(h_mid.device)  # (N,)
@@ -140,8 +140,8 @@ def mixture_example_ce(model: Any, states: Sequence[SupervisedStates], pool: Poo
         b_cat = b.permute(1, 0, 2).reshape(b.shape[1], m * r).to(dtype)  # (out, m·r)
         return getattr(mlp, name)(x) + ((x @ a_cat.T) * c) @ b_cat.T * scale  # (N, out)
 
-    x = pln(h_mid)  # (N, d)
-    h = h_mid + proj("down_proj", mlp.act_fn(proj("gate_proj", x)) * proj("up_proj", x))
+    x = ffn.pre(h_mid)  # (N, d)
+    h = h_mid + ffn.output(proj("down_proj", mlp.act_fn(proj("gate_proj", x)) * proj("up_proj", x)))
     logits = lm_head(final_norm(h))  # (N, V)
     targets = torch.cat([s.targets for s in states]).to(logits.device)  # (N,)
     ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)

@@ -49,6 +49,7 @@ from dmoe.experts.lora import (
     decoder_layers,
     weight_key,
 )
+from dmoe.prompts import encode_text
 from dmoe.training.distill import (
     TeacherTargets,
     base_only,
@@ -129,8 +130,9 @@ class EncodedExample:
 
 
 def _join(tokenizer: Any, prompt_text: str, target: list[int], max_seq_len: int) -> list[int]:
-    """Prompt tokens (cut from the left to fit ``max_seq_len``) followed by ``target``."""
-    prompt = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"]) if prompt_text else []
+    """Prompt tokens (cut from the left to fit ``max_seq_len``) followed by ``target``; the prompt
+    starts the sequence as an answer's prompt does (``dmoe.prompts.encode_text``)."""
+    prompt = encode_text(tokenizer, prompt_text)
     prompt = prompt[len(prompt) - (max_seq_len - len(target)):] if len(target) < max_seq_len else []
     return prompt + target
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dmoe.experts.blocks import attention_inputs
 from dmoe.experts.lora import PROJECTIONS, Expert, ExpertAdapter, decoder_layers
 from dmoe.training.experts import (
     EncodedExample,
@@ -85,12 +86,6 @@ def layer_inputs(model: Any, seqs: Sequence[torch.Tensor], first: int,
     return out  # type: ignore[return-value]
 
 
-def _causal_mask(t: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(1, 1, T, T) additive mask: 0 on and below the diagonal, the dtype's minimum above."""
-    full = torch.full((t, t), torch.finfo(dtype).min, dtype=dtype, device=device)
-    return full.triu(1)[None, None]
-
-
 def _top_layers_loss(model: Any, adapter: ExpertAdapter, first: int,
                      rows: Sequence[tuple[torch.Tensor, EncodedExample]],
                      lora: StackedLora, scale: float) -> torch.Tensor:
@@ -101,10 +96,11 @@ def _top_layers_loss(model: Any, adapter: ExpertAdapter, first: int,
     h = torch.nn.utils.rnn.pad_sequence([x for x, _ in rows], batch_first=True)  # (n, T, d)
     n, t = h.shape[:2]
     positions = torch.arange(t, device=h.device)[None].expand(n, t)
-    rope = inner.rotary_emb(h, positions)
-    mask = _causal_mask(t, h.dtype, h.device)
-    for i in range(first, len(layers)):
+    ids = list(range(first, len(layers)))
+    inputs = attention_inputs(model, h, positions, ids)
+    for i in ids:
         adapter.mlps[i].lora = {p: (lora[(i, p)][0], lora[(i, p)][1] * scale) for p in PROJECTIONS}
+        mask, rope = inputs[i]
         out = layers[i](h, attention_mask=mask, position_ids=positions, position_embeddings=rope)
         h = out[0] if isinstance(out, tuple) else out
     h = inner.norm(h)

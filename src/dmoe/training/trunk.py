@@ -6,6 +6,8 @@ into a part that no expert can change and a small part that every expert recompu
     trunk:  ids -> embed -> layers[0 .. L-1] -> layers[L].attention  ->  h_mid    (frozen, shared)
     head:   h_mid + MLP_{θ+Δ}(post_attention_layernorm(h_mid)) -> norm -> lm_head -> logits
 
+(Gemma 3 norms the MLP's input and output with its own pair: ``dmoe.experts.blocks``.)
+
 ``trunk_states`` runs the trunk once per sequence, batched (right-padded, with an attention mask),
 and keeps ``h_mid`` only at the positions whose next token is supervised; sequences of one unit that
 start alike (PRAG's ``passage + Q_i``) run their common prefix once, into a KV cache that the
@@ -24,6 +26,7 @@ from typing import Any
 
 import torch
 
+from dmoe.experts.blocks import FeedForward, feed_forward
 from dmoe.experts.lora import ExpertMLP, decoder_layers
 from dmoe.training.distill import TeacherTargets
 
@@ -41,11 +44,11 @@ class _StopForward(Exception):
     """Raised by the capture hook: nothing after the last attention is needed from the trunk."""
 
 
-def last_layer_parts(model: Any) -> tuple[Any, Any, Any, Any]:
-    """``(post_attention_layernorm, base MLP, final norm, lm_head)`` of the last decoder layer."""
+def last_layer_parts(model: Any) -> tuple[FeedForward, Any, Any, Any]:
+    """``(FeedForward, base MLP, final norm, lm_head)`` of the last decoder layer."""
     layer: Any = decoder_layers(model)[-1]
     mlp = layer.mlp.base if isinstance(layer.mlp, ExpertMLP) else layer.mlp
-    return layer.post_attention_layernorm, mlp, model.model.norm, model.get_output_embeddings()
+    return feed_forward(layer), mlp, model.model.norm, model.get_output_embeddings()
 
 
 def _batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -125,7 +128,7 @@ def trunk_states(model: Any, sequences: Sequence[tuple[torch.Tensor, int]],
     are sorted by length and right-padded into batches of at most ``max_batch_tokens`` tokens;
     with right padding every real token keeps its position ids and never attends to a pad.
     """
-    norm: Any = decoder_layers(model)[-1].post_attention_layernorm
+    norm: Any = feed_forward(decoder_layers(model)[-1]).pre  # its input is h_mid
     device = next(model.parameters()).device
     full: list[torch.Tensor | None] = [None] * len(sequences)  # h_mid (T_i, d) per sequence
     clusters: dict[tuple[Hashable, tuple[int, ...]], list[int]] = {}
@@ -170,17 +173,17 @@ def stacked_head_logits(model: Any, h_mid: torch.Tensor, valid: torch.Tensor,
 
         y_i = x_i @ W.T + scale * (x_i @ A_i.T) @ B_i.T        # bmm over the n rows
 
-    then ``logits = lm_head(norm(h_mid + down(act(gate) * up))[valid])``, shape (N, V) with
+    then ``logits = lm_head(norm(h_mid + ffn.output(down(act(gate) * up)))[valid])``, shape (N, V) with
     N = valid.sum() in row-major order. The MLP runs on the padded block (cheap); the final norm and
     lm_head (the expensive part: V ≫ d) only on real positions.
     """
-    pln, mlp, final_norm, lm_head = last_layer_parts(model)
+    ffn, mlp, final_norm, lm_head = last_layer_parts(model)
 
     def proj(name: str, x: torch.Tensor) -> torch.Tensor:
         a, b = lora[name]
         return getattr(mlp, name)(x) + torch.bmm(torch.bmm(x, a.mT), b.mT) * scale  # (n, P, out)
 
-    x = pln(h_mid)  # (n, P, d)
-    h = h_mid + proj("down_proj", mlp.act_fn(proj("gate_proj", x)) * proj("up_proj", x))
+    x = ffn.pre(h_mid)  # (n, P, d)
+    h = h_mid + ffn.output(proj("down_proj", mlp.act_fn(proj("gate_proj", x)) * proj("up_proj", x)))
     return lm_head(final_norm(h[valid]))  # (N, V)
 
