@@ -121,3 +121,43 @@ def test_packaged_model_batch_equals_single_sequence(smollm):
         assert [r.active for r in gen.records] == [r.active for r in ref.records]
         n = len(ref.logits)
         assert (torch.stack(gen.logits[:n]) - torch.stack(ref.logits)).abs().max() <= 1e-4
+
+
+def test_chunked_packaged_model_is_assembled_once_and_checked(tmp_path, monkeypatch):
+    """A GGUF shipped in chunk packages (as gemma3-270m is): concatenated in order into the cache,
+    found there next time, and refused (no file left behind) when its sha256 does not match."""
+    import hashlib
+    import sys
+
+    from dmoe.base_model import PACKAGED_MODELS, PackagedModel
+
+    chunks = [b"GGUF-head-", b"middle-", b"tail"]
+    for i, data in enumerate(chunks):
+        pkg = tmp_path / "site" / f"fakemodel_part{i + 1}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("raise ImportError('never imported')\n")
+        (pkg / "data" / f"fake.gguf.part{i:02d}").write_bytes(data)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("DMOE_CACHE_DIR", str(tmp_path / "cache"))
+    parts = tuple(f"fakemodel_part{i + 1}" for i in range(3))
+    whole = b"".join(chunks)
+    monkeypatch.setitem(PACKAGED_MODELS, "fake", PackagedModel(
+        "fakemodel", "fake.gguf", "pip install fake", parts, hashlib.sha256(whole).hexdigest()))
+    monkeypatch.setitem(PACKAGED_MODELS, "fake-bad", PackagedModel(
+        "fakemodel", "fake-bad.gguf", "pip install fake", parts, "0" * 64))
+    for i, data in enumerate(chunks):  # the bad entry reads the same chunks under its own name
+        (tmp_path / "site" / f"fakemodel_part{i + 1}" / "data" / f"fake-bad.gguf.part{i:02d}"
+         ).write_bytes(data)
+
+    source = resolve_model("fake")
+    assert source.is_gguf and source.path.read_bytes() == whole
+    assert source.path.parent == tmp_path / "cache" / "gguf"
+    assert resolve_model("fake").path == source.path  # found in the cache the second time
+    with pytest.raises(ModelNotFoundError, match="sha256"):
+        resolve_model("fake-bad")
+    assert sorted(p.name for p in source.path.parent.iterdir()) == ["fake.gguf"]
+    assert not any(m.startswith("fakemodel") for m in sys.modules)
+    monkeypatch.setitem(PACKAGED_MODELS, "fake-missing", PackagedModel(
+        "nopkg", "x.gguf", "pip install the-x-parts", ("nopkg_part1",), None))
+    with pytest.raises(ModelNotFoundError, match="pip install the-x-parts"):
+        resolve_model("fake-missing")
