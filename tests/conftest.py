@@ -60,6 +60,30 @@ def tiny_model(arch: str = "llama", layers: int = 2, seed: int = 0):
     return model.eval().requires_grad_(False)
 
 
+def reference_logits(model, adapter, bank, prompt, gen):
+    """Full no-cache forward for every generated position under the experts active there."""
+    out = []
+    for t, rec in enumerate(gen.records):
+        adapter.activate([bank[i] for i in rec.active])
+        seq = torch.cat([prompt, torch.tensor([gen.token_ids[:t]], dtype=torch.long)], dim=1)
+        with torch.no_grad():
+            out.append(model(seq).logits[0, -1])
+    return torch.stack(out)
+
+
+def random_bank(adapter, n: int, std: float = 0.02):
+    """``n`` seeded random experts ``e0 .. e{n-1}`` for a real model, a router that picks two of
+    them by query length, and the loader an ``Engine`` takes: ``(bank, router, load)``."""
+    from dmoe.experts.lora import LoraSpec, random_expert
+    from dmoe.routing.base import FunctionRouter
+
+    g = torch.Generator().manual_seed(0)
+    bank = {f"e{i}": random_expert(f"e{i}", adapter.mlp_shapes, LoraSpec(), g, std=std)
+            for i in range(n)}
+    router = FunctionRouter(lambda q, k: [f"e{len(q) % n}", f"e{(len(q) + 1) % n}"][:k])
+    return bank, router, lambda ids: [bank[i] for i in ids]
+
+
 def tiny_lm():
     """``tiny_model()`` as a ``LoadedModel`` with the byte tokenizer: the same model on every call
     (a picklable factory, so a server's build worker process can load its own copy)."""

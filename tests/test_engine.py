@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import reference_logits, tiny_model
 
 from dmoe.engine.decode import DecodeConfig, Engine, repeated_ngram_tokens
 from dmoe.engine.triggers import (
@@ -41,17 +41,6 @@ def setup(arch="llama", layers=2, n_layers=1, n_experts=6, schedule=(0, 3, 7), s
     router = FunctionRouter(lambda q, k: next(sets))
     cache = ExpertCache(bank.__getitem__, capacity=4)
     return model, adapter, bank, router, cache, ScheduleTrigger.at(schedule)
-
-
-def reference_logits(model, adapter, bank, prompt, gen):
-    """Full no-cache forward for every generated position under the experts active there."""
-    out = []
-    for t, rec in enumerate(gen.records):
-        adapter.activate([bank[i] for i in rec.active])
-        seq = torch.cat([prompt, torch.tensor([gen.token_ids[:t]], dtype=torch.long)], dim=1)
-        with torch.no_grad():
-            out.append(model(seq).logits[0, -1])
-    return torch.stack(out)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])

@@ -11,13 +11,13 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import random_bank, reference_logits
 
 from dmoe.base_model import PACKAGED_MODELS, load_base_model
 from dmoe.engine.decode import DecodeConfig, Engine
 from dmoe.engine.triggers import ScheduleTrigger
-from dmoe.experts.lora import ExpertAdapter, LoraSpec, random_expert
+from dmoe.experts.lora import ExpertAdapter, LoraSpec
 from dmoe.prompts import encode_prompt
-from dmoe.routing.base import FunctionRouter
 
 pytestmark = [
     pytest.mark.slow,
@@ -56,21 +56,13 @@ def test_gemma_swaps_are_exact(gemma):
     cached engine's logits equal a full forward under the set active at each position."""
     model, tok = gemma.model, gemma.tokenizer
     adapter = ExpertAdapter(model, LoraSpec())
-    g = torch.Generator().manual_seed(0)
-    bank = {f"e{i}": random_expert(f"e{i}", adapter.mlp_shapes, LoraSpec(), g, std=0.02)
-            for i in range(3)}
-    router = FunctionRouter(lambda q, k: [f"e{len(q) % 3}", f"e{(len(q) + 1) % 3}"][:k])
-    engine = Engine(model, tok, adapter, lambda ids: [bank[i] for i in ids], router,
-                    ScheduleTrigger.at([0, 3]))
+    bank, router, load = random_bank(adapter, 3)
+    engine = Engine(model, tok, adapter, load, router, ScheduleTrigger.at([0, 3]))
     ids = torch.tensor([encode_prompt(tok, "Who wrote Hamlet?")])
     gen = engine.generate(ids, "Who wrote Hamlet?",
                           PaperDecode(max_new_tokens=6, record_logits=True, ignore_eos=True))
     engine.close()
     assert gen.n_triggers == 2 and gen.prefill_tokens == ids.shape[1]
-    for t, rec in enumerate(gen.records):
-        adapter.activate([bank[i] for i in rec.active])
-        seq = torch.cat([ids, torch.tensor([gen.token_ids[:t]], dtype=torch.long)], dim=1)
-        with torch.no_grad():
-            ref = model(seq).logits[0, -1]
-        assert (gen.logits[t] - ref).abs().max() <= 1e-3, t
+    ref = reference_logits(model, adapter, bank, ids, gen)
+    assert (torch.stack(gen.logits) - ref).abs().max() <= 1e-3
     adapter.detach()

@@ -89,18 +89,14 @@ def test_packaged_model_on_packed_weights(smollm, weights):
 @pytest.mark.slow
 def test_packaged_model_batch_equals_single_sequence(smollm):
     """Four rows with different questions, expert sets and swap steps, on the real model."""
+    from conftest import random_bank
+
     from dmoe.engine.batch import BatchEngine, Request
     from dmoe.engine.triggers import ScheduleTrigger
-    from dmoe.experts.lora import random_expert
-    from dmoe.routing.base import FunctionRouter
 
     model, tok = smollm.model, smollm.tokenizer
     adapter = ExpertAdapter(model, LoraSpec())
-    g = torch.Generator().manual_seed(0)
-    bank = {f"e{i}": random_expert(f"e{i}", adapter.mlp_shapes, LoraSpec(), g, std=0.02)
-            for i in range(4)}
-    router = FunctionRouter(lambda q, k: [f"e{len(q) % 4}", f"e{(len(q) + 1) % 4}"][:k])
-    load = lambda ids: [bank[i] for i in ids]  # noqa: E731
+    bank, router, load = random_bank(adapter, 4)
     cfg = PaperDecode(max_new_tokens=12, record_logits=True)
     questions = ["What is the capital of France?", "Who wrote Hamlet?",
                  "Name a planet with rings.", "Why is the sky blue? Explain briefly."]
