@@ -56,11 +56,13 @@ def test_knowledge_conflicts_efficacy_and_locality():
     task = load_task("knowledge_conflicts", limit=300)
     eff = [s for s in task.samples if s.meta["split"] == "efficacy"]
     loc = [s for s in task.samples if s.meta["split"] == "locality"]
-    assert len(eff) == 300 and len(loc) == 100 and len(task.corpus) == 300
+    assert len(eff) == 300 and len(loc) == 300 and len(task.corpus) == 300  # the paper's 300 + 300
     assert eff[0].question == "who does candace like in phineas and ferb?"
     assert eff[0].answers == ("Griselda Blanco",) and eff[0].meta["original"] == ["Jeremy Johnson"]
     assert "Griselda Blanco" in task.corpus[0].text
-    assert loc[-1].id == "kc-loc-17527" and not loc[0].gold_unit_ids
+    assert loc[0].id == "kc-loc-17228" and loc[-1].id == "kc-loc-17527" and not loc[0].gold_unit_ids
+    assert len([s for s in load_task("knowledge_conflicts", limit=300, n_locality=5).samples
+                if s.meta["split"] == "locality"]) == 5
     assert not {s.id for s in loc} & {s.id for s in eff}
     assert len(load_task("knowledge_conflicts", limit=None).samples) == 17528
 

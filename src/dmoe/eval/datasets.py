@@ -16,7 +16,7 @@ name                     questions (file under the data dir)         corpus (one
 
 ``knowledge_conflicts`` has two kinds of samples, told apart by ``meta["split"]``: ``efficacy``
 (examples ``offset .. offset+limit``; their substituted passages form the corpus) and ``locality``
-(``n_locality`` examples, default min(100, limit), from the end of the file, whose passages are
+(``n_locality`` examples, as many as the efficacy ones by default, from the end of the file, whose passages are
 *not* injected; they measure whether a method's answers to unrelated questions stay what the base
 model says).
 
@@ -177,9 +177,10 @@ def load_knowledge_conflicts(root: Path, offset: int = 0, limit: int | None = DE
                              n_locality: int | None = None) -> Task:
     """Efficacy samples (substituted passage injected, gold = substituted answer, ``meta["original"]``
     = the real answer) and ``n_locality`` unrelated questions from the file's end (gold = original
-    answer, their passages not injected); ``n_locality`` defaults to min(100, limit)."""
+    answer, their passages not injected); ``n_locality`` defaults to ``limit`` (100 with no
+    limit)."""
     if n_locality is None:
-        n_locality = min(100, limit) if limit is not None else 100
+        n_locality = limit if limit is not None else 100
     examples = _read_json(root / "knowledge_conflicts" / "nq_conflicts_bigbench.json")["examples"]
     n_loc = min(n_locality, max(0, len(examples) - offset - (limit or 0)))
     chosen = _slice(examples[: len(examples) - n_loc], offset, limit)
