@@ -16,9 +16,9 @@ name                     questions (file under the data dir)         corpus (one
 
 ``knowledge_conflicts`` has two kinds of samples, told apart by ``meta["split"]``: ``efficacy``
 (examples ``offset .. offset+limit``; their substituted passages form the corpus) and ``locality``
-(``n_locality`` examples, as many as the efficacy ones by default, from the end of the file, whose passages are
-*not* injected; they measure whether a method's answers to unrelated questions stay what the base
-model says).
+(``n_locality`` examples, as many as the efficacy ones by default, from the end of the file,
+whose passages are *not* injected; they measure whether a method's answers to unrelated questions
+stay what the base model says).
 
 The data directory is ``data_dir`` if given, else ``$DMOE_DATA_DIR``, else ``../shared/data``
 relative to the repository root. Loaders select ``samples[offset : offset + limit]`` (``limit=None``
