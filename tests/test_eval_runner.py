@@ -9,7 +9,7 @@ from dmoe.baselines import MethodConfig, PassageRetriever, Prediction, Resources
 from dmoe.cli import main
 from dmoe.corpus.units import KnowledgeUnit
 from dmoe.eval.datasets import Sample, Task
-from dmoe.eval.report import quality_table, summarize, write_report
+from dmoe.eval.report import diagnostics_table, quality_table, sign_test_p, summarize, write_report
 from dmoe.eval.runner import read_records, results_path, run_task, shard
 from dmoe.experts.lora import ExpertAdapter, LoraSpec
 
@@ -84,7 +84,7 @@ def test_resume_and_report(tmp_path, resources):
     assert s["base"]["locality"] == 1.0 and s["rag"]["n_locality"] == 1 and s["rag"]["n"] == 3
     for key in ("em", "f1", "acc", "efficacy", "latency_s_mean", "peak_rss_mb"):
         assert s["rag"][key] is not None, key
-    assert (tmp_path / "tables.md").read_text().count("| rag |") == 4
+    assert (tmp_path / "tables.md").read_text().count("| rag |") == 5  # tables 1, 1b, 2, 3, samples per cell
     assert (tmp_path / "quality_vs_latency.png").stat().st_size > 1000
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     retriever.close()
@@ -173,3 +173,48 @@ def test_a_results_directory_keeps_one_weights_mode(tmp_path):
     check_weights(tmp_path / "b", "fp16")
     log_invocation(tmp_path / "gpu", {"device": "cuda:0"})  # the old CUDA default was bf16
     check_weights(tmp_path / "gpu", "bf16")
+
+
+def test_diagnostics_from_handmade_records(tmp_path):
+    """Paired splits, the sign test, routing shares and latency ratios, counted by hand."""
+    d = tmp_path / "knowledge_conflicts"
+    d.mkdir()
+
+    def rec(i, split, contains, answer="x", active=(), latency=1.0):
+        return {"id": f"{split[0]}{i}", "kind": "span", "split": split, "em": 0.0, "f1": 0.0,
+                "contains": contains, "answer": answer, "latency_s": latency,
+                "generated_tokens": 1, "prefill_tokens": 1, "triggers": 0,
+                "active_experts": list(active), "gold_unit_ids": [f"u{i}"] if split == "efficacy"
+                else []}
+
+    files = {
+        "base": [rec(i, "efficacy", 0.0) for i in range(4)] + [rec(0, "locality", 0.0)],
+        "rag": [rec(i, "efficacy", float(i == 3)) for i in range(4)]
+               + [rec(0, "locality", 0.0, latency=3.0)],
+        # own expert on e0, e1; a wrong one on e2; none on e3; an expert on the locality question
+        "dmoe": [rec(0, "efficacy", 1.0, active=["u0"], latency=2.0),
+                 rec(1, "efficacy", 0.0, active=["u9", "u1"], latency=3.0),
+                 rec(2, "efficacy", 1.0, active=["u5"], latency=2.0), rec(3, "efficacy", 0.0),
+                 rec(0, "locality", 0.0, answer="y", active=["u2"], latency=0.5)],
+    }
+    for m, lines in files.items():
+        (d / f"{m}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    s = summarize(tmp_path)["datasets"]["knowledge_conflicts"]
+    dm = s["dmoe"]
+    assert dm["expert_active"] == 0.75 and dm["own_expert_active"] == 0.5 and dm["n_own_expert"] == 2
+    assert dm["score_own_expert"] == 0.5 and dm["score_no_own_expert"] == 0.5
+    assert dm["locality_expert_active"] == 1.0 and dm["locality"] == 0.0
+    assert dm["paired"]["base"] == {"n": 4, "better": 2, "worse": 0, "sign_test_p": 0.5}
+    assert dm["paired"]["rag"] == {"n": 4, "better": 2, "worse": 1, "sign_test_p": 1.0}
+    assert dm["latency_vs_base_p50"] == 2.0  # ratios 2, 3, 2, 1, 0.5
+    assert "own_expert_active" not in s["rag"] and "base" not in s["base"]["paired"]
+    assert s["rag"]["latency_vs_base_p50"] == 1.0
+    table = diagnostics_table(summarize(tmp_path))
+    assert "| knowledge_conflicts | dmoe | 75.0 | 50.0 | 50.0 / 50.0 | 100.0 | 2/0, 0.5 | 2/1, 1 | 2.00 |" \
+        in table
+
+
+def test_sign_test():
+    assert sign_test_p(0, 0) == 1.0 and sign_test_p(3, 3) == 1.0
+    assert sign_test_p(10, 0) == sign_test_p(0, 10) == 2 / 2 ** 10
+    assert abs(sign_test_p(50, 29) - 0.0238) < 1e-4  # the knowledge_conflicts dmoe-vs-rag split

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dmoe.eval.report import KC, summarize_records
+from dmoe.eval.report import KC, UNIT_EXPERT_METHODS, routing, summarize_records
 from dmoe.eval.runner import latest_records
 from dmoe.experts.lora import LoraSpec
 
@@ -149,6 +149,8 @@ def summarize_ablation(out: Path, name: str) -> dict[str, Any]:
                          "locality": s.get("locality"), "em": s.get("em"), "f1": s.get("f1"),
                          "latency_s_mean": s["latency_s_mean"],
                          "trigger_rate": trigger_rate(records),
+                         "own_expert_active": routing(records).get("own_expert_active")
+                         if arm.method in UNIT_EXPERT_METHODS else None,
                          "prefill_tokens_mean": s["prefill_tokens_mean"],
                          "bytes_per_expert": bank.get("bytes_per_expert")})
         datasets[dataset] = {"arms": rows}
@@ -160,19 +162,21 @@ def _json_value(value: float | str) -> float | str:
 
 
 def table(summary: dict[str, Any]) -> str:
-    """One Markdown table per dataset (+ prefill tokens for placement, bytes where measured)."""
+    """One Markdown table per dataset (+ the share of questions whose own expert was active,
+    prefill tokens for placement, bytes where measured)."""
     lines = [f"# Ablation: {summary['ablation']}", ""]
     for dataset, d in summary["datasets"].items():
         rows = d["arms"]
         metric = rows[0]["metric"] if rows else "quality"
         prefill = summary["ablation"] == "placement"  # what a trigger re-runs
         sizes = any(r.get("bytes_per_expert") for r in rows)
-        head = (f"| arm | n | {metric} | locality | latency s | triggers / token |"
+        head = (f"| arm | n | {metric} | locality | own expert active | latency s | triggers / token |"
                 + (" prefill tokens |" if prefill else "") + (" bytes / expert |" if sizes else ""))
         lines += [f"## {dataset}", "", head, "|---" * head.count(" |") + "|"]
         for r in rows:
             lines.append(f"| {r['arm']} | {r['n']} | {_pct(r['quality'])} | "
-                         f"{_pct(r['locality'])} | {_num(r['latency_s_mean'], 2)} | "
+                         f"{_pct(r['locality'])} | {_pct(r.get('own_expert_active'))} | "
+                         f"{_num(r['latency_s_mean'], 2)} | "
                          f"{_num(r['trigger_rate'], 3)} |"
                          + (f" {_num(r['prefill_tokens_mean'], 1)} |" if prefill else "")
                          + (f" {_int(r.get('bytes_per_expert'))} |" if sizes else ""))

@@ -11,11 +11,26 @@ On ``knowledge_conflicts`` quality is over the efficacy samples only, plus
 ``efficacy`` = share of efficacy answers that contain the substituted answer (``contains``), and
 ``locality`` = share of locality answers equal (after SQuAD normalisation) to ``base``'s answer to
 the same question in the same directory (None when ``base`` has not run them).
+
+Diagnostics, from the same files:
+
+- ``latency_vs_base_p50``: the median over samples of this method's latency over ``base``'s on
+  the same sample (a ratio measured side by side, so less noisy than the means).
+- For the methods that activate per-unit experts (dmoe, its controls, prag): ``expert_active`` and
+  ``own_expert_active``, the shares of quality samples with some expert / one of the sample's
+  ``gold_unit_ids`` among its active experts (eval banks name each expert after its unit);
+  ``score_own_expert`` / ``score_no_own_expert``, the headline score over each group; on
+  ``knowledge_conflicts`` also ``locality_expert_active``, the share of locality samples with an
+  expert active.
+- ``paired``: against ``base`` and ``rag``, on the samples both answered, how many this method
+  scores higher / lower on the headline metric (efficacy, ACC on yes/no sets, else F1) and the
+  two-sided exact sign-test p-value of that split (ties dropped).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,6 +92,61 @@ def summarize_records(records: list[dict[str, Any]], base: list[dict[str, Any]] 
     return s
 
 
+def headline(record: dict[str, Any]) -> float:
+    """A scored record's headline metric: ACC on yes/no questions, else F1; on
+    ``knowledge_conflicts`` efficacy samples (the only ones it is asked of) answer-contained."""
+    if record.get("split") == "efficacy":
+        return float(record["contains"])
+    return float(record["acc"] if record.get("kind") == "yesno" else record["f1"])
+
+
+def sign_test_p(better: int, worse: int) -> float:
+    """Two-sided exact sign test: P(a split at least this uneven | each side has p = 1/2)."""
+    n = better + worse
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(better, worse) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired(records: list[dict[str, Any]], anchor: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-sample headline scores of ``records`` against ``anchor``'s on the same quality samples."""
+    theirs = {r["id"]: headline(r) for r in anchor if r.get("split") != "locality"}
+    ours = [(headline(r), theirs[r["id"]]) for r in records
+            if r.get("split") != "locality" and r["id"] in theirs]
+    better = sum(a > b for a, b in ours)
+    worse = sum(a < b for a, b in ours)
+    return {"n": len(ours), "better": better, "worse": worse,
+            "sign_test_p": sign_test_p(better, worse)}
+
+
+# methods whose active experts are per-unit experts (named after their units in eval banks)
+UNIT_EXPERT_METHODS = ("prag", "prag_combine", "dmoe", "dmoe_random", "dmoe_shuffled", "dmoe_oracle")
+
+
+def routing(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Which experts were active, against the samples' own units (see the module docstring)."""
+    quality = [r for r in records if r.get("split") != "locality"]
+    own = [r for r in quality if set(r.get("active_experts") or ()) & set(r.get("gold_unit_ids") or ())]
+    own_ids = {r["id"] for r in own}
+    rest = [r for r in quality if r["id"] not in own_ids]
+    s = {"expert_active": _mean([float(bool(r.get("active_experts"))) for r in quality]),
+         "own_expert_active": len(own) / len(quality) if quality else None,
+         "n_own_expert": len(own),
+         "score_own_expert": _mean([headline(r) for r in own]),
+         "score_no_own_expert": _mean([headline(r) for r in rest])}
+    loc = [r for r in records if r.get("split") == "locality"]
+    if loc:
+        s["locality_expert_active"] = _mean([float(bool(r.get("active_experts"))) for r in loc])
+    return s
+
+
+def _latency_vs(records: list[dict[str, Any]], anchor: list[dict[str, Any]]) -> float | None:
+    theirs = {r["id"]: r["latency_s"] for r in anchor}
+    ratios = [r["latency_s"] / theirs[r["id"]] for r in records if theirs.get(r["id"])]
+    return statistics.median(ratios) if ratios else None
+
+
 def summarize(out: str | Path) -> dict[str, Any]:
     """``{"datasets": {dataset: {method: summary}}}`` for every results file under ``out``."""
     root = Path(out)
@@ -86,9 +156,17 @@ def summarize(out: str | Path) -> dict[str, Any]:
         files = {k: v for k, v in files.items() if v}
         if not files:
             continue
+        files = {m: [rescore(r) for r in files[m]] for m in _order(list(files), METHOD_NAMES)}
         base = files.get("base")
-        datasets[ddir.name] = {m: summarize_records(files[m], base)
-                               for m in _order(list(files), METHOD_NAMES)}
+        methods = {m: summarize_records(recs, base) for m, recs in files.items()}
+        for m, recs in files.items():
+            s = methods[m]
+            s["latency_vs_base_p50"] = _latency_vs(recs, base) if base else None
+            if m in UNIT_EXPERT_METHODS:
+                s.update(routing(recs))
+            s["paired"] = {a: paired(recs, files[a]) for a in ("base", "rag")
+                           if a in files and a != m}
+        datasets[ddir.name] = methods
     ordered = {d: datasets[d] for d in _order(list(datasets), DATASET_ORDER)}
     return {"datasets": ordered}
 
@@ -160,6 +238,31 @@ def counts_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def diagnostics_table(summary: dict[str, Any]) -> str:
+    """Per (dataset, method): routing shares, headline score with / without the own expert, the
+    paired split against base and rag, and the median latency ratio to base."""
+    head = ["Dataset", "Method", "expert active", "own expert active", "score: own / not",
+            "loc. expert active", "vs base (+/-, p)", "vs rag (+/-, p)", "latency / base"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def vs(s: dict[str, Any], anchor: str) -> str:
+        pr = s.get("paired", {}).get(anchor)
+        return "–" if pr is None else f"{pr['better']}/{pr['worse']}, {pr['sign_test_p']:.3g}"
+
+    for d, methods in summary["datasets"].items():
+        for m, s in methods.items():
+            if m == "base":
+                continue
+            ratio = s.get("latency_vs_base_p50")
+            lines.append("| " + " | ".join([
+                d, m, _fmt(s.get("expert_active"), 100), _fmt(s.get("own_expert_active"), 100),
+                f"{_fmt(s.get('score_own_expert'), 100)} / {_fmt(s.get('score_no_own_expert'), 100)}"
+                if "own_expert_active" in s else "–",
+                _fmt(s.get("locality_expert_active"), 100), vs(s, "base"), vs(s, "rag"),
+                "–" if ratio is None else f"{ratio:.2f}"]) + " |")
+    return "\n".join(lines)
+
+
 def write_tables(summary: dict[str, Any], path: Path) -> None:
     text = ("# Evaluation results\n\n"
             "## Table 1 — quality (%; EM/F1 SQuAD-normalised, ACC on yes/no sets; "
@@ -169,6 +272,11 @@ def write_tables(summary: dict[str, Any], path: Path) -> None:
             + "\n\n"
             "## Table 2 — efficiency (mean wall latency per question, mean per-sample peak RSS; "
             "token counts and triggers averaged over datasets)\n\n" + efficiency_table(summary)
+            + "\n\n## Table 3 — diagnostics (%: share of quality samples with any expert / their "
+            "own expert active, headline score over each group, share of locality samples with an "
+            "expert active; paired against base and rag on the headline metric: samples better / "
+            "worse, two-sided exact sign-test p; median per-sample latency ratio to base)\n\n"
+            + diagnostics_table(summary)
             + "\n\n## Samples per cell\n\n" + counts_table(summary) + "\n")
     path.write_text(text, encoding="utf-8")
 
