@@ -32,6 +32,7 @@ from dmoe.training.build import BuildConfig
 from dmoe.training.corpus import (
     POLY_SPEC,
     SFT_SPEC,
+    CorpusStates,
     CorpusTrainConfig,
     PolyTrainConfig,
     train_poly_prag,
@@ -98,27 +99,34 @@ def main() -> None:
     corpus_jobs = [(job.unit_id, job.examples) for job in jobs]
     n_examples = sum(len(job.examples) for job in jobs)
     common = dict(lr=args.corpus_lr, epochs=args.corpus_epochs, batch_size=args.batch_size)
+    sft_cfg = CorpusTrainConfig(spec=LoraSpec(rank=args.sft_rank, alpha=2.0 * args.sft_rank),
+                                **common)
+    poly_cfg = PolyTrainConfig(spec=dataclasses.replace(POLY_SPEC, rank=args.poly_rank),
+                               pool_size=args.poly_pool_size, **common)
+    states = None
+    if args.sft_lora or args.poly:  # the frozen trunk runs over the corpus once, for both
+        print(f"trunk states of {n_examples} examples ({len(jobs)} units) ...", flush=True)
+        t0 = time.perf_counter()
+        states = CorpusStates(lm.model, lm.tokenizer, corpus_jobs, sft_cfg)
+        print(f"trunk states in {time.perf_counter() - t0:.1f}s", flush=True)
     if args.sft_lora:
-        sft_cfg = CorpusTrainConfig(spec=LoraSpec(rank=args.sft_rank, alpha=2.0 * args.sft_rank),
-                                    **common)
         bar = tqdm(total=sft_cfg.epochs * n_examples, desc="train sft_lora", unit="example")
         t0 = time.perf_counter()
-        lora = train_sft_lora(lm.model, lm.tokenizer, corpus_jobs, sft_cfg, progress=bar.update)
+        lora = train_sft_lora(lm.model, lm.tokenizer, corpus_jobs, sft_cfg, progress=bar.update,
+                              states=states)
         bar.close()
         save_expert(args.sft_lora, lora, lm.fingerprint)
         print(f"sft_lora (rank {args.sft_rank}, {n_examples} examples x {sft_cfg.epochs} epochs) "
               f"in {time.perf_counter() - t0:.1f}s -> {args.sft_lora}")
     if args.poly:
-        poly_cfg = PolyTrainConfig(spec=dataclasses.replace(POLY_SPEC, rank=args.poly_rank),
-                                   pool_size=args.poly_pool_size, **common)
         bar = tqdm(total=poly_cfg.epochs * n_examples, desc="train poly_prag", unit="example")
         t0 = time.perf_counter()
-        poly = train_poly_prag(lm.model, lm.tokenizer, corpus_jobs, poly_cfg, progress=bar.update)
+        poly = train_poly_prag(lm.model, lm.tokenizer, corpus_jobs, poly_cfg, progress=bar.update,
+                               states=states)
         bar.close()
         save_poly(args.poly, poly, lm.fingerprint, config=dataclasses.asdict(poly_cfg))
         print(f"poly_prag (pool {poly_cfg.pool_size} x rank {args.poly_rank}, {len(jobs)} units) "
               f"in {time.perf_counter() - t0:.1f}s -> {args.poly}")
-
 
 if __name__ == "__main__":
     main()

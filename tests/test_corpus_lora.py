@@ -14,6 +14,7 @@ from dmoe.experts.lora import ExpertAdapter, LoraSpec, scaled_expert
 from dmoe.experts.poly_format import load_poly, read_poly, save_poly
 from dmoe.training.corpus import (
     Budget,
+    CorpusStates,
     CorpusTrainConfig,
     PolyTrainConfig,
     example_losses_fast,
@@ -97,6 +98,29 @@ def test_where_states_live_does_not_change_training(model, sft):
             states_on=states_on, chunk_examples=5, head_batch_tokens=40, share_prefix=share))
         diff = max((other.weights[k] - sft.weights[k]).abs().max().item() for k in sft.weights)
         assert diff < 1e-4, (states_on, share, diff)
+
+
+def test_shared_trunk_states_train_the_same_loras_with_one_trunk_pass(model, sft, poly,
+                                                                       monkeypatch):
+    import dmoe.training.corpus as corpus
+
+    calls = []
+    real = corpus.trunk_states
+    monkeypatch.setattr(corpus, "trunk_states", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tok, jobs = CharTokenizer(), _jobs()
+    states = CorpusStates(model, tok, jobs, SFT)
+    n_trunk = len(calls)
+    shared_sft = train_sft_lora(model, tok, jobs, SFT, states=states)
+    shared_poly = train_poly_prag(model, tok, jobs, POLY, states=states)
+    assert n_trunk >= 1 and len(calls) == n_trunk  # neither trainer ran the trunk again
+    assert all(torch.equal(shared_sft.weights[k], sft.weights[k]) for k in sft.weights)
+    for mine, theirs in zip(shared_poly.pool, poly.pool, strict=True):
+        assert all(torch.equal(mine.weights[k], theirs.weights[k]) for k in theirs.weights)
+    assert torch.equal(shared_poly.weights, poly.weights)
+    with pytest.raises(ValueError, match="other units or another encoding"):
+        train_sft_lora(model, tok, jobs[:2], SFT, states=states)
+    with pytest.raises(ValueError, match="other units or another encoding"):
+        train_sft_lora(model, tok, jobs, CorpusTrainConfig(loss_on="all"), states=states)
 
 
 def test_poly_routing_sums_to_one_and_unknown_is_empty(poly):

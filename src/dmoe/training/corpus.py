@@ -25,7 +25,8 @@ top-k sparsification happens only when loading.
 
 Trunk states (h at the supervised positions) are computed once when they fit a memory budget, on
 the model's device or else on the CPU (minibatches are moved over); past both budgets they are
-recomputed per chunk of the shuffled order, every epoch (``states_on``). ``example_losses_fast`` and
+recomputed per chunk of the shuffled order, every epoch (``states_on``). A ``CorpusStates`` holds
+them; given to both trainers, it runs the trunk once for both. ``example_losses_fast`` and
 ``example_losses_reference`` (full model forward through ``ExpertAdapter``) compute the same
 per-example losses and are held equal by the tests.
 
@@ -250,18 +251,41 @@ class Budget:
     share_prefix: bool | None = None
 
 
-def _fit(model: Any, encoded: Sequence[EncodedExample], unit: Sequence[int], pool: Pool,
+class CorpusStates:
+    """A corpus's examples, encoded, each with its unit, and their trunk states (computed once, or
+    per chunk past the budget): what one training run needs before its first step.
+
+    Both trainers build one when not given one; ``build_eval_bank`` builds it once and passes it to
+    both, so the frozen trunk runs over the corpus once for sft_lora and Poly-PRAG together (their
+    examples are encoded alike when their configs agree on ``loss_on`` and ``max_seq_len``)."""
+
+    def __init__(self, model: Any, tokenizer: Any, jobs: Sequence[Job],
+                 config: CorpusTrainConfig | None = None, budget: Budget | None = None) -> None:
+        config, self.budget = config or CorpusTrainConfig(), budget or Budget()
+        self.encoded, self.unit = _encode(tokenizer, jobs, config)
+        self.key = (config.loss_on, config.max_seq_len, tuple(uid for uid, _ in jobs))
+        b = self.budget
+        self.states = _States(model, self.encoded, self.unit, b.states_on, b.device_bytes,
+                              b.cpu_bytes, b.trunk_batch_tokens, b.share_prefix)
+
+    def check(self, jobs: Sequence[Job], config: CorpusTrainConfig) -> None:
+        """Raise unless these states were built for ``jobs`` under ``config``'s encoding."""
+        if self.key != (config.loss_on, config.max_seq_len, tuple(uid for uid, _ in jobs)):
+            raise ValueError("these CorpusStates were built for other units or another encoding "
+                             "(loss_on, max_seq_len): build them from the same jobs and config")
+
+
+def _fit(model: Any, corpus: CorpusStates, pool: Pool,
          coef_of: Callable[[list[int]], torch.Tensor], extra_groups: list[dict[str, Any]],
-         config: CorpusTrainConfig, budget: Budget, progress: Progress | None) -> list[float]:
+         config: CorpusTrainConfig, progress: Progress | None) -> list[float]:
     """The shared loop; returns the mean training loss of each epoch."""
     for t in (t for pair in pool.values() for t in pair):
         t.requires_grad_(True)
     opt = torch.optim.AdamW([{"params": [t for pair in pool.values() for t in pair],
                               "weight_decay": config.weight_decay}] + extra_groups,
                             lr=config.lr)
-    states = _States(model, encoded, unit, budget.states_on, budget.device_bytes,
-                     budget.cpu_bytes, budget.trunk_batch_tokens, budget.share_prefix)
-    chunk_examples, head_batch_tokens = budget.chunk_examples, budget.head_batch_tokens
+    encoded, unit, states = corpus.encoded, corpus.unit, corpus.states
+    chunk_examples, head_batch_tokens = corpus.budget.chunk_examples, corpus.budget.head_batch_tokens
     gen = torch.Generator().manual_seed(config.seed)
     # whole minibatches per chunk, so recomputing changes no step (only when states are computed)
     per_chunk = (max(1, chunk_examples // config.batch_size) * config.batch_size
@@ -305,31 +329,36 @@ def _token_groups(batch: Sequence[int], encoded: Sequence[EncodedExample],
 
 def train_sft_lora(model: Any, tokenizer: Any, jobs: Sequence[Job],
                    config: CorpusTrainConfig | None = None, budget: Budget | None = None,
-                   progress: Progress | None = None, lora_id: str = "sft_lora") -> Expert:
-    """One LoRA on the union of all units' examples (``jobs``: (unit id, examples) pairs)."""
-    config, budget = config or CorpusTrainConfig(), budget or Budget()
-    encoded, unit = _encode(tokenizer, jobs, config)
+                   progress: Progress | None = None, lora_id: str = "sft_lora",
+                   states: CorpusStates | None = None) -> Expert:
+    """One LoRA on the union of all units' examples (``jobs``: (unit id, examples) pairs).
+    ``states``: trunk states built beforehand for these jobs (then their budget applies)."""
+    config = config or CorpusTrainConfig()
+    states = states or CorpusStates(model, tokenizer, jobs, config, budget)
+    states.check(jobs, config)
     pool, layer = _init_pool(model, [lora_id], config)
     ones = torch.ones(1, 1)
-    _fit(model, encoded, unit, pool, lambda units: ones.expand(len(units), 1), [], config, budget,
-         progress)
+    _fit(model, states, pool, lambda units: ones.expand(len(units), 1), [], config, progress)
     return _unstack(pool, [lora_id], config.spec, layer)[0]
 
 
 def train_poly_prag(model: Any, tokenizer: Any, jobs: Sequence[Job],
                     config: PolyTrainConfig | None = None, budget: Budget | None = None,
-                    progress: Progress | None = None, id_prefix: str = "poly") -> PolyPool:
-    """A pool of ``config.pool_size`` latent LoRAs and one routing vector per unit, jointly."""
-    config, budget = config or PolyTrainConfig(), budget or Budget()
-    encoded, unit = _encode(tokenizer, jobs, config)
+                    progress: Progress | None = None, id_prefix: str = "poly",
+                    states: CorpusStates | None = None) -> PolyPool:
+    """A pool of ``config.pool_size`` latent LoRAs and one routing vector per unit, jointly.
+    ``states`` as for ``train_sft_lora``."""
+    config = config or PolyTrainConfig()
+    states = states or CorpusStates(model, tokenizer, jobs, config, budget)
+    states.check(jobs, config)
     ids = [f"{id_prefix}/{j}" for j in range(config.pool_size)]
     pool, layer = _init_pool(model, ids, config)
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(config.seed + 1)
     z = (torch.randn(len(jobs), config.pool_size, generator=gen) * config.routing_init_std
          ).to(device).requires_grad_(True)  # (n_units, m) routing logits
-    _fit(model, encoded, unit, pool, lambda units: torch.softmax(z[units], dim=-1),
-         [{"params": [z], "lr": config.routing_lr, "weight_decay": 0.0}], config, budget, progress)
+    _fit(model, states, pool, lambda units: torch.softmax(z[units], dim=-1),
+         [{"params": [z], "lr": config.routing_lr, "weight_decay": 0.0}], config, progress)
     weights = torch.softmax(z.detach().float(), dim=-1).cpu()
     return PolyPool(pool=_unstack(pool, ids, config.spec, layer),
                     unit_ids=[uid for uid, _ in jobs], weights=weights)
