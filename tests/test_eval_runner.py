@@ -10,7 +10,14 @@ from dmoe.cli import main
 from dmoe.corpus.units import KnowledgeUnit
 from dmoe.eval.datasets import Sample, Task
 from dmoe.eval.report import diagnostics_table, quality_table, sign_test_p, summarize, write_report
-from dmoe.eval.runner import read_records, results_path, run_task, shard
+from dmoe.eval.runner import (
+    latest_records,
+    merge_results,
+    read_records,
+    results_path,
+    run_task,
+    shard,
+)
 from dmoe.experts.lora import ExpertAdapter, LoraSpec
 
 CORPUS = [KnowledgeUnit("k0", "Zorvan is the capital of Ventia."),
@@ -218,3 +225,43 @@ def test_sign_test():
     assert sign_test_p(0, 0) == 1.0 and sign_test_p(3, 3) == 1.0
     assert sign_test_p(10, 0) == sign_test_p(0, 10) == 2 / 2 ** 10
     assert abs(sign_test_p(50, 29) - 0.0238) < 1e-4  # the knowledge_conflicts dmoe-vs-rag split
+
+
+def test_merge_puts_shards_together_idempotently(tmp_path, capsys):
+    def write(root, method, records, weights="fp16"):
+        d = root / "squad"
+        d.mkdir(parents=True, exist_ok=True)
+        with (d / f"{method}.jsonl").open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        with (root / "runs.jsonl").open("a") as f:
+            f.write(json.dumps({"command": str(root), "weights": weights}) + "\n")
+
+    rec = {"id": "a", "kind": "span", "split": None, "em": 0.0, "f1": 0.0, "contains": 0.0,
+           "answer": "x", "prediction": "x", "gold": ["y"], "latency_s": 1.0,
+           "generated_tokens": 1, "prefill_tokens": 1, "triggers": 0}
+    s0, s1, out = tmp_path / "s0", tmp_path / "s1", tmp_path / "out"
+    write(s0, "base", [rec, {**rec, "id": "c"}])
+    write(s1, "base", [{**rec, "id": "b"}])
+    write(s1, "rag", [{**rec, "id": "b", "prediction": "y", "answer": "y"}])
+    assert merge_results([s0, s1], out) == {"squad/base": 3, "squad/rag": 1}
+    assert [r["id"] for r in read_records(results_path(out, "squad", "base"))] == ["a", "c", "b"]
+    assert len(read_records(out / "runs.jsonl")) == 2
+    assert merge_results([s0, s1], out) == {}  # idempotent
+    # a torn line at the end of the destination is cut; a rerun's newer record wins
+    with results_path(out, "squad", "base").open("a") as f:
+        f.write('{"id": "torn')
+    write(s1, "base", [{**rec, "id": "a", "prediction": "y", "answer": "y"}])
+    assert merge_results([s1], out) == {"squad/base": 1}
+    latest = {r["id"]: r for r in latest_records(results_path(out, "squad", "base"))}
+    assert len(latest) == 3 and latest["a"]["prediction"] == "y"
+    # refused before writing: other weights, a missing source, merging into itself
+    write(tmp_path / "int8", "base", [{**rec, "id": "z"}], weights="int8")
+    for bad, msg in (([tmp_path / "int8"], "different weights"),
+                     ([tmp_path / "nope"], "not a results directory"), ([out], "into itself")):
+        with pytest.raises(ValueError, match=msg):
+            merge_results(bad, out)
+    assert "z" not in {r["id"] for r in read_records(results_path(out, "squad", "base"))}
+    # the CLI merges and rebuilds the report without a model
+    assert main(["eval", "--merge", str(s0), str(s1), "--out", str(out)]) == 0
+    assert "nothing new" in capsys.readouterr().out
+    assert summarize(out)["datasets"]["squad"]["rag"]["f1"] == 1.0

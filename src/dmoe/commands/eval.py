@@ -18,6 +18,7 @@ EXAMPLE = """example:
   dmoe eval --methods dmoe,prag --experts BANK_DIR --datasets knowledge_conflicts --out results/run1
   dmoe eval --methods sft_lora,poly_prag --sft-lora SFT.safetensors --poly POLY_DIR --out run2
   dmoe eval --report-only --out results/run1      # rebuild summary.json / tables.md / plot
+  dmoe eval --merge OUT-0 OUT-1 --out results/run1  # put --shard workers' answers together
 
 Re-running the same command resumes: finished samples (by id) are not recomputed."""
 
@@ -65,8 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard", default=None, type=_shard, metavar="K/N",
                    help="answer only samples K, K+N, K+2N, ... of the selection (0 <= K < N), with "
                         "the whole selection's corpus; for parallel workers, each with its own "
-                        "--out (concatenate their <dataset>/<method>.jsonl files, then "
-                        "--report-only)")
+                        "--out (then --merge them into one)")
     p.add_argument("--batch-size", type=_positive, default=1, metavar="B",
                    help="answer B questions per batch with every method that decodes one greedy "
                         "generation (all but flare); same answers as B = 1 (except with --weights "
@@ -96,6 +96,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="method knob, repeatable (e.g. --set tau=1.5 --set flare_threshold=0.4); "
                         "see MethodConfig")
     p.add_argument("--report-only", action="store_true", help="only rebuild the summary files")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="DIR",
+                   help="append these results directories (e.g. --shard workers' --out) to --out, "
+                        "records not already there, then rebuild the summary files (no model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_model_args(p)
     p.set_defaults(func=run)
@@ -113,7 +116,13 @@ def run(args: argparse.Namespace) -> int:
         if d not in LOADERS:
             raise ValueError(f"unknown dataset {d!r}; choose from {', '.join(LOADERS)}")
     config = MethodConfig().with_overrides(args.overrides)
-    if not args.report_only:
+    if args.merge:
+        from dmoe.eval.runner import merge_results
+
+        added = merge_results(args.merge, args.out)
+        print(f"merged into {args.out}: " + (", ".join(f"{k} +{n}" for k, n in added.items())
+                                               or "nothing new"))
+    elif not args.report_only:
         _evaluate(args, config)
     summary = write_report(args.out)
     print(quality_table(summary))

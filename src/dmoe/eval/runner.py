@@ -183,14 +183,58 @@ def log_invocation(out: Path, info: dict[str, Any]) -> None:
     append_record(Path(out) / "runs.jsonl", info)
 
 
+def weights_of(out: Path) -> set[str]:
+    """The weights modes a results directory's answers were made with (``runs.jsonl``; runs
+    logged before weights modes existed ran the old default: fp32 on a CPU, bf16 on CUDA)."""
+    return {r.get("weights") or ("bf16" if str(r.get("device")).startswith("cuda") else "fp32")
+            for r in read_records(Path(out) / "runs.jsonl")}
+
+
 def check_weights(out: Path, weights: str) -> None:
-    """Refuse to resume a results directory answered with other weights (``runs.jsonl``; runs
-    logged before weights modes existed ran the old default: fp32 on a CPU, bf16 on CUDA): one
-    directory, one weights mode."""
-    runs = Path(out) / "runs.jsonl"
-    before = {r.get("weights") or ("bf16" if str(r.get("device")).startswith("cuda") else "fp32")
-              for r in read_records(runs)} if runs.exists() else set()
+    """Refuse to resume a results directory answered with other weights: one directory, one
+    weights mode."""
+    before = weights_of(out)
     if before - {weights}:
         raise ValueError(f"{out} holds answers made with --weights {', '.join(sorted(before))}; "
                          f"resume it with the same weights, or write --weights {weights} "
                          f"answers to another --out")
+
+
+def merge_results(sources: Iterable[Path], out: Path) -> dict[str, int]:
+    """Append other results directories (``--shard`` workers', or a later run's) to ``out``.
+
+    Every record of a source's ``<dataset>/<method>.jsonl`` and every line of its ``runs.jsonl``
+    that ``out``'s file does not already hold (the same JSON) is appended, in source order and
+    fsync'd, so a record merged later is the newer one (``latest_records``). Merging is
+    idempotent, and an interrupted merge is finished by running it again. Directories answered
+    with different weights modes are refused before anything is written. Returns the records
+    added per ``dataset/method``.
+    """
+    sources, out = [Path(src) for src in sources], Path(out)
+    for src in sources:
+        if not src.is_dir():
+            raise ValueError(f"{src} is not a results directory")
+        if src.resolve() == out.resolve():
+            raise ValueError(f"cannot merge {src} into itself")
+    modes = weights_of(out).union(*(weights_of(src) for src in sources))
+    if len(modes) > 1:
+        raise ValueError(f"these directories hold answers made with different weights "
+                         f"({', '.join(sorted(modes))}); one directory, one weights mode")
+    added: dict[str, int] = {}
+    for src in sources:
+        files = sorted(src.glob("*/*.jsonl")) + [src / "runs.jsonl"]
+        for path in (f for f in files if f.is_file()):
+            rel = path.relative_to(src)
+            dest = out / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _repair_tail(dest)
+            have = {json.dumps(r, sort_keys=True) for r in read_records(dest)}
+            for record in read_records(path):
+                key = json.dumps(record, sort_keys=True)
+                if key not in have:
+                    append_record(dest, record)
+                    have.add(key)
+                    if rel.parent != Path("."):
+                        name = f"{rel.parent}/{rel.stem}"
+                        added[name] = added.get(name, 0) + 1
+    return added
