@@ -14,7 +14,8 @@ it and those samples are recomputed; the newest record of an id is the one that 
 (``latest_records``). A torn last line (a crash during the write) is cut off before appending.
 
 Methods run interleaved per sample (``run_task``); ``shard`` splits a selection between parallel
-workers that write to separate output directories (their JSONL files concatenate into one).
+workers that write to separate output directories (``merge_results``, ``dmoe eval --merge``, puts
+them together).
 With ``batch_size`` B > 1, methods that can (``answer_batch``: every method that answers with
 one greedy generation, i.e. all but FLARE) answer B samples as one batch: the same answers, and
 each record's ``latency_s`` is the batch's wall time / B (``extra.batch_size`` = B) and its memory
