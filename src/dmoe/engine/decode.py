@@ -60,9 +60,11 @@ class DecodeConfig:
     # benches read them from here), chosen on dev slices: results/dev/README.md.
     top_k: int = 1  # experts per trigger (paper: 3; on a 135M model 3 summed experts loop)
     min_score: float = 0.0  # relevance gate: drop routed hits whose raw score is below this
-    min_relevance: float = 0.4  # ... or whose relevance (BM25: score / query max) is below this
-    # (0.4: scripts/calibrate_router.py on knowledge_conflicts 300-600 gates 87% of unrelated
-    # questions and keeps 74% of correct top-1 routes; 0 = off, the paper)
+    min_relevance: float = 0.5  # ... or whose relevance (BM25: score / query max) is below this
+    # (0.5: scripts/replay_routes.py on a knowledge_conflicts dev slice, 300 passages indexed:
+    # 5.7% of unrelated questions admit an expert (0.4: 22.3%), the own expert comes first for
+    # 47.3% of the passages' questions (0.4: 59.3%); results/dev/README.md section 7; 0 = off, the
+    # paper)
     query_max_tokens: int = 128  # router query = last this-many tokens of input + generated text
     stop_strings: tuple[str, ...] = ()  # stop once the generated text contains one of these
     kv_policy: KVPolicy = "recompute"  # only matters for experts on > 1 layer (see module doc)
