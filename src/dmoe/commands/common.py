@@ -86,8 +86,8 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-relevance", type=finite_float, default=D.min_relevance, metavar="R",
                    help="relevance gate: drop routed experts whose BM25 score is below R x the "
                         "query's maximum attainable score; none left = base model until the next "
-                        f"trigger (default {D.min_relevance}, calibrated by "
-                        "scripts/calibrate_router.py; 0 = off, the paper)")
+                        f"trigger (default {D.min_relevance}, chosen on a dev slice by "
+                        "scripts/replay_routes.py; 0 = off, the paper)")
     g.add_argument("--min-score", type=finite_float, default=0.0, metavar="S",
                    help="relevance gate on the raw BM25 score (default 0 = off)")
     g.add_argument("--seed", type=int, default=0, help="seed for random trigger/router")
