@@ -207,8 +207,9 @@ def merge_results(sources: Iterable[Path], out: Path) -> dict[str, int]:
     Every record of a source's ``<dataset>/<method>.jsonl`` and every line of its ``runs.jsonl``
     that ``out``'s file does not already hold (the same JSON) is appended, in source order and
     fsync'd, so a record merged later is the newer one (``latest_records``). Merging is
-    idempotent, and an interrupted merge is finished by running it again. Directories answered
-    with different weights modes are refused before anything is written. Returns the records
+    idempotent, and an interrupted merge is finished by running it again. Each invocation's
+    weights mode travels in its ``runs.jsonl`` line (a results folder may hold datasets answered
+    in different modes; ``dmoe eval`` itself resumes a folder only in one). Returns the records
     added per ``dataset/method``.
     """
     sources, out = [Path(src) for src in sources], Path(out)
@@ -217,10 +218,6 @@ def merge_results(sources: Iterable[Path], out: Path) -> dict[str, int]:
             raise ValueError(f"{src} is not a results directory")
         if src.resolve() == out.resolve():
             raise ValueError(f"cannot merge {src} into itself")
-    modes = weights_of(out).union(*(weights_of(src) for src in sources))
-    if len(modes) > 1:
-        raise ValueError(f"these directories hold answers made with different weights "
-                         f"({', '.join(sorted(modes))}); one directory, one weights mode")
     added: dict[str, int] = {}
     for src in sources:
         files = sorted(src.glob("*/*.jsonl")) + [src / "runs.jsonl"]
