@@ -128,5 +128,6 @@ def main() -> None:
         print(f"poly_prag (pool {poly_cfg.pool_size} x rank {args.poly_rank}, {len(jobs)} units) "
               f"in {time.perf_counter() - t0:.1f}s -> {args.poly}")
 
+
 if __name__ == "__main__":
     main()

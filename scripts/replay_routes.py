@@ -98,5 +98,6 @@ def main() -> None:
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
 
+
 if __name__ == "__main__":
     main()

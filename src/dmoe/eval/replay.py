@@ -118,5 +118,3 @@ def check(records_dir: str | Path, efficacy: list[dict[str, Any]], unrelated: li
                (rec["active_experts"] or [None])[0]) for r, rec in rows]
     return {"n": len(rows), "admitted_agree": sum((a is None) == (b is None) for a, b in firsts),
             "first_expert_agree": sum(a == b for a, b in firsts)}
-
-

@@ -64,8 +64,12 @@ def rescore(record: dict[str, Any]) -> dict[str, Any]:
 def summarize_records(records: list[dict[str, Any]], base: list[dict[str, Any]] | None = None
                       ) -> dict[str, Any]:
     """Aggregate one (dataset, method) file; ``base`` = base's records for locality."""
-    records = [rescore(r) for r in records]
-    base = [rescore(r) for r in base or []]
+    return _summarize_scored([rescore(r) for r in records], [rescore(r) for r in base or []])
+
+
+def _summarize_scored(records: list[dict[str, Any]], base: list[dict[str, Any]]
+                      ) -> dict[str, Any]:
+    """``summarize_records`` of records already rescored."""
     quality = [r for r in records if r.get("split") != "locality"]
     s: dict[str, Any] = {"n": len(records), "n_quality": len(quality)}
     for key in ("em", "f1", "contains"):
@@ -158,7 +162,7 @@ def summarize(out: str | Path) -> dict[str, Any]:
             continue
         files = {m: [rescore(r) for r in files[m]] for m in _order(list(files), METHOD_NAMES)}
         base = files.get("base")
-        methods = {m: summarize_records(recs, base) for m, recs in files.items()}
+        methods = {m: _summarize_scored(recs, base or []) for m, recs in files.items()}
         for m, recs in files.items():
             s = methods[m]
             s["latency_vs_base_p50"] = _latency_vs(recs, base) if base else None
