@@ -146,25 +146,19 @@ def test_multi_layer_fast_path_equals_reference(arch, layers, n_layers):
     assert max((again.weights[k] - ref[0].weights[k]).abs().max().item() for k in again.weights) <= 1e-4
 
 
-@pytest.mark.parametrize("arch,n_layers", [("llama", 1), ("llama", 2), ("gemma3", 1)])
-def test_bf16_compute_trains_close_to_fp32(arch, n_layers):
-    model = tiny_model(arch, layers=3)
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_bf16_head_trains_close_to_the_fp32_head(n_layers):
+    model = tiny_model("llama", layers=3)
     tok = CharTokenizer()
     jobs = _jobs(3)
     config = TrainConfig(spec=LoraSpec(n_layers=n_layers), lr=5e-3, epochs=2)
-    seqs = [(torch.tensor(tok(ex.prompt + ex.target)["input_ids"]), 2) for _, exs in jobs for ex in exs]
-    f32_states = trunk_states(model, seqs)
-    bf16_states = trunk_states(model, seqs, compute_dtype="bfloat16")
-    for a, b in zip(f32_states, bf16_states, strict=True):
-        assert b.h_mid.dtype == torch.float32 and torch.equal(a.targets, b.targets)
-        assert 0 < float((a.h_mid - b.h_mid).norm() / a.h_mid.norm()) < 0.05  # autocast ran
     f32 = train(model, tok, jobs, config)
-    bf16 = train(model, tok, jobs, dataclasses.replace(config, compute_dtype="bfloat16"))
+    bf16 = train(model, tok, jobs, dataclasses.replace(config, head_dtype="bfloat16"))
     rel = max(float((a.weights[k] - b.weights[k]).norm() / a.weights[k].norm())
               for a, b in zip(f32, bf16, strict=True) for k in a.weights if k.endswith("B"))
-    assert 0 < rel < 0.15, rel  # rounding, not another optimisation: measured 0.04-0.07
+    assert 0 < rel < 0.1, rel  # rounded logits, not another optimisation: measured 0.028
     with pytest.raises(ValueError, match="fast-path option"):
-        train_reference(model, tok, jobs, dataclasses.replace(config, compute_dtype="bfloat16"))
+        train_reference(model, tok, jobs, dataclasses.replace(config, head_dtype="bfloat16"))
 
 
 def test_config_validation_names_the_bad_value():
@@ -173,10 +167,10 @@ def test_config_validation_names_the_bad_value():
     with pytest.raises(ValueError, match="'tokens'"):
         TrainConfig(loss_on="tokens")
     with pytest.raises(ValueError, match="'fp8'"):
-        TrainConfig(compute_dtype="fp8")
+        TrainConfig(head_dtype="fp8")
     assert TrainConfig().settings_hash() == TrainConfig().settings_hash()
     assert TrainConfig().settings_hash() != TrainConfig(lr=1e-3).settings_hash()
-    assert TrainConfig().settings_hash() != TrainConfig(compute_dtype="bfloat16").settings_hash()
+    assert TrainConfig().settings_hash() != TrainConfig(head_dtype="bfloat16").settings_hash()
 
 
 @pytest.mark.slow

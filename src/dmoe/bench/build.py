@@ -71,14 +71,12 @@ def squad_jobs(tokenizer: Any, n_units: int, n_questions: int = 3, mix: str = "q
 def bench_training(n_units: int = 8, epochs: int = 10, lr: float = 5e-3, mix: str = "qa",
                    n_questions: int = 3, repeats: int = 2, n_reference: int = 2,
                    share_prefix: bool = True, model: str | None = None,
-                   n_layers: int = 1, compute_dtype: str | None = None) -> dict[str, Any]:
+                   n_layers: int = 1) -> dict[str, Any]:
     """Train the same units through both paths; timings, weight agreement and expert sizes.
 
     The fast path (``train_fast``; ``train_fast_layers`` for experts on ``n_layers`` > 1) trains
     all ``n_units`` together; the reference (slow) trains the first ``n_reference`` of them, one
-    at a time, and the weight comparison covers those. With ``compute_dtype`` (e.g. "bfloat16")
-    the fast path also runs with ``TrainConfig.compute_dtype`` set to it, alternating with the
-    float32 runs repeat by repeat; its time and weights are compared with float32's.
+    at a time, and the weight comparison covers those.
     """
     from dmoe.training.layers import train_fast_layers
 
@@ -93,19 +91,13 @@ def bench_training(n_units: int = 8, epochs: int = 10, lr: float = 5e-3, mix: st
             return train_fast(lm.model, tok, jobs, config, share_prefix=share_prefix)
         return train_fast_layers(lm.model, tok, jobs, config)
 
-    other = dataclasses.replace(config, compute_dtype=compute_dtype) if compute_dtype else None
-    for warm in (config, other) if other else (config,):
-        fast_path(jobs[:1], dataclasses.replace(warm, epochs=1))  # warm-up
-    fast_s, fast_cpu, other_s = [], [], []
+    fast_path(jobs[:1], dataclasses.replace(config, epochs=1))  # warm-up
+    fast_s, fast_cpu = [], []
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
         fast = fast_path(jobs, config)
         fast_s.append((time.perf_counter() - t0) / len(jobs))
         fast_cpu.append((time.process_time() - c0) / len(jobs))
-        if other:
-            t0 = time.perf_counter()
-            fast_other = fast_path(jobs, other)
-            other_s.append((time.perf_counter() - t0) / len(jobs))
     ref_s, ref_cpu, ref = [], [], []
     for job in jobs[:n_reference]:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -121,16 +113,6 @@ def bench_training(n_units: int = 8, epochs: int = 10, lr: float = 5e-3, mix: st
             sizes[dtype] = save_expert(Path(d) / f"{dtype}.safetensors", fast[0], lm.fingerprint, dtype)
     n_tokens = [sum(len(tok(e.prompt + e.target)["input_ids"]) for e in exs) for _, exs in jobs]
     fast_med, ref_med = statistics.median(fast_s), statistics.median(ref_s)
-    by_dtype = {}
-    if other:
-        by_dtype = {
-            f"s_per_expert_fast_{compute_dtype}": round(statistics.median(other_s), 4),
-            f"speedup_{compute_dtype}_vs_float32": round(fast_med / statistics.median(other_s), 2),
-            f"runs_s_per_expert_fast_{compute_dtype}": [round(x, 3) for x in other_s],
-            f"max_rel_B_diff_{compute_dtype}_vs_float32": max(
-                float((a.weights[k] - b.weights[k]).norm() / a.weights[k].norm())
-                for a, b in zip(fast, fast_other, strict=True) for k in a.weights if k.endswith("B")),
-        }
     return {
         "model": lm.source.name, "device": str(lm.device), "threads": torch.get_num_threads(),
         "n_units": len(jobs), "n_reference": len(ref), "n_layers": n_layers,
@@ -145,7 +127,7 @@ def bench_training(n_units: int = 8, epochs: int = 10, lr: float = 5e-3, mix: st
         "runs_s_per_expert": {"fast": [round(x, 3) for x in fast_s],
                               "reference": [round(x, 3) for x in ref_s]},
         "max_abs_weight_diff": diff,
-        "max_abs_B": b_max, "bytes_per_expert": sizes, "n_params": fast[0].n_params, **by_dtype,
+        "max_abs_B": b_max, "bytes_per_expert": sizes, "n_params": fast[0].n_params,
         "how": (f"fast: median of {repeats} runs of "
                 f"{'train_fast' if n_layers == 1 else 'train_fast_layers'} over all {len(jobs)} units "
                 f"(after a warm-up), divided by n_units; reference: median over the first "

@@ -91,11 +91,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--epochs", type=int, default=10)
     b.add_argument("--layers", type=int, default=1, metavar="N",
                    help="experts on the last N layers (N > 1: the multi-layer fast path)")
-    b.add_argument("--mix", default="qa", choices=["qa", "passage+qa"],
-                   help="each unit's examples: its QA pairs (PRAG-style), or the passage first")
-    b.add_argument("--compute-dtype", default=None, choices=["bfloat16"],
-                   help="also time the fast path with TrainConfig.compute_dtype set to this, "
-                        "alternating with float32 (speed-up and weight difference)")
     b.add_argument("--augment-units", type=int, default=4,
                    help="units augmented by the base model (0 = skip the augmentation part)")
     b.add_argument("--model", default=None)
@@ -210,9 +205,8 @@ def run_build(args: argparse.Namespace) -> int:
                               model=args.model), args.json)
         return 0
 
-    result = bench_training(args.n_units, epochs=args.epochs, mix=args.mix,
-                            n_reference=args.n_reference, model=args.model, n_layers=args.layers,
-                            compute_dtype=args.compute_dtype)
+    result = bench_training(args.n_units, epochs=args.epochs, n_reference=args.n_reference,
+                            model=args.model, n_layers=args.layers)
     if args.augment_units > 0:
         result.update(_bench_augment(args.augment_units, args.model))
     _emit(result, args.json)

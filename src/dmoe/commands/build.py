@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "see dmoe.augment.training)")
     t.add_argument("--objective", default=None, choices=["ntp", "distill"],
                    help="ntp: cross-entropy; distill: KL to the model reading the passage")
-    t.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16"],
+    t.add_argument("--head-dtype", default=None, choices=["float32", "bfloat16"],
                    help="output-head matmul in training (default: TrainConfig's; bfloat16 is "
                         "~2x faster on CPUs with AMX, gradients to rounding)")
     t.add_argument("--no-passage-lm", action="store_true",
@@ -74,7 +74,7 @@ def train_config_from(args: argparse.Namespace) -> TrainConfig:
 
     overrides = {k: v for k, v in (("lr", args.lr), ("epochs", args.epochs),
                                    ("loss_on", args.loss_on), ("objective", args.objective),
-                                   ("compute_dtype", args.compute_dtype))
+                                   ("head_dtype", args.head_dtype))
                  if v is not None}
     return TrainConfig(spec=LoraSpec(rank=args.rank, alpha=args.alpha), **overrides)
 

@@ -62,7 +62,7 @@ from dmoe.training.trunk import output_head, stacked_head_logits, trunk_states
 LOSS_ON = ("answer", "all")
 INITS = ("kaiming", "normal")
 OBJECTIVES = ("ntp", "distill")
-COMPUTE_DTYPES = ("float32", "bfloat16")
+HEAD_DTYPES = ("float32", "bfloat16")
 
 
 def check_schedule(lr: float, epochs: int, loss_on: str, max_seq_len: int) -> None:
@@ -100,10 +100,10 @@ class TrainConfig:
     # passage on examples with a teacher_prompt (dmoe.training.distill), cross-entropy elsewhere
     distill_temperature: float = 1.0  # T of the distillation KL
     distill_top_k: int = 32  # teacher distribution kept per position (renormalised)
-    # The frozen model's matmuls in the fast paths: the trunk pass (autocast) and the output head
-    # (a copy of its weight). The experts, their optimiser, the logits and the loss stay fp32.
-    # "bfloat16" is for CPUs with bf16 matrix units (AMX) and GPUs (results/dev/README.md §8).
-    compute_dtype: str = "float32"
+    # The fast paths' output-head matmul (V x d per supervised token: most of a step's work).
+    # "bfloat16" runs it on a bf16 copy of the head (logits and CE stay fp32), ~2x faster where
+    # the CPU has bf16 matrix units (AMX) and gradients within ~0.2% (results/dev/README.md §8).
+    head_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         check_schedule(self.lr, self.epochs, self.loss_on, self.max_seq_len)
@@ -119,15 +119,15 @@ class TrainConfig:
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         if self.distill_top_k < 1:
             raise ValueError(f"distill_top_k must be >= 1, got {self.distill_top_k}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+        if self.head_dtype not in HEAD_DTYPES:
+            raise ValueError(f"head_dtype must be one of {HEAD_DTYPES}, got {self.head_dtype!r}")
 
     def settings_hash(self, extra: dict[str, Any] | None = None) -> str:
         """Stable 16-hex id of these settings plus ``extra`` (what else shaped the examples, e.g.
         the recipe): an expert trained otherwise must be retrained."""
         fields = dataclasses.asdict(self)
-        if fields["compute_dtype"] == "float32":  # banks built before the field keep their hash
-            del fields["compute_dtype"]
+        if fields["head_dtype"] == "float32":  # banks built before the field keep their hash
+            del fields["head_dtype"]
         blob = json.dumps({**fields, **(extra or {})}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -242,9 +242,9 @@ def train_reference(model: Any, tokenizer: Any, jobs: Sequence[Job], config: Tra
     """One expert at a time: PEFT LoRA, batch size 1, full forward/backward, torch AdamW."""
     from peft import LoraConfig, get_peft_model
 
-    if config.compute_dtype != "float32":
-        raise ValueError(f"compute_dtype={config.compute_dtype!r} is a fast-path option; the "
-                         f"reference path runs the model as loaded (compute_dtype='float32')")
+    if config.head_dtype != "float32":
+        raise ValueError(f"head_dtype={config.head_dtype!r} is a fast-path option; the reference "
+                         f"path runs the model's own head (head_dtype='float32')")
 
     shapes = mlp_shapes(model, config.spec.n_layers)
     layers: Any = decoder_layers(model)
@@ -334,13 +334,12 @@ def train_fast(model: Any, tokenizer: Any, jobs: Sequence[Job], config: TrainCon
     # 1) trunk once per sequence, batched across all experts
     flat = [(ex.ids, ex.start) for exs in encoded for ex in exs]
     unit = [i for i, exs in enumerate(encoded) for _ in exs]
-    states_flat = trunk_states(model, flat, trunk_batch_tokens, groups=unit if share_prefix else None,
-                               compute_dtype=config.compute_dtype)
+    states_flat = trunk_states(model, flat, trunk_batch_tokens, groups=unit if share_prefix else None)
     teachers = [t for ts in _teachers(model, encoded, config) for t in ts]
     for st, teacher in zip(states_flat, teachers, strict=True):
         st.teacher = teacher
     states = per_job(states_flat, encoded)
-    head = output_head(model, config.compute_dtype)
+    head = output_head(model, config.head_dtype)
 
     # 2) + 3) every step: the head of each active expert on its current example
     def backward(cur: Sequence[tuple[int, int]], lora: StackedLora) -> None:

@@ -45,7 +45,7 @@ from dmoe.training.experts import (
     per_job,
     train_stacked,
 )
-from dmoe.training.trunk import autocast, head_logits, output_head
+from dmoe.training.trunk import head_logits, output_head
 
 
 class _Stop(Exception):
@@ -128,14 +128,11 @@ def train_fast_layers(model: Any, tokenizer: Any, jobs: Sequence[Job], config: T
     shapes = mlp_shapes(model, config.spec.n_layers)
     first = min(i for i, _ in shapes)
     encoded = _encode_jobs(tokenizer, jobs, config)
-    with autocast(model, config.compute_dtype):
-        inputs = layer_inputs(model, [ex.ids for exs in encoded for ex in exs], first,
-                              trunk_batch_tokens)
-    dtype = next(model.parameters()).dtype
-    states = per_job([x.to(dtype) for x in inputs], encoded)
+    states = per_job(layer_inputs(model, [ex.ids for exs in encoded for ex in exs], first,
+                                  trunk_batch_tokens), encoded)
     adapter = ExpertAdapter(model, config.spec)
     saved = {i: m.lora for i, m in adapter.mlps.items()}
-    head = output_head(model, config.compute_dtype)
+    head = output_head(model, config.head_dtype)
 
     def backward(cur: Sequence[tuple[int, int]], lora: StackedLora) -> None:
         rows = [(states[i][j], encoded[i][j]) for i, j in cur]

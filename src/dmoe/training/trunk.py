@@ -52,14 +52,6 @@ def last_layer_parts(model: Any) -> tuple[FeedForward, Any, Any, Any]:
     return feed_forward(layer), mlp, model.model.norm, model.get_output_embeddings()
 
 
-def autocast(model: Any, dtype: str) -> contextlib.AbstractContextManager[Any]:
-    """Autocast the frozen passes to ``dtype`` where it differs from the model's own dtype."""
-    device = next(model.parameters()).device
-    if next(model.parameters()).dtype == getattr(torch, dtype):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, dtype))
-
-
 def output_head(model: Any, dtype: str) -> torch.Tensor | None:
     """The output head's weight (V, d) cast to ``dtype`` for the training head, or None where the
     model's own head is used as is (same dtype)."""
@@ -141,7 +133,7 @@ def _shared_prefix_batch(model: Any, norm: Any, seqs: Sequence[torch.Tensor],
 @torch.no_grad()
 def trunk_states(model: Any, sequences: Sequence[tuple[torch.Tensor, int]],
                  max_batch_tokens: int = 8192, groups: Sequence[Hashable] | None = None,
-                 min_shared: int = 32, compute_dtype: str | None = None) -> list[SupervisedStates]:
+                 min_shared: int = 32) -> list[SupervisedStates]:
     """h_mid at the supervised positions of each ``(ids (T,), start)`` sequence.
 
     Tokens ``ids[start:]`` are supervised, so positions ``start-1 .. T-2`` predict them.
@@ -151,18 +143,7 @@ def trunk_states(model: Any, sequences: Sequence[tuple[torch.Tensor, int]],
     suffixes (PRAG's ``(passage, Q_i) -> A_i`` examples repeat the passage). All other sequences
     are sorted by length and right-padded into batches of at most ``max_batch_tokens`` tokens;
     with right padding every real token keeps its position ids and never attends to a pad.
-    ``compute_dtype`` autocasts the passes (e.g. "bfloat16"); h_mid comes back in the model's dtype.
     """
-    with autocast(model, compute_dtype) if compute_dtype else contextlib.nullcontext():
-        states = _trunk_states(model, sequences, max_batch_tokens, groups, min_shared)
-    dtype = next(model.parameters()).dtype
-    for st in states:
-        st.h_mid = st.h_mid.to(dtype)
-    return states
-
-
-def _trunk_states(model: Any, sequences: Sequence[tuple[torch.Tensor, int]], max_batch_tokens: int,
-                  groups: Sequence[Hashable] | None, min_shared: int) -> list[SupervisedStates]:
     norm: Any = feed_forward(decoder_layers(model)[-1]).pre  # its input is h_mid
     device = next(model.parameters()).device
     full: list[torch.Tensor | None] = [None] * len(sequences)  # h_mid (T_i, d) per sequence
