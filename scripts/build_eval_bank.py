@@ -38,7 +38,7 @@ from dmoe.training.corpus import (
     train_poly_prag,
     train_sft_lora,
 )
-from dmoe.training.experts import HEAD_DTYPES, OBJECTIVES, TrainConfig
+from dmoe.training.experts import OBJECTIVES, TrainConfig
 from dmoe.training.task_bank import expert_jobs, train_task_bank
 
 
@@ -58,9 +58,6 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=TrainConfig.lr, help="per-passage expert lr")
     ap.add_argument("--epochs", type=int, default=TrainConfig.epochs,
                     help="per-passage expert epochs")
-    ap.add_argument("--head-dtype", default=TrainConfig.head_dtype, choices=HEAD_DTYPES,
-                    help=f"output-head matmul in training (default {TrainConfig.head_dtype}; "
-                         f"bfloat16: ~2x faster on CPUs with AMX)")
     ap.add_argument("--model", default=None, metavar="SPEC",
                     help="base model, as dmoe's --model (default: the packaged smollm2; also "
                          "gemma3-270m, an HF model directory or a .gguf file)")
@@ -95,7 +92,7 @@ def main() -> None:
     jobs = expert_jobs(lm, task.corpus, args.recipe, args.augmenter)
     if args.bank:
         config = TrainConfig(spec=LoraSpec(), lr=args.lr, epochs=args.epochs,
-                             objective=args.objective, head_dtype=args.head_dtype)
+                             objective=args.objective)
         train_task_bank(lm, jobs, args.bank, config, args.dtype, desc=f"train {args.dataset}",
                         settings={"recipe": args.recipe, "augmenter": args.augmenter})
 

@@ -8,8 +8,7 @@ taken out, so the variants compare what the training puts into an expert. ``dmoe
 measures the same thing with the real router, trigger and gate.
 
 A variant is ``recipe[,key=value...]``. Keys:
-- ``lr``, ``epochs``, ``rank``, ``alpha``, ``obj`` (ntp | distill), ``head`` (float32 | bfloat16:
-  ``TrainConfig.head_dtype``): training;
+- ``lr``, ``epochs``, ``rank``, ``alpha``, ``obj`` (ntp | distill): training;
 - ``cont=1``: add a chat-frame continuation example ("Continue the passage: <first half>" ->
   second half);
 - ``nrn=A/B/...``: answer once per ``no_repeat_ngram`` value with the same experts.
@@ -85,8 +84,7 @@ def main() -> None:
                                            alpha=float(opts.get("alpha", 16))),
                              lr=float(opts.get("lr", TrainConfig.lr)),
                              epochs=int(opts.get("epochs", TrainConfig.epochs)),
-                             objective=opts.get("obj", "ntp"),
-                             head_dtype=opts.get("head", TrainConfig.head_dtype))
+                             objective=opts.get("obj", "ntp"))
         torch.manual_seed(0)
         bank = {e.id: e for e in train_fast(lm.model, tok, jobs, config)}
         train_s = time.perf_counter() - t0

@@ -46,9 +46,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "see dmoe.augment.training)")
     t.add_argument("--objective", default=None, choices=["ntp", "distill"],
                    help="ntp: cross-entropy; distill: KL to the model reading the passage")
-    t.add_argument("--head-dtype", default=None, choices=["float32", "bfloat16"],
-                   help="output-head matmul in training (default: TrainConfig's; bfloat16 is "
-                        "~2x faster on CPUs with AMX, gradients to rounding)")
     t.add_argument("--no-passage-lm", action="store_true",
                    help="prag recipe: train on the QA pairs only, not on the passage text")
     t.add_argument("--storage-dtype", default="float32", choices=list(STORAGE_DTYPES))
@@ -73,8 +70,7 @@ def train_config_from(args: argparse.Namespace) -> TrainConfig:
     from dmoe.training.experts import TrainConfig
 
     overrides = {k: v for k, v in (("lr", args.lr), ("epochs", args.epochs),
-                                   ("loss_on", args.loss_on), ("objective", args.objective),
-                                   ("head_dtype", args.head_dtype))
+                                   ("loss_on", args.loss_on), ("objective", args.objective))
                  if v is not None}
     return TrainConfig(spec=LoraSpec(rank=args.rank, alpha=args.alpha), **overrides)
 

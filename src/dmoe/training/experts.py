@@ -57,12 +57,11 @@ from dmoe.training.distill import (
     example_loss,
     teacher_targets,
 )
-from dmoe.training.trunk import output_head, stacked_head_logits, trunk_states
+from dmoe.training.trunk import stacked_head_logits, trunk_states
 
 LOSS_ON = ("answer", "all")
 INITS = ("kaiming", "normal")
 OBJECTIVES = ("ntp", "distill")
-HEAD_DTYPES = ("float32", "bfloat16")
 
 
 def check_schedule(lr: float, epochs: int, loss_on: str, max_seq_len: int) -> None:
@@ -100,10 +99,6 @@ class TrainConfig:
     # passage on examples with a teacher_prompt (dmoe.training.distill), cross-entropy elsewhere
     distill_temperature: float = 1.0  # T of the distillation KL
     distill_top_k: int = 32  # teacher distribution kept per position (renormalised)
-    # The fast paths' output-head matmul (V x d per supervised token: most of a step's work).
-    # "bfloat16" runs it on a bf16 copy of the head (logits and CE stay fp32), ~2x faster where
-    # the CPU has bf16 matrix units (AMX) and gradients within ~0.2% (results/dev/README.md §8).
-    head_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         check_schedule(self.lr, self.epochs, self.loss_on, self.max_seq_len)
@@ -119,16 +114,11 @@ class TrainConfig:
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         if self.distill_top_k < 1:
             raise ValueError(f"distill_top_k must be >= 1, got {self.distill_top_k}")
-        if self.head_dtype not in HEAD_DTYPES:
-            raise ValueError(f"head_dtype must be one of {HEAD_DTYPES}, got {self.head_dtype!r}")
 
     def settings_hash(self, extra: dict[str, Any] | None = None) -> str:
         """Stable 16-hex id of these settings plus ``extra`` (what else shaped the examples, e.g.
         the recipe): an expert trained otherwise must be retrained."""
-        fields = dataclasses.asdict(self)
-        if fields["head_dtype"] == "float32":  # banks built before the field keep their hash
-            del fields["head_dtype"]
-        blob = json.dumps({**fields, **(extra or {})}, sort_keys=True, default=str)
+        blob = json.dumps({**dataclasses.asdict(self), **(extra or {})}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -242,10 +232,6 @@ def train_reference(model: Any, tokenizer: Any, jobs: Sequence[Job], config: Tra
     """One expert at a time: PEFT LoRA, batch size 1, full forward/backward, torch AdamW."""
     from peft import LoraConfig, get_peft_model
 
-    if config.head_dtype != "float32":
-        raise ValueError(f"head_dtype={config.head_dtype!r} is a fast-path option; the reference "
-                         f"path runs the model's own head (head_dtype='float32')")
-
     shapes = mlp_shapes(model, config.spec.n_layers)
     layers: Any = decoder_layers(model)
     module_of = {(i, p): getattr(layers[i].mlp.base if isinstance(layers[i].mlp, ExpertMLP)
@@ -339,7 +325,6 @@ def train_fast(model: Any, tokenizer: Any, jobs: Sequence[Job], config: TrainCon
     for st, teacher in zip(states_flat, teachers, strict=True):
         st.teacher = teacher
     states = per_job(states_flat, encoded)
-    head = output_head(model, config.head_dtype)
 
     # 2) + 3) every step: the head of each active expert on its current example
     def backward(cur: Sequence[tuple[int, int]], lora: StackedLora) -> None:
@@ -347,7 +332,7 @@ def train_fast(model: Any, tokenizer: Any, jobs: Sequence[Job], config: TrainCon
         for lo, hi in _row_groups([len(c.targets) for c in rows], head_batch_tokens):
             _head_step(model, rows[lo:hi],
                        {p: (a[lo:hi], b[lo:hi]) for (_, p), (a, b) in lora.items()},
-                       config.spec.scale, config.distill_temperature, head)
+                       config.spec.scale, config.distill_temperature)
 
     return train_stacked(model, jobs, [len(exs) for exs in encoded], shapes, config, backward,
                          progress)
@@ -424,13 +409,13 @@ def _row_groups(tokens: Sequence[int], budget: int) -> list[tuple[int, int]]:
 
 
 def _head_step(model: Any, cur: Sequence[Any], lora: dict[str, tuple[torch.Tensor, torch.Tensor]],
-               scale: float, temperature: float = 1.0, head: torch.Tensor | None = None) -> None:
+               scale: float, temperature: float = 1.0) -> None:
     """Backward of Σ_i mean loss_i over a group of experts (row i = expert i's current example);
     the loss is CE, or the distillation KL on rows whose states carry teacher targets."""
     lengths = torch.tensor([len(c.targets) for c in cur])
     h_mid = torch.nn.utils.rnn.pad_sequence([c.h_mid for c in cur], batch_first=True)  # (n, P, d)
     valid = torch.arange(h_mid.shape[1])[None, :] < lengths[:, None]  # (n, P)
-    logits = stacked_head_logits(model, h_mid, valid.to(h_mid.device), lora, scale, head)  # (N, V)
+    logits = stacked_head_logits(model, h_mid, valid.to(h_mid.device), lora, scale)  # (N, V)
     targets = torch.cat([c.targets for c in cur])  # (N,)
     ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
     if any(c.teacher is not None for c in cur):  # swap in the KL on the distilled rows' spans

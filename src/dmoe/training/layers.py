@@ -45,7 +45,6 @@ from dmoe.training.experts import (
     per_job,
     train_stacked,
 )
-from dmoe.training.trunk import head_logits, output_head
 
 
 class _Stop(Exception):
@@ -89,8 +88,7 @@ def layer_inputs(model: Any, seqs: Sequence[torch.Tensor], first: int,
 
 def _top_layers_loss(model: Any, adapter: ExpertAdapter, first: int,
                      rows: Sequence[tuple[torch.Tensor, EncodedExample]],
-                     lora: StackedLora, scale: float,
-                     head: torch.Tensor | None = None) -> torch.Tensor:
+                     lora: StackedLora, scale: float) -> torch.Tensor:
     """Σ over rows of the mean CE of row i's example, through layers ``first ..`` with row i's
     LoRA (``lora[(layer, proj)] = (A (n, r, in), B (n, out, r))``, one row per example)."""
     inner = model.model
@@ -108,8 +106,7 @@ def _top_layers_loss(model: Any, adapter: ExpertAdapter, first: int,
     h = inner.norm(h)
     total = h.new_zeros(())
     for row, (_, ex) in enumerate(rows):  # positions start-1 .. T-2 predict ids[start:]
-        logits = head_logits(model.get_output_embeddings(), head,
-                             h[row, ex.start - 1:len(ex.ids) - 1])
+        logits = model.get_output_embeddings()(h[row, ex.start - 1:len(ex.ids) - 1])
         total = total + F.cross_entropy(logits.float(), ex.ids[ex.start:].to(h.device))
     return total
 
@@ -132,14 +129,13 @@ def train_fast_layers(model: Any, tokenizer: Any, jobs: Sequence[Job], config: T
                                   trunk_batch_tokens), encoded)
     adapter = ExpertAdapter(model, config.spec)
     saved = {i: m.lora for i, m in adapter.mlps.items()}
-    head = output_head(model, config.head_dtype)
 
     def backward(cur: Sequence[tuple[int, int]], lora: StackedLora) -> None:
         rows = [(states[i][j], encoded[i][j]) for i, j in cur]
         for lo, hi in _row_groups([len(ex.ids) for _, ex in rows], step_batch_tokens):
             group = {key: (a[lo:hi], b[lo:hi]) for key, (a, b) in lora.items()}
             _top_layers_loss(model, adapter, first, rows[lo:hi], group,
-                             config.spec.scale, head).backward()
+                             config.spec.scale).backward()
 
     try:
         return train_stacked(model, jobs, [len(exs) for exs in encoded], shapes, config,

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from dmoe.experts.blocks import FeedForward, feed_forward
 from dmoe.experts.lora import ExpertMLP, decoder_layers
@@ -50,21 +49,6 @@ def last_layer_parts(model: Any) -> tuple[FeedForward, Any, Any, Any]:
     layer: Any = decoder_layers(model)[-1]
     mlp = layer.mlp.base if isinstance(layer.mlp, ExpertMLP) else layer.mlp
     return feed_forward(layer), mlp, model.model.norm, model.get_output_embeddings()
-
-
-def output_head(model: Any, dtype: str) -> torch.Tensor | None:
-    """The output head's weight (V, d) cast to ``dtype`` for the training head, or None where the
-    model's own head is used as is (same dtype)."""
-    lm_head = model.get_output_embeddings()
-    if getattr(lm_head, "bias", None) is not None:
-        raise ValueError("a separate training head supports a bias-free output head only")
-    weight = lm_head.weight.detach()
-    return None if weight.dtype == getattr(torch, dtype) else weight.to(getattr(torch, dtype))
-
-
-def head_logits(lm_head: Any, head: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
-    """``lm_head(h)``, or with ``head`` (from ``output_head``) the same product in its dtype."""
-    return lm_head(h) if head is None else F.linear(h.to(head.dtype), head)
 
 
 def _batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -181,7 +165,7 @@ def trunk_states(model: Any, sequences: Sequence[tuple[torch.Tensor, int]],
 
 def stacked_head_logits(model: Any, h_mid: torch.Tensor, valid: torch.Tensor,
                         lora: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                        scale: float, head: torch.Tensor | None = None) -> torch.Tensor:
+                        scale: float) -> torch.Tensor:
     """Logits of the head for n experts side by side, at the valid positions only.
 
     ``h_mid``: (n, P, d), expert i's positions in row i, right-padded; ``valid``: (n, P) bool.
@@ -191,8 +175,7 @@ def stacked_head_logits(model: Any, h_mid: torch.Tensor, valid: torch.Tensor,
 
     then ``logits = lm_head(norm(h_mid + ffn.output(down(act(gate) * up)))[valid])``, shape (N, V) with
     N = valid.sum() in row-major order. The MLP runs on the padded block (cheap); the final norm and
-    lm_head (the expensive part: V ≫ d) only on real positions, through ``head`` if given
-    (``output_head``: the logits come back in its dtype).
+    lm_head (the expensive part: V ≫ d) only on real positions.
     """
     ffn, mlp, final_norm, lm_head = last_layer_parts(model)
 
@@ -202,5 +185,5 @@ def stacked_head_logits(model: Any, h_mid: torch.Tensor, valid: torch.Tensor,
 
     x = ffn.pre(h_mid)  # (n, P, d)
     h = h_mid + ffn.output(proj("down_proj", mlp.act_fn(proj("gate_proj", x)) * proj("up_proj", x)))
-    return head_logits(lm_head, head, final_norm(h[valid]))  # (N, V)
+    return lm_head(final_norm(h[valid]))  # (N, V)
 
