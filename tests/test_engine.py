@@ -191,6 +191,16 @@ def test_stop_conditions(tokenizer):
         assert gen.finish_reason == "stop" and printable not in gen.text
 
 
+def test_stop_strings_count_after_leading_whitespace():
+    from dmoe.engine.decode import stop_index
+
+    assert stop_index("Paris.\nQ: next", ("\n",)) == 6
+    assert stop_index("\n\n Paris\nQ:", ("\n",)) == 8  # a base model opening with newlines
+    assert stop_index(" \n ", ("\n",)) is None  # nothing has started yet
+    assert stop_index("a STOP b. c", ("STOP", ".", "")) == 2  # the earliest; "" is ignored
+    assert stop_index("\nQ: x\nQ: y", ("\nQ:",)) == 5  # the opening one starts in the whitespace
+
+
 def test_bad_input_rejected(tokenizer):
     model = tiny_model()
     engine = Engine(model, tokenizer, ExpertAdapter(model, LoraSpec()))

@@ -155,6 +155,8 @@ def test_stop_strings_are_never_streamed():
     pieces = [deltas.push(b) for b in b"ab STOP cd"]
     assert "".join(pieces) == "ab " and pieces[:3] == ["", "", ""]  # held back: could be "STOP"
     assert deltas.finish("ab ") == ""  # the engine's final text is cut at the stop string
+    lead = TextDeltas(CharTokenizer(), ("\n",))  # a stop counts once the text has started
+    assert "".join(lead.push(b) for b in b"\n Paris\nmore") == "\n Paris"
     plain = TextDeltas(CharTokenizer(), ())
     pieces = [plain.push(b) for b in "é!".encode()]
     assert pieces == ["", "é", "!"]  # never half a character

@@ -51,6 +51,16 @@ KVPolicy = Literal["recompute", "stale", "partial"]
 KV_POLICIES: tuple[str, ...] = ("recompute", "stale", "partial")
 
 
+
+def stop_index(text: str, stops: Sequence[str]) -> int | None:
+    """Where ``text`` is cut by the first of ``stops`` it contains, or None. A stop string counts
+    only once the text has started, after its leading whitespace: a base model that opens its
+    answer with a newline (Gemma 3 in the plain frame) is not cut to nothing by a "\\n" stop."""
+    start = len(text) - len(text.lstrip())
+    cuts = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
+    return min(cuts) if cuts else None
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     """Knobs of one generation."""
@@ -67,6 +77,7 @@ class DecodeConfig:
     # paper)
     query_max_tokens: int = 128  # router query = last this-many tokens of input + generated text
     stop_strings: tuple[str, ...] = ()  # stop once the generated text contains one of these
+    # after its leading whitespace (``stop_index``)
     kv_policy: KVPolicy = "recompute"  # only matters for experts on > 1 layer (see module doc)
     route_at_start: bool = True  # also route on the task input before prefill (0 in the loop);
     # a confident (wrong) model would otherwise never trigger
@@ -383,9 +394,11 @@ class Engine:
 
     def _hit_stop(self, token_ids: list[int], stops: tuple[str, ...]) -> bool:
         tail = self.tokenizer.decode(token_ids[-16:], skip_special_tokens=True)
-        return any(s in tail for s in stops)
+        if not any(s in tail for s in stops):  # the common case, from the last tokens only
+            return False
+        return stop_index(self.tokenizer.decode(token_ids, skip_special_tokens=True), stops) is not None
 
     def _final_text(self, token_ids: list[int], stops: tuple[str, ...]) -> str:
         text = str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
-        cuts = [text.find(s) for s in stops if s and s in text]
-        return text[: min(cuts)] if cuts else text
+        cut = stop_index(text, stops)
+        return text if cut is None else text[:cut]

@@ -21,7 +21,7 @@ import torch
 
 from dmoe.engine.attribution import spans, token_texts
 from dmoe.engine.batch import Request
-from dmoe.engine.decode import DecodeConfig, Generation, TokenRecord
+from dmoe.engine.decode import DecodeConfig, Generation, TokenRecord, stop_index
 from dmoe.engine.triggers import make_trigger
 from dmoe.prompts import encode_text, format_chat
 from dmoe.routing.base import Router
@@ -195,9 +195,9 @@ class TextDeltas:
         self.ids.append(token_id)
         text = str(self.tokenizer.decode(self.ids, skip_special_tokens=True))
         safe = len(text.rstrip("\ufffd")) - self.holdback
-        for stop in self.stops:
-            if stop in text:
-                safe = min(safe, text.index(stop))
+        cut = stop_index(text, self.stops)
+        if cut is not None:
+            safe = min(safe, cut)
         if safe <= len(self.sent) or not text.startswith(self.sent):
             return ""
         delta = text[len(self.sent):safe]
