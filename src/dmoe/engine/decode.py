@@ -51,7 +51,6 @@ KVPolicy = Literal["recompute", "stale", "partial"]
 KV_POLICIES: tuple[str, ...] = ("recompute", "stale", "partial")
 
 
-
 def stop_index(text: str, stops: Sequence[str]) -> int | None:
     """Where ``text`` is cut by the first of ``stops`` it contains, or None. A stop string counts
     only once the text has started, after its leading whitespace: a base model that opens its
@@ -396,7 +395,8 @@ class Engine:
         tail = self.tokenizer.decode(token_ids[-16:], skip_special_tokens=True)
         if not any(s in tail for s in stops):  # the common case, from the last tokens only
             return False
-        return stop_index(self.tokenizer.decode(token_ids, skip_special_tokens=True), stops) is not None
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return stop_index(text, stops) is not None
 
     def _final_text(self, token_ids: list[int], stops: tuple[str, ...]) -> str:
         text = str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
