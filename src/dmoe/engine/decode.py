@@ -393,7 +393,7 @@ class Engine:
 
     def _hit_stop(self, token_ids: list[int], stops: tuple[str, ...]) -> bool:
         tail = self.tokenizer.decode(token_ids[-16:], skip_special_tokens=True)
-        if not any(s in tail for s in stops):  # the common case, from the last tokens only
+        if not any(s and s in tail for s in stops):  # the common case, from the last tokens only
             return False
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         return stop_index(text, stops) is not None
