@@ -82,6 +82,43 @@ def test_convert_bank_keeps_everything_but_the_storage_dtype_and_resumes(tmp_pat
         convert_bank(tmp_path / "src", tmp_path / "q8", "float16")
 
 
+def test_merge_banks_stores_a_shared_expert_once_refuses_a_clash_and_resumes(tmp_path):
+    from dmoe.experts.bank import merge_banks
+
+    for name, ids in (("a", [0, 1, 2]), ("b", [2, 3])):  # e2: one passage in both shards
+        with ExpertBank.create(tmp_path / name, "fp-1", "tiny", SPEC, "float16") as bank:
+            for i in ids:
+                _add(bank, _expert(f"e{i}", i), content=f"h{i}")
+    seen: list[int] = []
+    assert merge_banks([tmp_path / "a", tmp_path / "b"], tmp_path / "m", progress=seen.append) == 4
+    assert sum(seen) == 5
+    with ExpertBank.open(tmp_path / "m", readonly=True) as merged:
+        assert (merged.ids(), merged.dtype, merged.fingerprint) == (
+            ["e0", "e1", "e2", "e3"], "float16", "fp-1")
+        for name, i in (("a", 1), ("b", 3)):
+            with ExpertBank.open(tmp_path / name, readonly=True) as src:
+                assert merged.info(f"e{i}").content_hash == src.info(f"e{i}").content_hash
+                assert merged.surrogate(f"e{i}") == src.surrogate(f"e{i}")
+                torch.testing.assert_close(merged.get(f"e{i}").weights, src.get(f"e{i}").weights)
+    assert check_bank(tmp_path / "m", deep=True).ok
+    assert merge_banks([tmp_path / "a", tmp_path / "b"], tmp_path / "m") == 0  # resumes: all there
+
+    with ExpertBank.create(tmp_path / "c", "fp-1", "tiny", SPEC) as bank:  # e1 from other text
+        _add(bank, _expert("e1", 7), content="other")
+    with pytest.raises(BankError, match="'e1'.*differs"):
+        merge_banks([tmp_path / "c"], tmp_path / "m")
+    with ExpertBank.create(tmp_path / "d", "fp-2", "tiny", SPEC) as bank:
+        _add(bank, _expert("e9", 9))
+    with pytest.raises(WrongBaseModelError):
+        merge_banks([tmp_path / "d"], tmp_path / "m")
+    with ExpertBank.create(tmp_path / "r8", "fp-1", "tiny", LoraSpec(rank=8, alpha=16)) as bank:
+        pass
+    with pytest.raises(BankError, match="shape"):
+        merge_banks([tmp_path / "r8"], tmp_path / "m")
+    with ExpertBank.open(tmp_path / "m", readonly=True) as merged:
+        assert merged.ids() == ["e0", "e1", "e2", "e3"]  # nothing written by the refusals
+
+
 def test_delete_and_update_touch_one_expert(tmp_path):
     bank = ExpertBank.create(tmp_path, "fp", "tiny", SPEC)
     for i in range(3):

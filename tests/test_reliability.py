@@ -291,6 +291,24 @@ def test_cli_bank_convert_to_int8_gives_a_checked_bank_with_its_index(lm, tmp_pa
     assert wrong.returncode != 0 and "int8 bank, not float16" in wrong.stderr
 
 
+def test_cli_bank_merge_gives_one_routable_bank_of_both_shards(lm, tmp_path):
+    quiet_build(corpus(tmp_path / "c1.jsonl", {"velmora": LONG}), tmp_path / "s0", lm)
+    quiet_build(corpus(tmp_path / "c2.jsonl", {"zorbit": OTHER}), tmp_path / "s1", lm)
+    out = dmoe("bank", "merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--to",
+               str(tmp_path / "all"))
+    assert out.returncode == 0, out.stderr
+    checked = dmoe("bank", "check", "--bank", str(tmp_path / "all"), "--deep", "--json")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    with KnowledgeBase.open(tmp_path / "s0", readonly=True) as a, \
+            KnowledgeBase.open(tmp_path / "s1", readonly=True) as b, \
+            KnowledgeBase.open(tmp_path / "all", readonly=True) as merged:
+        assert merged.bank.ids() == sorted(a.bank.ids() + b.bank.ids())
+        assert sorted(merged.index.ids()) == merged.bank.ids()
+    missing = dmoe("bank", "merge", str(tmp_path / "nope"), "--to", str(tmp_path / "all"))
+    assert missing.returncode != 0 and "not an expert bank" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
 def test_cli_refuses_bad_numbers_and_non_model_files(tmp_path):
     nan = dmoe("ask", "hi", "--tau", "nan")
     assert nan.returncode == 2 and "finite" in nan.stderr

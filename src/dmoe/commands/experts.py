@@ -1,4 +1,5 @@
-"""``dmoe experts list|show|rm`` and ``dmoe bank check|migrate|convert``: inspect and edit a bank."""
+"""``dmoe experts list|show|rm`` and ``dmoe bank check|migrate|convert|merge``: inspect and edit a
+bank."""
 
 from __future__ import annotations
 
@@ -42,13 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     rm.set_defaults(func=run_rm)
     e.set_defaults(func=lambda args: (e.print_help(), 2)[1])
 
-    b = sub.add_parser("bank", help="bank maintenance (check / repair / migrate / convert)",
+    b = sub.add_parser("bank", help="bank maintenance (check / repair / migrate / convert / merge)",
                        description="Bank maintenance.\n\nexamples:\n"
                                    "  dmoe bank check --bank runs/demo-bank --deep\n"
                                    "  dmoe bank check --bank runs/demo-bank --repair\n"
                                    "  dmoe bank migrate --bank runs/old-bank\n"
                                    "  dmoe bank convert --bank runs/demo-bank --to runs/q8 "
-                                   "--dtype int8",
+                                   "--dtype int8\n"
+                                   "  dmoe bank merge runs/shard-0 runs/shard-1 --to runs/all",
                        formatter_class=fmt)
     bsub = b.add_subparsers(dest="bank_command", metavar="SUBCOMMAND")
     check = bsub.add_parser(
@@ -80,6 +82,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     conv.add_argument("--to", required=True, type=Path, metavar="DIR", help="the new bank")
     conv.add_argument("--dtype", required=True, choices=STORAGE_DTYPES)
     conv.set_defaults(func=run_convert)
+    merge = bsub.add_parser(
+        "merge", help="copy the experts of several banks into one (e.g. banks built in shards)",
+        description="Copy every expert of the source banks into --to (created if missing), with "
+                    "its id, document, routing text and record. All must be built for one base "
+                    "model with one expert shape. An expert --to already holds with the same text "
+                    "and training settings is skipped (a passage two sources share is stored "
+                    "once); the same id trained differently is an error. The sources are only "
+                    "read; rerun to resume.")
+    merge.add_argument("sources", nargs="+", type=Path, metavar="BANK", help="source banks")
+    merge.add_argument("--to", required=True, type=Path, metavar="DIR", help="the merged bank")
+    merge.add_argument("--dtype", choices=STORAGE_DTYPES, default=None,
+                       help="storage dtype of a new --to (default: the first source's)")
+    merge.set_defaults(func=run_merge)
     b.set_defaults(func=lambda args: (b.print_help(), 2)[1])
 
 
@@ -188,20 +203,29 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    return _copy_into(args.to, [Path(_need_bank(args))], args.dtype, f"convert to {args.dtype}")
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    return _copy_into(args.to, args.sources, args.dtype, "merge")
+
+
+def _copy_into(dst: Path, sources: list[Path], dtype: str | None, desc: str) -> int:
     from tqdm import tqdm
 
-    from dmoe.experts.bank import ExpertBank, convert_bank
+    from dmoe.experts.bank import ExpertBank, merge_banks
     from dmoe.knowledge import KnowledgeBase
 
-    src = _need_bank(args)
-    with ExpertBank.open(src, readonly=True) as bank:
-        total = len(bank)
-    with tqdm(total=total, desc=f"convert to {args.dtype}", unit="expert") as bar:
-        n = convert_bank(src, args.to, args.dtype, progress=bar.update)
-    KnowledgeBase.open(args.to).close()  # a writable open builds the router index from the bank
-    with ExpertBank.open(args.to, readonly=True) as bank:
+    total = 0
+    for src in sources:
+        with ExpertBank.open(src, readonly=True) as bank:
+            total += len(bank)
+    with tqdm(total=total, desc=desc, unit="expert") as bar:
+        n = merge_banks(sources, dst, dtype, progress=bar.update)
+    KnowledgeBase.open(dst).close()  # a writable open builds the router index from the bank
+    with ExpertBank.open(dst, readonly=True) as bank:
         size = sum(i.bytes for i in bank.list())
-        print(f"{n} experts written, {total - n} already there; {args.to} holds {len(bank)} "
+        print(f"{n} experts written, {total - n} already there; {dst} holds {len(bank)} "
               f"{bank.dtype} experts, {size / max(len(bank), 1):,.0f} B each")
     return 0
 

@@ -495,33 +495,59 @@ def convert_bank(src: str | Path, dst: str | Path, dtype: str,
     """Copy bank ``src`` into bank ``dst`` with every expert stored in ``dtype``: the same ids,
     documents, hashes, routing texts and records; only the expert files are re-encoded (int8:
     absmax per rank channel, see ``dmoe.experts.format``). Converting up (fp16 -> fp32) restores
-    nothing.
+    nothing. Resumable, as ``merge_banks``; returns how many experts were written."""
+    return merge_banks([src], dst, dtype, progress)
 
-    Resumable: ``dst`` may exist from an interrupted run (same base model, spec and dtype), and
-    experts it already holds are skipped. Returns how many were written; ``progress(1)`` after each.
-    """
+
+def merge_banks(sources: Sequence[str | Path], dst: str | Path, dtype: str | None = None,
+                progress: Callable[[int], None] | None = None) -> int:
+    """Copy every expert of the banks ``sources`` into bank ``dst`` (created, or opened when it
+    exists), stored in ``dtype`` (default: the first source's). All must share one base model
+    and expert shape. Each expert keeps its id, document, hashes, routing text and record.
+
+    An id ``dst`` already holds with the same content and settings hashes is skipped, so a shared
+    passage is stored once and an interrupted merge resumes; the same id trained from other text
+    or settings is a ``BankError`` (nothing of that source is written past it). Returns how many
+    experts were written; ``progress(1)`` after each expert seen."""
+    if not sources:
+        raise ValueError("merge_banks needs at least one source bank")
     written = 0
-    with ExpertBank.open(src, readonly=True) as source:
-        target = ExpertBank.open_or_create(dst, source.fingerprint, source.model_name,
-                                           source.spec, dtype)
-        try:
-            if target.dtype != dtype:
-                raise BankError(f"{Path(dst).name!r} already holds a {target.dtype} bank, "
-                                f"not {dtype}")
-            after = None
-            while page := source.page(after):
-                for info in page:
-                    if not target.exists(info.id):
-                        target.add(source.get(info.id), info.unit_id, info.content_hash,
-                                   info.settings_hash, source.surrogate(info.id), info.title,
-                                   info.meta, info.doc_id)
-                        written += 1
-                    if progress is not None:
-                        progress(1)
-                after = page[-1].id
-        finally:
-            target.close()
+    first = read_header(Path(sources[0]))
+    target = ExpertBank.open_or_create(dst, first["base_fingerprint"], first["base_model"],
+                                       LoraSpec(**first["spec"]), dtype or first["dtype"])
+    try:
+        if dtype is not None and target.dtype != dtype:
+            raise BankError(f"{Path(dst).name!r} already holds a {target.dtype} bank, not {dtype}")
+        for src in sources:
+            with ExpertBank.open(src, expected_fingerprint=target.fingerprint,
+                                 readonly=True) as source:
+                if source.spec != target.spec:
+                    raise BankError(f"{Path(src).name!r} holds experts of shape {source.spec}, "
+                                    f"{Path(dst).name!r} holds {target.spec}")
+                after = None
+                while page := source.page(after):
+                    for info in page:
+                        written += _copy_expert(source, target, info)
+                        if progress is not None:
+                            progress(1)
+                    after = page[-1].id
+    finally:
+        target.close()
     return written
+
+
+def _copy_expert(source: ExpertBank, target: ExpertBank, info: ExpertInfo) -> int:
+    """Add ``info``'s expert to ``target`` (1), or skip the identical one it holds (0)."""
+    if target.exists(info.id):
+        have = target.info(info.id)
+        if (have.content_hash, have.settings_hash) != (info.content_hash, info.settings_hash):
+            raise BankError(f"expert {info.id!r} of {source.path.name!r} differs from the one "
+                            f"{target.path.name!r} holds (other text or training settings); "
+                            f"remove one of them first")
+        return 0
+    target.add(source.get(info.id), info.unit_id, info.content_hash, info.settings_hash,
+               source.surrogate(info.id), info.title, info.meta, info.doc_id)
+    return 1
 
 
 def expert_layers(path: str | Path | None) -> int:
