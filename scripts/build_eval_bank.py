@@ -105,9 +105,10 @@ def main() -> None:
                                pool_size=args.poly_pool_size, **common)
     states = None
     if args.sft_lora or args.poly:  # the frozen trunk runs over the corpus once, for both
-        print(f"trunk states of {n_examples} examples ({len(jobs)} units) ...", flush=True)
+        bar = tqdm(total=n_examples, desc=f"trunk states ({len(jobs)} units)", unit="example")
         t0 = time.perf_counter()
-        states = CorpusStates(lm.model, lm.tokenizer, corpus_jobs, sft_cfg)
+        states = CorpusStates(lm.model, lm.tokenizer, corpus_jobs, sft_cfg, progress=bar.update)
+        bar.close()
         print(f"trunk states in {time.perf_counter() - t0:.1f}s", flush=True)
     if args.sft_lora:
         bar = tqdm(total=sft_cfg.epochs * n_examples, desc="train sft_lora", unit="example")

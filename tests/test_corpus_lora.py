@@ -108,7 +108,9 @@ def test_shared_trunk_states_train_the_same_loras_with_one_trunk_pass(model, sft
     real = corpus.trunk_states
     monkeypatch.setattr(corpus, "trunk_states", lambda *a, **k: calls.append(1) or real(*a, **k))
     tok, jobs = CharTokenizer(), _jobs()
-    states = CorpusStates(model, tok, jobs, SFT)
+    seen: list[int] = []
+    states = CorpusStates(model, tok, jobs, SFT, progress=seen.append)
+    assert sum(seen) == len(states.encoded)  # the trunk pass reports every example once
     n_trunk = len(calls)
     shared_sft = train_sft_lora(model, tok, jobs, SFT, states=states)
     shared_poly = train_poly_prag(model, tok, jobs, POLY, states=states)

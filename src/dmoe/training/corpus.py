@@ -170,7 +170,8 @@ class _States:
 
     def __init__(self, model: Any, encoded: Sequence[EncodedExample], groups: Sequence[int],
                  states_on: str, device_budget: int, cpu_budget: int,
-                 trunk_batch_tokens: int, share_prefix: bool | None) -> None:
+                 trunk_batch_tokens: int, share_prefix: bool | None,
+                 progress: Progress | None = None) -> None:
         if states_on not in STATES_ON:
             raise ValueError(f"states_on must be one of {STATES_ON}, got {states_on!r}")
         self.model, self.encoded, self.groups = model, encoded, groups
@@ -186,9 +187,12 @@ class _States:
         self.cache: list[SupervisedStates] = []
         if self.mode != "recompute":
             keep = self.device if self.mode == "device" else torch.device("cpu")
-            for lo in range(0, len(encoded), 1024):  # slices bound the device memory in flight
+            for lo in range(0, len(encoded), 256):  # slices bound the memory in flight
+                idx = range(lo, min(lo + 256, len(encoded)))
                 self.cache += [SupervisedStates(s.h_mid.to(keep), s.targets.to(keep))
-                               for s in self._compute(range(lo, min(lo + 1024, len(encoded))))]
+                               for s in self._compute(idx)]
+                if progress is not None:
+                    progress(len(idx))
 
     def _compute(self, idx: Sequence[int]) -> list[SupervisedStates]:
         return trunk_states(self.model, [(self.encoded[i].ids, self.encoded[i].start) for i in idx],
@@ -253,20 +257,22 @@ class Budget:
 
 class CorpusStates:
     """A corpus's examples, encoded, each with its unit, and their trunk states (computed once, or
-    per chunk past the budget): what one training run needs before its first step.
+    per chunk past the budget): what one training run needs before its first step. ``progress(n)``
+    follows the trunk pass when the states are cached (the examples just computed).
 
     Both trainers build one when not given one; ``build_eval_bank`` builds it once and passes it to
     both, so the frozen trunk runs over the corpus once for sft_lora and Poly-PRAG together (their
     examples are encoded alike when their configs agree on ``loss_on`` and ``max_seq_len``)."""
 
     def __init__(self, model: Any, tokenizer: Any, jobs: Sequence[Job],
-                 config: CorpusTrainConfig | None = None, budget: Budget | None = None) -> None:
+                 config: CorpusTrainConfig | None = None, budget: Budget | None = None,
+                 progress: Progress | None = None) -> None:
         config, self.budget = config or CorpusTrainConfig(), budget or Budget()
         self.encoded, self.unit = _encode(tokenizer, jobs, config)
         self.key = (config.loss_on, config.max_seq_len, tuple(uid for uid, _ in jobs))
         b = self.budget
         self.states = _States(model, self.encoded, self.unit, b.states_on, b.device_bytes,
-                              b.cpu_bytes, b.trunk_batch_tokens, b.share_prefix)
+                              b.cpu_bytes, b.trunk_batch_tokens, b.share_prefix, progress)
 
     def check(self, jobs: Sequence[Job], config: CorpusTrainConfig) -> None:
         """Raise unless these states were built for ``jobs`` under ``config``'s encoding."""
