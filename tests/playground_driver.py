@@ -58,9 +58,12 @@ class Playground:
         return list(self.driver.find_elements(By.CSS_SELECTOR, css))
 
     def wait(self, condition: Any, timeout: float | None = None, message: str = "") -> Any:
+        from selenium.common.exceptions import StaleElementReferenceException
         from selenium.webdriver.support.ui import WebDriverWait
 
-        return WebDriverWait(self.driver, timeout or self.timeout, poll_frequency=0.1).until(
+        # the page re-renders lists while a condition reads them: a stale element means "poll again"
+        return WebDriverWait(self.driver, timeout or self.timeout, poll_frequency=0.1,
+                             ignored_exceptions=(StaleElementReferenceException,)).until(
             lambda _: condition(), message)
 
     def error(self, section: str) -> str:

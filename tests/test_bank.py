@@ -119,6 +119,26 @@ def test_merge_banks_stores_a_shared_expert_once_refuses_a_clash_and_resumes(tmp
         assert merged.ids() == ["e0", "e1", "e2", "e3"]  # nothing written by the refusals
 
 
+def test_a_replaced_expert_keeps_its_creation_time_through_a_rebuild_from_files(tmp_path,
+                                                                               monkeypatch):
+    import dmoe.experts.bank as bank_module
+
+    stamps = iter(f"2026-01-01T00:00:{i:02d}Z" for i in range(60))
+    monkeypatch.setattr(bank_module, "now", lambda: next(stamps))  # every call a later second
+    bank = ExpertBank.create(tmp_path, "fp", "tiny", SPEC)
+    _add(bank, _expert("e0", 0))
+    first = bank.info("e0").created
+    bank.update(_expert("e0", 1), unit_id="u", content_hash="c2", settings_hash="s", surrogate="t")
+    want = bank.info("e0")
+    assert want.created == first and want.updated > first
+    bank.close()
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"bank.sqlite{suffix}").unlink(missing_ok=True)
+    assert check_bank(tmp_path, repair=True).rebuilt == 1
+    with ExpertBank.open(tmp_path) as back:
+        assert back.info("e0") == want
+
+
 def test_delete_and_update_touch_one_expert(tmp_path):
     bank = ExpertBank.create(tmp_path, "fp", "tiny", SPEC)
     for i in range(3):

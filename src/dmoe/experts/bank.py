@@ -289,11 +289,14 @@ class ExpertBank:
             raise BankError(f"expert {expert.id!r} has shape {expert.spec}, the bank holds "
                             f"{self.spec}")
         stamp = now()
+        # a replaced expert keeps its creation time, in its row and in its file's record alike
+        # (a bank rebuilt from the files must give the same rows)
+        old = self._db.execute("SELECT created FROM experts WHERE id=?", (expert.id,)).fetchone()
         row: dict[str, Any] = {
             "id": expert.id, "doc_id": doc_id if doc_id is not None else doc_of(unit_id),
             "unit_id": unit_id, "content_hash": content_hash, "settings_hash": settings_hash,
             "surrogate": surrogate, "title": title, "meta": json.dumps(meta or {}),
-            "dtype": self.dtype, "created": stamp, "updated": stamp,
+            "dtype": self.dtype, "created": old[0] if old else stamp, "updated": stamp,
             "file": safe_file_name(expert.id)}
         record = {**row, "doc_units": list(doc_units) or [expert.id], "written": time.time_ns()}
         written = write_expert(self.experts_dir / row["file"], expert, self.fingerprint,
