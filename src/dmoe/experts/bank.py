@@ -315,20 +315,18 @@ class ExpertBank:
         assert all(s.row["doc_id"] == doc_id for s in staged), f"staged rows outside {doc_id!r}"
         keep_ids = set(keep) | new_ids
         marks = ",".join("?" * len(new_ids))
-        rows = self._db.execute(f"SELECT id, file, created FROM experts WHERE doc_id=? OR id IN "
+        rows = self._db.execute(f"SELECT id, file FROM experts WHERE doc_id=? OR id IN "
                                 f"({marks})", (doc_id, *new_ids)).fetchall()
         old = {r[0]: r[1] for r in rows}
-        created = {r[0]: r[2] for r in rows}
         removed = sorted(i for i in old if i not in keep_ids)
         try:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany("DELETE FROM experts WHERE id=?", [(i,) for i in removed])
             kill_point("bank.in_transaction")
-            for s in staged:
-                row = {**s.row, "created": created.get(s.id, s.row["created"])}
+            for s in staged:  # a replaced expert's creation time was kept by ``stage``
                 self._db.execute(f"INSERT OR REPLACE INTO experts ({','.join(ROW_COLUMNS)}) "
                                  f"VALUES ({','.join('?' * len(ROW_COLUMNS))})",
-                                 tuple(row[c] for c in ROW_COLUMNS))
+                                 tuple(s.row[c] for c in ROW_COLUMNS))
             self._db.execute("COMMIT")
         except BaseException:
             if self._db.in_transaction:
