@@ -116,7 +116,7 @@ def test_dtype_ablation_converts_the_bank_once_per_dtype(setup, tmp_path):
     model_dir, bank = setup
     assert _ablate("dtype", model_dir, bank, tmp_path) == 0
     rows = _rows(tmp_path, "dtype")
-    assert json.loads((tmp_path / "dtype" / "runs" / "dtype=float32" / "bank.json").read_text())[
+    assert json.loads((tmp_path / "dtype" / "runs" / "dtype=float32" / KC / "bank.json").read_text())[
         "path"] == str(bank)  # the bank is already fp32: used as it is
     sizes = {d: rows[f"dtype={d}"]["bytes_per_expert"] for d in ("float32", "float16", "int8")}
     assert sizes["int8"] < sizes["float16"] < sizes["float32"]
@@ -134,7 +134,7 @@ def test_rank_ablation_trains_one_bank_per_rank_and_resumes(setup, tmp_path):
     assert main(out) == 0  # no --bank: every arm trains its own
     rows = _rows(tmp_path, "rank")
     for arm in ARMS["rank"]:
-        info = json.loads((tmp_path / "rank" / "runs" / arm.slug / "bank.json").read_text())
+        info = json.loads((tmp_path / "rank" / "runs" / arm.slug / KC / "bank.json").read_text())
         assert info["experts"] == 2 and info["spec"]["rank"] == arm.value
         assert info["spec"]["alpha"] == 4.0 * arm.value  # alpha / rank kept at the shipped 4
     sizes = [rows[a.label]["bytes_per_expert"] for a in ARMS["rank"]]
@@ -174,7 +174,7 @@ def test_placement_ablation_on_packed_weights_trains_multi_layer_banks(tmp_path)
     assert main(args) == 0  # fp16 trunk, the top 8 MLPs kept float for the experts
     rows = _rows(tmp_path, "placement")
     for arm in ARMS["placement"]:
-        info = json.loads((tmp_path / "placement" / "runs" / arm.slug / "bank.json").read_text())
+        info = json.loads((tmp_path / "placement" / "runs" / arm.slug / KC / "bank.json").read_text())
         assert info["spec"]["n_layers"] == arm.value and info["experts"] == 1
     # a trigger re-runs the whole prompt under recompute, the expert layers under partial, and
     # only the pending position under stale

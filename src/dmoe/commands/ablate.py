@@ -136,7 +136,9 @@ def _run_arms(args: argparse.Namespace) -> None:
                 arm_res = _other_router(arm_res, args.bank, arm.router)
             if arm.bank_variant is not None:
                 arm_res, bank_info = _over_bank(arm_res, lm, banks.prepare(arm), arm)
-                (runs / arm.slug / "bank.json").write_text(json.dumps(bank_info, indent=1) + "\n")
+                bank_file = runs / arm.slug / task.name / "bank.json"  # one per dataset
+                bank_file.parent.mkdir(parents=True, exist_ok=True)
+                bank_file.write_text(json.dumps(bank_info, indent=1) + "\n")
             build = functools.partial(build_method, res=arm_res, retriever=retriever)
             ran = run_task(task, [arm.method], build, runs / arm.slug,
                            progress=not args.no_progress, batch_size=args.batch_size)

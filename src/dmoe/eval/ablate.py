@@ -16,7 +16,8 @@ Layout under ``OUT/NAME/``::
                                           --bank converted; ``rank``, ``placement``: trained on the
                                           evaluated questions' passages); not results: ``--work``
                                           puts them elsewhere
-    runs/<arm>/bank.json                  such an arm's bank: path, experts, bytes per expert
+    runs/<arm>/<dataset>/bank.json        such an arm's bank for that dataset: path, experts,
+                                          bytes per expert
 
 Each arm is the shipped configuration with a few ``MethodConfig`` overrides (``ARMS``); nothing is
 tuned here: these runs are measurements. The ``trigger`` ablation's ``random`` arm fires at the
@@ -141,7 +142,7 @@ def summarize_ablation(out: Path, name: str) -> dict[str, Any]:
                 continue
             s = summarize_records(records, base)
             metric, value = main_metric(dataset, s)
-            bank_file = runs / arm.slug / "bank.json"
+            bank_file = runs / arm.slug / dataset / "bank.json"
             bank = json.loads(bank_file.read_text()) if bank_file.is_file() else {}
             rows.append({"arm": arm.label, "value": _json_value(arm.value), "method": arm.method,
                          "n": s["n"], "n_quality": s["n_quality"], "metric": metric,
