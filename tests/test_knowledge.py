@@ -1,5 +1,6 @@
 """dmoe build on a tiny model, and the bank + index staying consistent."""
 
+import dataclasses
 import functools
 import json
 
@@ -65,6 +66,21 @@ def test_build_then_route_then_rebuild_skips(lm, corpus, tmp_path):
     kb.close()
     again = build(corpus, bank, lm, BuildConfig(), FAST, progress=False, log=lambda s: None)
     assert again.experts_trained == 0 and again.experts_reused == 3
+
+
+def test_a_build_at_another_precision_retrains_and_the_flag_reaches_it(lm, corpus, tmp_path):
+    from dmoe.cli import build_parser
+    from dmoe.commands.build import train_config_from
+
+    bank = tmp_path / "bank"
+    build(corpus, bank, lm, BuildConfig(), FAST, progress=False, log=lambda s: None)
+    bf16 = dataclasses.replace(FAST, precision="bf16")
+    again = build(corpus, bank, lm, BuildConfig(), bf16, progress=False, log=lambda s: None)
+    assert again.experts_trained == 3 and again.experts_reused == 0  # other settings: retrained
+    args = ["build", str(corpus), "--bank", str(bank)]
+    assert train_config_from(build_parser().parse_args(args)).precision == "fp32"
+    parsed = build_parser().parse_args([*args, "--precision", "bf16"])
+    assert train_config_from(parsed).precision == "bf16"
 
 
 def test_delete_and_drift_repair(lm, corpus, tmp_path):

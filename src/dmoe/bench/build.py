@@ -18,6 +18,11 @@ in float32, 51,432 in float16, 51,440 in bfloat16. Under a neighbour's load the 
 28x was seen without the shared prefix), so compare only numbers from one run. On CPU the fast path
 is bound by the trunk (once per example, or once per passage with the shared prefix) and, for
 passage LM examples, by lm_head at every supervised position.
+
+On one layer the fast path also runs with ``precision="bf16"`` (a bf16 copy of the frozen
+weights), alternating with fp32 so each pair shares the machine's conditions; the bench reports
+the median per-pair ratio and how far the experts move. Measured (``--mix passage+qa --repeats
+3``, one thread beside a bank build): 1.83x, relative |ΔB| up to 0.58 (results/dev/README.md 8b).
 """
 
 from __future__ import annotations
@@ -91,13 +96,21 @@ def bench_training(n_units: int = 8, epochs: int = 10, lr: float = 5e-3, mix: st
             return train_fast(lm.model, tok, jobs, config, share_prefix=share_prefix)
         return train_fast_layers(lm.model, tok, jobs, config)
 
-    fast_path(jobs[:1], dataclasses.replace(config, epochs=1))  # warm-up
-    fast_s, fast_cpu = [], []
+    # fp32 and (one layer: the only path that has it) bf16 compute, alternating, so each pair of
+    # runs shares the machine's conditions
+    precisions = ("fp32", "bf16") if n_layers == 1 else ("fp32",)
+    for precision in precisions:  # warm-up (and the bf16 copy of the weights, made once)
+        fast_path(jobs[:1], dataclasses.replace(config, epochs=1, precision=precision))
+    wall: dict[str, list[float]] = {p: [] for p in precisions}
+    cpu: dict[str, list[float]] = {p: [] for p in precisions}
+    trained: dict[str, list[Any]] = {}
     for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fast = fast_path(jobs, config)
-        fast_s.append((time.perf_counter() - t0) / len(jobs))
-        fast_cpu.append((time.process_time() - c0) / len(jobs))
+        for precision in precisions:
+            t0, c0 = time.perf_counter(), time.process_time()
+            trained[precision] = fast_path(jobs, dataclasses.replace(config, precision=precision))
+            wall[precision].append((time.perf_counter() - t0) / len(jobs))
+            cpu[precision].append((time.process_time() - c0) / len(jobs))
+    fast, fast_s, fast_cpu = trained["fp32"], wall["fp32"], cpu["fp32"]
     ref_s, ref_cpu, ref = [], [], []
     for job in jobs[:n_reference]:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -111,8 +124,22 @@ def bench_training(n_units: int = 8, epochs: int = 10, lr: float = 5e-3, mix: st
     with tempfile.TemporaryDirectory() as d:
         for dtype in STORAGE_DTYPES:
             sizes[dtype] = save_expert(Path(d) / f"{dtype}.safetensors", fast[0], lm.fingerprint, dtype)
+    bf16: dict[str, Any] = {}
+    if "bf16" in trained:  # how far bf16 compute moves the experts, and what it saves
+        bf16 = {"s_per_expert_fast_bf16": round(statistics.median(wall["bf16"]), 4),
+                "bf16_speedup_vs_fp32": round(statistics.median(
+                    f / b for f, b in zip(wall["fp32"], wall["bf16"], strict=True)), 2),
+                "bf16_cpu_speedup_vs_fp32": round(statistics.median(
+                    f / b for f, b in zip(cpu["fp32"], cpu["bf16"], strict=True)), 2),
+                "bf16_max_relative_B_diff": round(max(
+                    float((a.weights[k] - b.weights[k]).norm() / a.weights[k].norm())
+                    for a, b in zip(fast, trained["bf16"], strict=True)
+                    for k in a.weights if k.endswith("B")), 4),
+                "runs_s_per_expert_fast_bf16": [round(x, 3) for x in wall["bf16"]]}
     n_tokens = [sum(len(tok(e.prompt + e.target)["input_ids"]) for e in exs) for _, exs in jobs]
     fast_med, ref_med = statistics.median(fast_s), statistics.median(ref_s)
+    bf16_how = (" (fp32 and bf16 compute alternating; bf16 ratios: median of the per-pair "
+                "ratios)" if bf16 else "")
     return {
         "model": lm.source.name, "device": str(lm.device), "threads": torch.get_num_threads(),
         "n_units": len(jobs), "n_reference": len(ref), "n_layers": n_layers,
@@ -127,10 +154,10 @@ def bench_training(n_units: int = 8, epochs: int = 10, lr: float = 5e-3, mix: st
         "runs_s_per_expert": {"fast": [round(x, 3) for x in fast_s],
                               "reference": [round(x, 3) for x in ref_s]},
         "max_abs_weight_diff": diff,
-        "max_abs_B": b_max, "bytes_per_expert": sizes, "n_params": fast[0].n_params,
+        "max_abs_B": b_max, "bytes_per_expert": sizes, "n_params": fast[0].n_params, **bf16,
         "how": (f"fast: median of {repeats} runs of "
                 f"{'train_fast' if n_layers == 1 else 'train_fast_layers'} over all {len(jobs)} units "
-                f"(after a warm-up), divided by n_units; reference: median over the first "
+                f"(after a warm-up), divided by n_units{bf16_how}; reference: median over the first "
                 f"{len(ref)} units of train_reference on that unit alone (PEFT, batch 1, full "
                 f"forward); wall clock (time.perf_counter) and process CPU time (time.process_time, "
                 f"steadier on a shared machine), {torch.get_num_threads()} torch threads"),

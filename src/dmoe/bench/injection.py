@@ -68,6 +68,7 @@ class InjectionSetting:
     augmenter: str = "extractive"  # "extractive" (cloze QA) | "spans" (model-written questions)
     lr: float = TrainConfig.lr
     epochs: int = TrainConfig.epochs
+    precision: str = TrainConfig.precision  # "fp32" | "bf16" training compute
     rank: int = LoraSpec.rank
     alpha: float = LoraSpec.alpha
     tau: float = MethodConfig.tau
@@ -85,7 +86,7 @@ class InjectionSetting:
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(spec=LoraSpec(rank=self.rank, alpha=self.alpha), lr=self.lr,
-                           epochs=self.epochs, objective=self.objective)
+                           epochs=self.epochs, objective=self.objective, precision=self.precision)
 
     def method_config(self, max_new_tokens: int) -> MethodConfig:
         return MethodConfig(max_new_tokens=max_new_tokens, stop_strings=STOPS, tau=self.tau,
@@ -198,7 +199,7 @@ def run(lm: Any, settings: Sequence[InjectionSetting], n: int = 100, offset: int
             augmented[setting.augmenter] = (augs, BM25Router(index), valid)
         augs, router, valid_units = augmented[setting.augmenter]
         trained_as = (setting.augmenter, setting.recipe, setting.objective, setting.lr,
-                      setting.epochs, setting.rank, setting.alpha)
+                      setting.epochs, setting.rank, setting.alpha, setting.precision)
         if trained_as not in trained:  # keep one bank in memory
             trained = {trained_as: train_experts(train_lm or lm, units, augs, setting)}
         bank = trained[trained_as]

@@ -180,7 +180,7 @@ def stacked_head_logits(model: Any, h_mid: torch.Tensor, valid: torch.Tensor,
     ffn, mlp, final_norm, lm_head = last_layer_parts(model)
 
     def proj(name: str, x: torch.Tensor) -> torch.Tensor:
-        a, b = lora[name]
+        a, b = (t.to(x.dtype) for t in lora[name])  # fp32 experts on a bf16 compute copy
         return getattr(mlp, name)(x) + torch.bmm(torch.bmm(x, a.mT), b.mT) * scale  # (n, P, out)
 
     x = ffn.pre(h_mid)  # (n, P, d)
