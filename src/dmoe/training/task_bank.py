@@ -23,7 +23,7 @@ from dmoe.augment.training import Recipe, training_examples
 from dmoe.corpus.units import KnowledgeUnit
 from dmoe.experts.bank import ExpertBank
 from dmoe.training.build import BuildConfig, surrogate_text
-from dmoe.training.builder import BuildReport, ExpertJob, train_into_bank
+from dmoe.training.builder import BuildReport, ExpertJob, pending, train_into_bank
 from dmoe.training.experts import TrainConfig
 
 CHUNK = 32  # experts trained side by side (and committed) at a time
@@ -48,10 +48,12 @@ def train_task_bank(lm: Any, jobs: Sequence[ExpertJob], path: str | Path, config
     ``lm`` must hold float weights (``load_base_model(training=True)``)."""
     bank = ExpertBank.open_or_create(path, lm.fingerprint, lm.source.name, config.spec, dtype)
     try:
-        bar = tqdm(total=len(jobs), desc=desc, unit="expert", disable=not progress)
+        # a resumed build's bar starts at the experts the bank already holds
+        held = len(jobs) - len(pending(bank, jobs, config.settings_hash(settings)))
+        bar = tqdm(total=len(jobs), initial=held, desc=desc, unit="expert", disable=not progress)
         t0 = time.perf_counter()
         report = train_into_bank(lm.model, lm.tokenizer, jobs, bank, config, chunk_size=CHUNK,
-                                 on_chunk=lambda done, total, _chunk: bar.update(done - bar.n),
+                                 on_chunk=lambda done, total, _chunk: bar.update(held + done - bar.n),
                                  examples_settings=settings)
         bar.close()
         print(f"{len(report.trained)} trained, {len(report.skipped)} skipped in "
