@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dmoe.eval.datasets import load_task
+from dmoe.eval.metrics import yes_no_golds
 from dmoe.eval.report import rescore
 from dmoe.eval.runner import latest_records
 
@@ -33,10 +34,6 @@ def _cell(records: list[dict[str, Any]], metric: str) -> str:
         return "–"
     return (f"{_mean([r[metric] for r in records])} / "
             f"{_mean([r['contains'] for r in records])} ({len(records)})")
-
-
-def is_yes_no(record: dict[str, Any]) -> bool:
-    return {g.strip().lower() for g in record["gold"]} <= {"yes", "no"}
 
 
 def main() -> None:
@@ -71,8 +68,8 @@ def main() -> None:
     print("|---|" + "---|" * (len(cols) + 3))
     for method, (records, by_shard) in rows.items():
         cells = [_cell(by_shard.get(k, []), metric) for k in cols]
-        yes_no = [r for r in records if is_yes_no(r)]
-        other = [r for r in records if not is_yes_no(r)]
+        yes_no = [r for r in records if yes_no_golds(r["gold"])]
+        other = [r for r in records if not yes_no_golds(r["gold"])]
         print(f"| {method} | " + " | ".join(cells) + f" | {_cell(records, metric)} | "
               f"{_cell(yes_no, metric)} | {_cell(other, metric)} |")
 

@@ -193,6 +193,9 @@ def test_bf16_is_refused_where_no_fast_path_computes_it():
     config = TrainConfig(spec=LoraSpec(n_layers=2), precision="bf16")
     with pytest.raises(ValueError, match="precision"):
         train(model, CharTokenizer(), _jobs(1), config)
+    one_layer = TrainConfig(precision="bf16")  # the reference path has no bf16 either
+    with pytest.raises(ValueError, match="train_reference"):
+        train(model, CharTokenizer(), _jobs(1), one_layer, fast=False)
 
 
 @pytest.mark.slow

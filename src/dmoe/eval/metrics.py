@@ -114,6 +114,11 @@ def accuracy(pred: str, golds: Iterable[str]) -> float:
     return float(label is not None and label in gold)
 
 
+def yes_no_golds(golds: Iterable[str]) -> bool:
+    """Whether every gold answer is "yes" or "no" (HotpotQA's comparison questions)."""
+    return all(normalize_answer(g) in ("yes", "no") for g in golds)
+
+
 def score(generation: str, golds: Iterable[str], kind: str = "span") -> dict[str, float | str]:
     """Every metric for one sample: ``answer`` (extracted), ``em``, ``f1``, ``contains`` and, for
     ``kind == "yesno"``, ``acc`` (where em = f1 = acc, scored on the yes/no label)."""
@@ -126,7 +131,7 @@ def score(generation: str, golds: Iterable[str], kind: str = "span") -> dict[str
     if kind != "span":
         raise ValueError(f"kind must be 'span' or 'yesno', got {kind!r}")
     scored = answer
-    if all(normalize_answer(g) in ("yes", "no") for g in golds):
+    if yes_no_golds(golds):
         scored = yes_no_label(answer) or answer  # "No, they are not." answers a yes/no gold "no"
     return {"answer": answer, "em": exact_match(scored, golds), "f1": f1(scored, golds),
             "contains": contains(answer, golds)}

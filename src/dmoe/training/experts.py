@@ -216,6 +216,13 @@ def _encode_jobs(tokenizer: Any, jobs: Sequence[Job], config: TrainConfig) -> li
     return encoded
 
 
+def require_fp32_compute(config: TrainConfig, path: str) -> None:
+    """Refuse a precision that ``path`` cannot compute in: only ``train_fast`` has bf16."""
+    if config.precision != "fp32":
+        raise ValueError(f"precision {config.precision!r} is for the one-layer fast path "
+                         f"(train_fast); {path} trains with precision='fp32'")
+
+
 def _teachers(model: Any, encoded: Sequence[Sequence[EncodedExample]],
               config: TrainConfig) -> list[list[TeacherTargets | None]]:
     """The frozen model's top-K targets for every example with a teacher sequence (else None)."""
@@ -231,9 +238,6 @@ def train(model: Any, tokenizer: Any, jobs: Sequence[Job], config: TrainConfig,
     ``dmoe.training.layers.train_fast_layers`` on more, cross-entropy), else the reference."""
     if fast and config.spec.n_layers == 1:
         return train_fast(model, tokenizer, jobs, config, **fast_kwargs)
-    if config.precision != "fp32":
-        raise ValueError(f"precision {config.precision!r} is for the one-layer fast path; experts "
-                         f"on {config.spec.n_layers} layers train with precision='fp32'")
     if fast and config.objective == "ntp":
         from dmoe.training.layers import train_fast_layers
 
@@ -248,6 +252,7 @@ def train_reference(model: Any, tokenizer: Any, jobs: Sequence[Job], config: Tra
     """One expert at a time: PEFT LoRA, batch size 1, full forward/backward, torch AdamW."""
     from peft import LoraConfig, get_peft_model
 
+    require_fp32_compute(config, "train_reference")
     shapes = mlp_shapes(model, config.spec.n_layers)
     layers: Any = decoder_layers(model)
     module_of = {(i, p): getattr(layers[i].mlp.base if isinstance(layers[i].mlp, ExpertMLP)

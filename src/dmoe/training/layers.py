@@ -43,6 +43,7 @@ from dmoe.training.experts import (
     _row_groups,
     mlp_shapes,
     per_job,
+    require_fp32_compute,
     train_stacked,
 )
 
@@ -120,6 +121,7 @@ def train_fast_layers(model: Any, tokenizer: Any, jobs: Sequence[Job], config: T
     if config.objective != "ntp":
         raise ValueError("the multi-layer fast path trains cross-entropy only; use "
                          "train_reference for the distillation objective")
+    require_fp32_compute(config, "train_fast_layers")
     if not jobs:
         return []
     shapes = mlp_shapes(model, config.spec.n_layers)
