@@ -86,6 +86,19 @@ def test_ablate_refuses_bad_use(tmp_path, capsys):
     assert "k=5,softmax" in capsys.readouterr().out
 
 
+def test_arms_runs_only_the_named_arms(setup, tmp_path, capsys):
+    model_dir, bank = setup
+    args = ["ablate", "tau", "--dataset", KC, "--limit", "2", "--bank", str(bank), "--out",
+            str(tmp_path), "--model", str(model_dir), "--weights", "fp32", "--device", "cpu",
+            "--no-progress", "--set", "max_new_tokens=4"]
+    assert main([*args, "--arm", "tau=2", "--arm", "base"]) == 0
+    assert sorted(p.name for p in (tmp_path / "tau" / "runs").iterdir()
+                  if p.is_dir()) == ["base", "tau=2"]
+    assert main([*args, "--arm", "tau=7"]) != 0
+    err = capsys.readouterr().err
+    assert "unknown arm(s) ['tau=7']" in err and "tau=inf" in err
+
+
 def test_cut_bank_keeps_own_experts_and_a_seeded_share_of_the_rest():
     from dmoe.eval.ablate import cut_bank
 

@@ -56,6 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a knob applied to every arm (before the arm's own overrides)")
     p.add_argument("--batch-size", type=int, default=1, metavar="B",
                    help="answer B questions per batch (as dmoe eval --batch-size; same answers)")
+    p.add_argument("--arm", dest="arms", action="append", default=None, metavar="LABEL",
+                   help="run only this arm (repeatable; a label as --list-arms prints it, 'base' "
+                        "for the base row): several processes can share one ablation")
     p.add_argument("--list-arms", action="store_true", help="print the arms and exit")
     p.add_argument("--report-only", action="store_true", help="only rebuild the summary files")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -117,7 +120,8 @@ def _run_arms(args: argparse.Namespace) -> None:
     retriever = PassageRetriever(task.corpus)
     banks = _ArmBanks(args.work or root / "banks", args, task)
     try:
-        for arm in [Arm("base", "base", method="base"), *ARMS[args.name]]:
+        for arm in select_arms([Arm("base", "base", method="base"), *ARMS[args.name]],
+                               args.arms):
             overrides = arm_overrides(arm, runs, task.name)
             config = shared.with_overrides(list(overrides))
             log_invocation(runs / arm.slug, {
@@ -146,6 +150,17 @@ def _run_arms(args: argparse.Namespace) -> None:
     finally:
         retriever.close()
         banks.close()
+
+
+def select_arms(arms: list[Any], wanted: list[str] | None) -> list[Any]:
+    """The arms labelled in ``wanted`` (all when None), in ``arms``' order."""
+    if wanted is None:
+        return arms
+    unknown = sorted(set(wanted) - {arm.label for arm in arms})
+    if unknown:
+        raise ValueError(f"--arm: unknown arm(s) {unknown}; this ablation's arms: "
+                         + ", ".join(arm.label for arm in arms))
+    return [arm for arm in arms if arm.label in wanted]
 
 
 def _cut_bank(res: Any, bank_dir: Path | None, task: Any, fraction: float, seed: int) -> Any:
