@@ -94,9 +94,11 @@ def test_arms_runs_only_the_named_arms(setup, tmp_path, capsys):
     assert main([*args, "--arm", "tau=2", "--arm", "base"]) == 0
     assert sorted(p.name for p in (tmp_path / "tau" / "runs").iterdir()
                   if p.is_dir()) == ["base", "tau=2"]
+    logged = (tmp_path / "tau" / "runs.jsonl").read_text()
     assert main([*args, "--arm", "tau=7"]) != 0
     err = capsys.readouterr().err
     assert "unknown arm(s) ['tau=7']" in err and "tau=inf" in err
+    assert (tmp_path / "tau" / "runs.jsonl").read_text() == logged  # refused before any work
 
 
 def test_cut_bank_keeps_own_experts_and_a_seeded_share_of_the_rest():

@@ -105,6 +105,7 @@ def _run_arms(args: argparse.Namespace) -> None:
     from dmoe.eval.datasets import load_task
     from dmoe.eval.runner import log_invocation, run_task
 
+    arms = select_arms([Arm("base", "base", method="base"), *ARMS[args.name]], args.arms)
     root = args.out / args.name
     runs = root / "runs"
     shared = MethodConfig().with_overrides(args.overrides)
@@ -120,8 +121,7 @@ def _run_arms(args: argparse.Namespace) -> None:
     retriever = PassageRetriever(task.corpus)
     banks = _ArmBanks(args.work or root / "banks", args, task)
     try:
-        for arm in select_arms([Arm("base", "base", method="base"), *ARMS[args.name]],
-                               args.arms):
+        for arm in arms:
             overrides = arm_overrides(arm, runs, task.name)
             config = shared.with_overrides(list(overrides))
             log_invocation(runs / arm.slug, {
