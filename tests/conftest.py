@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import httpx
@@ -170,3 +172,13 @@ def toy_jobs(n_units: int = 4, min_qa: int = 2) -> list[tuple[str, list]]:
             examples.append(TrainingExample(prompt, f" fact {u}-{q}"))
         jobs.append((f"unit/{u}", examples))
     return jobs
+
+
+def load_script(name: str) -> types.ModuleType:
+    """Import ``scripts/<name>.py`` (scripts are not a package) as a module."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,20 +1,10 @@
 """scripts/check_headline.py: issue 13's checks read from a summary, a missing input never met."""
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("check_headline", ROOT / "scripts" / "check_headline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
 def _methods(n, **f1):
-    out = {m: {"n": n, "f1": 0.1, "latency_s_mean": 1.0} for m in _script().METHODS}
+    out = {m: {"n": n, "f1": 0.1, "latency_s_mean": 1.0} for m in load_script("check_headline").METHODS}
     for m, v in f1.items():
         out[m]["f1"] = v
     out["rag"]["latency_s_mean"] = 2.0
@@ -22,7 +12,7 @@ def _methods(n, **f1):
 
 
 def test_met_and_missed_checks_carry_their_numbers():
-    mod = _script()
+    mod = load_script("check_headline")
     ok = mod.check_summary({"datasets": {"hotpotqa": _methods(300, dmoe=0.2)}})
     assert ok["all_met"] and ok["datasets"]["hotpotqa"]["dmoe_ge_base"] == {
         "metric": "f1", "met": True, "dmoe": 0.2, "other": 0.1}
@@ -36,7 +26,7 @@ def test_met_and_missed_checks_carry_their_numbers():
 
 
 def test_knowledge_conflicts_uses_efficacy_locality_and_double_n():
-    mod = _script()
+    mod = load_script("check_headline")
     methods = {m: {"n": 600, "efficacy": 0.1, "locality": 0.5, "latency_s_mean": 1.0}
                for m in mod.METHODS}
     methods["dmoe"].update(efficacy=0.17, locality=0.93)
@@ -52,7 +42,7 @@ def test_knowledge_conflicts_uses_efficacy_locality_and_double_n():
 
 
 def test_a_method_not_run_is_never_met():
-    mod = _script()
+    mod = load_script("check_headline")
     methods = _methods(300, dmoe=0.2)
     del methods["poly_prag"]
     got = mod.check_summary({"datasets": {"cwq": methods}})

@@ -1,23 +1,14 @@
 """scripts/shard_table.py: a record's shard is its question's position in the dataset."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("shard_table", ROOT / "scripts" / "shard_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
 def test_shards_follow_dataset_order_not_file_order(tmp_path, monkeypatch, capsys):
-    mod = _script()
+    mod = load_script("shard_table")
     ids = [f"q{i}" for i in range(4)]
     monkeypatch.setattr(mod, "load_task", lambda *a, **k: SimpleNamespace(
         samples=[SimpleNamespace(id=i) for i in ids]))
