@@ -39,7 +39,7 @@ from dmoe.training.corpus import (
     train_sft_lora,
 )
 from dmoe.training.experts import OBJECTIVES, PRECISIONS, TrainConfig
-from dmoe.training.task_bank import expert_jobs, train_task_bank
+from dmoe.training.task_bank import CHUNK, expert_jobs, train_task_bank
 
 
 def main() -> None:
@@ -67,6 +67,9 @@ def main() -> None:
                     help="base model, as dmoe's --model (default: the packaged smollm2; also "
                          "gemma3-270m, an HF model directory or a .gguf file)")
     ap.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda")
+    ap.add_argument("--chunk-size", type=int, default=CHUNK,
+                    help=f"experts trained side by side and committed together (default {CHUNK}; "
+                         "larger keeps a GPU busier, the same experts either way)")
     ap.add_argument("--dtype", default="float32", choices=STORAGE_DTYPES,
                     help="storage dtype of the bank's expert files (default float32)")
     corpus = ap.add_argument_group("corpus-wide LoRAs (sft_lora, poly_prag)")
@@ -99,7 +102,8 @@ def main() -> None:
         config = TrainConfig(spec=LoraSpec(), lr=args.lr, epochs=args.epochs,
                              objective=args.objective, precision=args.precision)
         train_task_bank(lm, jobs, args.bank, config, args.dtype, desc=f"train {args.dataset}",
-                        settings={"recipe": args.recipe, "augmenter": args.augmenter})
+                        settings={"recipe": args.recipe, "augmenter": args.augmenter},
+                        chunk_size=args.chunk_size)
 
     corpus_jobs = [(job.unit_id, job.examples) for job in jobs]
     n_examples = sum(len(job.examples) for job in jobs)

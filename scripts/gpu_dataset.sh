@@ -9,6 +9,7 @@
 # Expects: the GGUF's first part in $STASH/part-a (an earlier call put it there), the rest in
 # .gpu/part-b with .gpu/model.sha256; the benchmark file under .gpu/data/; wheels of packages the
 # machine lacks in .gpu/whl/. Every eval is resumable: rerunning finishes what a deadline cut.
+# $CHUNK: experts trained side by side (default 32, as on the CPU; the same experts at any size).
 set -u
 DS=$1; LIMIT=$2; DEADLINE=$3; DEV=${DEV:-cuda}; PY=${PY:-python3}
 T0=$(date +%s)
@@ -33,7 +34,7 @@ stamp "model cached" 0
 pids=()
 ( t=$(date +%s)
   timeout "$(left)" $PY scripts/build_eval_bank.py --dataset "$DS" --limit "$LIMIT" --bank "$W/bank" \
-      --device "$DEV" > "$OUT/bank.log" 2>&1
+      --device "$DEV" --chunk-size "${CHUNK:-32}" > "$OUT/bank.log" 2>&1
   stamp "bank $(( $(date +%s) - t ))s" $?
   arms=()
   for s in 0 1; do

@@ -337,6 +337,29 @@ def build(bank_dir: str) -> dict[str, list[str]]:
             "quarantined": report.quarantined}
 
 
+def test_an_expert_does_not_depend_on_the_chunk_it_trained_in(tmp_path):
+    """Chunks only batch independent experts (a GPU build raises the chunk size for speed): one
+    expert per chunk and all in one chunk, with examples of different lengths padded together,
+    store the same weights."""
+    from dmoe.augment.types import TrainingExample
+    from dmoe.training.builder import ExpertJob, train_into_bank
+    from dmoe.training.experts import TrainConfig
+
+    model = tiny_model("llama", layers=2)
+    config = TrainConfig(lr=1e-2, epochs=3)
+    jobs = [ExpertJob(f"u{u}", (TrainingExample(f"Where is town {u}?" + " really" * u, f"Hill {u}."),
+                                TrainingExample("", f"Town {u} has {u + 3} green towers.")),
+                      content_hash=f"h{u}", surrogate=f"town {u}") for u in range(4)]
+    weights = {}
+    for chunk in (1, 4):
+        with ExpertBank.open_or_create(tmp_path / f"c{chunk}", "fp-tiny", "tiny", config.spec) as bank:
+            train_into_bank(model, CharTokenizer(), jobs, bank, config, chunk_size=chunk)
+            weights[chunk] = {job.expert_id: bank.get(job.expert_id).weights for job in jobs}
+    for job in jobs:
+        torch.testing.assert_close(weights[4][job.expert_id], weights[1][job.expert_id],
+                                   rtol=1e-4, atol=1e-6)
+
+
 def test_build_resumes_after_sigkill(tmp_path):
     bank_dir = tmp_path / "bank"
     here = Path(__file__).parent

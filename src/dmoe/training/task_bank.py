@@ -42,7 +42,8 @@ def expert_jobs(lm: Any, units: Sequence[KnowledgeUnit], recipe: Recipe = BuildC
 
 def train_task_bank(lm: Any, jobs: Sequence[ExpertJob], path: str | Path, config: TrainConfig,
                     dtype: str = "float32", settings: dict[str, Any] | None = None,
-                    desc: str = "train", progress: bool = True) -> BuildReport:
+                    desc: str = "train", progress: bool = True,
+                    chunk_size: int = CHUNK) -> BuildReport:
     """Train ``jobs`` into the bank at ``path`` (created with ``config.spec`` and ``dtype`` if
     new), resumably; ``settings`` names what shaped the examples (it enters the settings hash).
     ``lm`` must hold float weights (``load_base_model(training=True)``)."""
@@ -52,7 +53,7 @@ def train_task_bank(lm: Any, jobs: Sequence[ExpertJob], path: str | Path, config
         held = len(jobs) - len(pending(bank, jobs, config.settings_hash(settings)))
         bar = tqdm(total=len(jobs), initial=held, desc=desc, unit="expert", disable=not progress)
         t0 = time.perf_counter()
-        report = train_into_bank(lm.model, lm.tokenizer, jobs, bank, config, chunk_size=CHUNK,
+        report = train_into_bank(lm.model, lm.tokenizer, jobs, bank, config, chunk_size=chunk_size,
                                  on_chunk=lambda done, total, _chunk: bar.update(held + done - bar.n),
                                  examples_settings=settings)
         bar.close()
