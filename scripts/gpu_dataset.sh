@@ -4,14 +4,16 @@
 # $OUT/answers.tgz, for `dmoe eval --merge` here. How its inputs travel, under the 64 MiB a call may
 # carry, is in results/smollm2-cpu/README.md ("SQuAD on a lent GPU").
 #
-#   bash scripts/gpu_dataset.sh DATASET LIMIT DEADLINE_S
+#   bash scripts/gpu_dataset.sh DATASET[,DATASET...] LIMIT DEADLINE_S
 #
+# With several datasets (strategyqa,cwq: one Wikipedia pool), the bank and the LoRAs are trained
+# once, on the first one's corpus, and every dataset is answered with them.
 # Expects: the GGUF's first part in $STASH/part-a (an earlier call put it there), the rest in
 # .gpu/part-b with .gpu/model.sha256; the benchmark file under .gpu/data/; wheels of packages the
 # machine lacks in .gpu/whl/. Every eval is resumable: rerunning finishes what a deadline cut.
 # $CHUNK: experts trained side by side (default 32, as on the CPU; the same experts at any size).
 set -u
-DS=$1; LIMIT=$2; DEADLINE=$3; DEV=${DEV:-cuda}; PY=${PY:-python3}
+DS=$1; BUILD=${1%%,*}; LIMIT=$2; DEADLINE=$3; DEV=${DEV:-cuda}; PY=${PY:-python3}
 T0=$(date +%s)
 left() { local l=$(( DEADLINE - ($(date +%s) - T0) )); echo $(( l > 1 ? l : 1 )); }
 stamp() { echo "$1 rc=$2 at +$(( $(date +%s) - T0 ))s"; }
@@ -33,7 +35,7 @@ $PY -c "from dmoe.base_model import load_base_model; load_base_model('smollm2', 
 stamp "model cached" 0
 pids=()
 ( t=$(date +%s)
-  timeout "$(left)" $PY scripts/build_eval_bank.py --dataset "$DS" --limit "$LIMIT" --bank "$W/bank" \
+  timeout "$(left)" $PY scripts/build_eval_bank.py --dataset "$BUILD" --limit "$LIMIT" --bank "$W/bank" \
       --device "$DEV" --chunk-size "${CHUNK:-32}" > "$OUT/bank.log" 2>&1
   stamp "bank $(( $(date +%s) - t ))s" $?
   arms=()
@@ -44,7 +46,7 @@ pids=()
   done
   wait "${arms[@]}"; stamp arms $? ) & pids+=($!)
 ( t=$(date +%s)
-  timeout "$(left)" $PY scripts/build_eval_bank.py --dataset "$DS" --limit "$LIMIT" --no-bank \
+  timeout "$(left)" $PY scripts/build_eval_bank.py --dataset "$BUILD" --limit "$LIMIT" --no-bank \
       --device "$DEV" --sft-lora "$W/sft.safetensors" --poly "$W/poly" > "$OUT/lora.log" 2>&1
   stamp "loras $(( $(date +%s) - t ))s" $?
   timeout "$(left)" $D eval --methods sft_lora,poly_prag $A --batch-size 16 \
