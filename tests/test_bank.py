@@ -355,9 +355,13 @@ def test_an_expert_does_not_depend_on_the_chunk_it_trained_in(tmp_path):
         with ExpertBank.open_or_create(tmp_path / f"c{chunk}", "fp-tiny", "tiny", config.spec) as bank:
             train_into_bank(model, CharTokenizer(), jobs, bank, config, chunk_size=chunk)
             weights[chunk] = {job.expert_id: bank.get(job.expert_id).weights for job in jobs}
-    for job in jobs:
-        torch.testing.assert_close(weights[4][job.expert_id], weights[1][job.expert_id],
-                                   rtol=1e-4, atol=1e-6)
+    def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+        return max((a[k] - b[k]).abs().max().item() for k in a)
+
+    # summation order differs with the padding, as between the fast and reference paths (same bound)
+    diff = max(max_diff(weights[4][job.expert_id], weights[1][job.expert_id]) for job in jobs)
+    assert diff <= 1e-4, f"chunk of 4 vs chunks of 1: max |dw| = {diff:.2e}"
+    assert max_diff(weights[1]["u0"], weights[1]["u1"]) > 1e-3  # the experts do differ
 
 
 def test_build_resumes_after_sigkill(tmp_path):
