@@ -355,6 +355,7 @@ def test_an_expert_does_not_depend_on_the_chunk_it_trained_in(tmp_path):
         with ExpertBank.open_or_create(tmp_path / f"c{chunk}", "fp-tiny", "tiny", config.spec) as bank:
             train_into_bank(model, CharTokenizer(), jobs, bank, config, chunk_size=chunk)
             weights[chunk] = {job.expert_id: bank.get(job.expert_id).weights for job in jobs}
+
     def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
         return max((a[k] - b[k]).abs().max().item() for k in a)
 
