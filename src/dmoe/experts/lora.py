@@ -280,11 +280,16 @@ class ExpertAdapter:
         Σr of any row; rows with fewer (or no) experts are padded with zero LoRAs, which add
         exactly 0. ``active`` is left empty: there is no single active set. With no expert in any
         row the MLPs are the exact base MLPs.
+
+        The stacks are filled on the host and copied to the model's device once per projection:
+        a trigger step on a GPU then costs 6 copies, not 6 per row (each row's compose on the
+        device was a synchronous host-to-device copy per tensor).
         """
         shapes = self.mlp_shapes
         sets = [(experts, self._checked(experts, weights, shapes)) for experts, weights in sets]
         self.active, self.weights = (), ()
         rank = max((sum(e.spec.rank for e in experts) for experts, _ in sets), default=0)
+        host = torch.device("cpu")
         for i, mlp in self.mlps.items():
             if rank == 0:
                 mlp.lora = None
@@ -293,14 +298,14 @@ class ExpertAdapter:
             mlp.lora = {}
             for p in PROJECTIONS:
                 out_f, in_f = shapes[(i, p)]
-                a = w.new_zeros(len(sets), rank, in_f)
-                b = w.new_zeros(len(sets), out_f, rank)
+                a = torch.zeros(len(sets), rank, in_f, dtype=w.dtype)
+                b = torch.zeros(len(sets), out_f, rank, dtype=w.dtype)
                 for row, (experts, weights) in enumerate(sets):
                     if experts:
-                        a_row, b_row = compose(experts, i, p, w.device, w.dtype, weights)
+                        a_row, b_row = compose(experts, i, p, host, w.dtype, weights)
                         a[row, : a_row.shape[0]] = a_row
                         b[row, :, : b_row.shape[1]] = b_row
-                mlp.lora[p] = (a, b)
+                mlp.lora[p] = (a.to(w.device), b.to(w.device))
 
     def detach(self) -> None:
         """Put the original MLP modules back."""

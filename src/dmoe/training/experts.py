@@ -321,13 +321,15 @@ def masked_adamw_(params: Sequence[torch.Tensor], moments: Sequence[tuple[torch.
 
 def train_fast(model: Any, tokenizer: Any, jobs: Sequence[Job], config: TrainConfig,
                trunk_batch_tokens: int = 8192, head_batch_tokens: int = 2048,
-               share_prefix: bool = True, progress: Progress | None = None) -> list[Expert]:
+               share_prefix: bool | None = None, progress: Progress | None = None) -> list[Expert]:
     """All jobs side by side on cached trunk states (see the module docstring).
 
     ``share_prefix``: one expert's examples that start alike (passage + question_i) run their common
     prefix through the trunk once (``trunk_states``): exact, ~2.4x fewer trunk tokens for PRAG
-    examples, and on by default: on the idle 2-core CPU (``dmoe bench build``, 8 SQuAD units x 3
-    QA, 10 epochs) it took 0.41 s/expert against 0.87 s without it (28.7x vs 12.6x the reference).
+    examples. ``None`` (default): on the CPU only, as for the corpus LoRAs (``dmoe.training.corpus``).
+    On the idle 2-core CPU (``dmoe bench build``, 8 SQuAD units x 3 QA, 10 epochs) it took 0.41
+    s/expert against 0.87 s without it (28.7x vs 12.6x the reference); on CUDA its two trunk passes
+    per unit are launch-bound (500 units x 5 examples on an H100: 31.9 s shared, 2.1 s plain).
     ``trunk_batch_tokens`` bounds a padded trunk batch and ``head_batch_tokens`` the positions whose
     logits (N, V) are alive at once.
     """
@@ -339,6 +341,8 @@ def train_fast(model: Any, tokenizer: Any, jobs: Sequence[Job], config: TrainCon
     shapes = mlp_shapes(model, 1)
     encoded = _encode_jobs(tokenizer, jobs, config)
     compute = compute_model(model, config.precision)
+    if share_prefix is None:
+        share_prefix = next(model.parameters()).device.type == "cpu"
     # 1) trunk once per sequence, batched across all experts
     flat = [(ex.ids, ex.start) for exs in encoded for ex in exs]
     unit = [i for i, exs in enumerate(encoded) for _ in exs]
