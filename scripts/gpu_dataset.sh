@@ -39,7 +39,7 @@ pids=()
 ( t=$(date +%s)
   timeout "$(left)" $PY scripts/build_eval_bank.py --dataset "$BUILD" --limit "$LIMIT" --bank "$W/bank" \
       --device "$DEV" --chunk-size "${CHUNK:-32}" > "$L/bank.log" 2>&1
-  stamp "bank $(( $(date +%s) - t ))s" $?
+  rc=$?; stamp "bank $(( $(date +%s) - t ))s" $rc  # rc first: $(date) would reset $?
   arms=()
   for ((s = 0; s < ${ARM_SHARDS:-2}; s++)); do
     timeout "$(left)" $D eval --methods base,rag,prag,prag_combine,dmoe,dmoe_random,dmoe_shuffled $A \
@@ -51,7 +51,7 @@ pids=()
 ( t=$(date +%s)
   timeout "$(left)" $PY scripts/build_eval_bank.py --dataset "$BUILD" --limit "$LIMIT" --no-bank \
       --device "$DEV" --sft-lora "$W/sft.safetensors" --poly "$W/poly" > "$L/lora.log" 2>&1
-  stamp "loras $(( $(date +%s) - t ))s" $?
+  rc=$?; stamp "loras $(( $(date +%s) - t ))s" $rc
   timeout "$(left)" $D eval --methods sft_lora,poly_prag $A --batch-size 16 \
       --sft-lora "$W/sft.safetensors" --poly "$W/poly" --out "$W/SP" > "$L/sp.log" 2>&1
   stamp sp $? ) & pids+=($!)
