@@ -13,6 +13,9 @@
 # machine lacks in .gpu/whl/. Every eval is resumable: rerunning finishes what a deadline cut.
 # $CHUNK: experts trained side by side (default 32, as on the CPU; the same experts at any size).
 # $ARM_SHARDS, $FLARE_SHARDS: worker processes for the 7 batched arms (default 2) and FLARE (4).
+# $JOBS: which groups run (default bank,loras,flare; bank = the bank then the 7 batched arms,
+# loras = the corpus LoRAs then the sft_lora and poly_prag answers). The LoRAs (~1 MB) come back
+# in $OUT/loras.tgz, so their answers can be finished elsewhere if a deadline cuts them.
 set -u
 DS=$1; BUILD=${1%%,*}; LIMIT=$2; DEADLINE=$3; DEV=${DEV:-cuda}; PY=${PY:-python3}
 T0=$(date +%s)
@@ -35,8 +38,10 @@ A="--datasets $DS --limit $LIMIT --device $DEV --weights fp32 --no-progress"
 # one load first, so the processes below read the dequantised cache instead of racing to build it
 $PY -c "from dmoe.base_model import load_base_model; load_base_model('smollm2', '$DEV', training=True)"
 stamp "model cached" 0
+JOBS=,${JOBS:-bank,loras,flare},
+wants() { [[ $JOBS == *,$1,* ]]; }
 pids=()
-( t=$(date +%s)
+wants bank && ( t=$(date +%s)
   timeout "$(left)" $PY scripts/build_eval_bank.py --dataset "$BUILD" --limit "$LIMIT" --bank "$W/bank" \
       --device "$DEV" --chunk-size "${CHUNK:-32}" > "$L/bank.log" 2>&1
   rc=$?; stamp "bank $(( $(date +%s) - t ))s" $rc  # rc first: $(date) would reset $?
@@ -48,14 +53,18 @@ pids=()
     arms+=($!)
   done
   wait "${arms[@]}"; stamp arms $? ) & pids+=($!)
-( t=$(date +%s)
+wants loras && ( t=$(date +%s)
   timeout "$(left)" $PY scripts/build_eval_bank.py --dataset "$BUILD" --limit "$LIMIT" --no-bank \
       --device "$DEV" --sft-lora "$W/sft.safetensors" --poly "$W/poly" > "$L/lora.log" 2>&1
   rc=$?; stamp "loras $(( $(date +%s) - t ))s" $rc
-  timeout "$(left)" $D eval --methods sft_lora,poly_prag $A --batch-size 16 \
-      --sft-lora "$W/sft.safetensors" --poly "$W/poly" --out "$W/SP" > "$L/sp.log" 2>&1
-  stamp sp $? ) & pids+=($!)
-for ((s = 0; s < ${FLARE_SHARDS:-4}; s++)); do
+  # each method whose artefact exists (a deadline may have cut Poly-PRAG's training)
+  [ -s "$W/sft.safetensors" ] && timeout "$(left)" $D eval --methods sft_lora $A --batch-size 16 \
+      --sft-lora "$W/sft.safetensors" --out "$W/SP" > "$L/sp.log" 2>&1
+  stamp sft-answers $?
+  [ -s "$W/poly/manifest.json" ] && timeout "$(left)" $D eval --methods poly_prag $A \
+      --batch-size 16 --poly "$W/poly" --out "$W/SP" >> "$L/sp.log" 2>&1
+  stamp poly-answers $? ) & pids+=($!)
+wants flare && for ((s = 0; s < ${FLARE_SHARDS:-4}; s++)); do
   ( timeout "$(left)" $D eval --methods flare $A --shard $s/${FLARE_SHARDS:-4} --out "$W/FL-$s" \
         > "$L/fl-$s.log" 2>&1
     stamp flare-$s $? ) & pids+=($!)
@@ -65,4 +74,6 @@ stamp "all" 0
 (cd "$W" && tar -czf "$OUT/answers.tgz" --exclude=bank --exclude='*.safetensors' --exclude=poly \
     $(ls -d A-* SP FL-* 2>/dev/null))  # whatever the deadline let finish: rerunning resumes the rest
 tar -C "$W" -czf "$OUT/logs.tgz" logs
+loras=$(cd "$W" && ls -d sft.safetensors poly 2>/dev/null)
+[ -n "$loras" ] && tar -C "$W" -czf "$OUT/loras.tgz" $loras
 ls -la "$OUT"

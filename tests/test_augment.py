@@ -354,3 +354,29 @@ def test_regex_stop_marks_rows_that_closed_the_qa_list(tokenizer):
     rows = [list(b'PROMPT[{"a": 1}]'), list(b'PROMPT[{"a": 1},')]
     stop = _RegexStop(tokenizer, QA_STOP, prompt_width=6)
     assert stop(torch.tensor(rows), None).tolist() == [True, False]
+
+
+def test_base_model_plain_frame_opens_with_demonstrations_in_training_and_inference():
+    from conftest import CharTokenizer
+
+    from dmoe.prompts import DEMONSTRATIONS, format_prompt, use_demonstrations, user_message
+
+    tok = CharTokenizer()  # no chat template: a base model's plain frame
+    bare = format_prompt(tok, "Q1?", [CURIE.text])
+    assert bare == user_message("Q1?", [CURIE.text]) + "\nAnswer:"
+    use_demonstrations(tok)
+    framed = format_prompt(tok, "Q1?", [CURIE.text])
+    assert framed == DEMONSTRATIONS + bare
+    assert DEMONSTRATIONS.count("\nAnswer: ") == 2 and DEMONSTRATIONS.endswith("\n\n")
+    # an expert's QA examples are asked in the same frame the eval asks in
+    aug = ExtractiveAugmenter().augment([CURIE])[0]
+    qa = [e for e in training_examples(CURIE, aug, tok, recipe="recite_qa")
+          if e.prompt.endswith("\nAnswer:")]
+    assert qa and all(e.prompt.startswith(DEMONSTRATIONS) for e in qa)
+
+    class Chat:
+        chat_template = "{{ messages }}"
+
+    chat = Chat()
+    use_demonstrations(chat)
+    assert not hasattr(chat, "dmoe_demonstrations")  # instruct models keep their chat template

@@ -17,7 +17,7 @@ from dmoe.base_model import PACKAGED_MODELS, load_base_model
 from dmoe.engine.decode import DecodeConfig, Engine
 from dmoe.engine.triggers import ScheduleTrigger
 from dmoe.experts.lora import ExpertAdapter, LoraSpec
-from dmoe.prompts import encode_prompt
+from dmoe.prompts import DEMONSTRATIONS, encode_prompt, format_prompt
 
 pytestmark = [
     pytest.mark.slow,
@@ -40,6 +40,7 @@ def test_gemma_loads_offline_and_answers_in_the_plain_frame(gemma):
     model, tok = gemma.model, gemma.tokenizer
     assert model.config.model_type == "gemma3_text" and model.config.num_hidden_layers == 18
     assert not getattr(tok, "chat_template", None)  # a base model: the plain frame applies
+    assert format_prompt(tok, "Q?").startswith(DEMONSTRATIONS)  # ... after its demonstrations
     ids = encode_prompt(tok, "What is the capital of France?")
     assert ids[0] == tok.bos_token_id  # the plain frame starts the sequence with BOS
     engine = Engine(model, tok, ExpertAdapter(model, LoraSpec()))

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from dmoe.errors import ModelNotFoundError
+from dmoe.prompts import use_demonstrations
 from dmoe.quant import PACKERS, pack_trunk
 
 
@@ -283,6 +284,7 @@ def load_base_model(spec: str | None = None, device: str | None = None,
 
     hf_logging.disable_progress_bar()  # a ~2 s weight load needs no bar
     tok = AutoTokenizer.from_pretrained(path)
+    use_demonstrations(tok)  # a base model's plain frame opens with two answered questions
     dtype = torch.float32 if packed else _FLOAT_DTYPES[mode]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.to(dev)  # type: ignore[arg-type]  # transformers' stub is narrower than nn.Module.to

@@ -25,12 +25,37 @@ def user_message(question: str, passages: Sequence[str] = ()) -> str:
 
 
 def format_prompt(tokenizer: Any, question: str, passages: Sequence[str] = ()) -> str:
-    """Full prompt text ending where the model's answer begins."""
+    """Full prompt text ending where the model's answer begins: the chat template's user turn,
+    or the plain frame after the tokenizer's demonstrations (``use_demonstrations``), if any."""
     message = user_message(question, passages)
     if getattr(tokenizer, "chat_template", None):
         return str(tokenizer.apply_chat_template([{"role": "user", "content": message}],
                                                  tokenize=False, add_generation_prompt=True))
-    return f"{message}\nAnswer:"
+    return f"{getattr(tokenizer, DEMOS_ATTR, '')}{message}\nAnswer:"
+
+
+def _demonstration(question: str, answer: str, passages: Sequence[str] = ()) -> str:
+    return f"{user_message(question, passages)}\nAnswer: {answer}\n\n"
+
+
+# Two answered questions ahead of a base model's plain frame: one read from its passage (a made-up
+# fact, so only reading answers it), one from memory. On Gemma-3-270M's dev slices (HotpotQA and
+# knowledge_conflicts 300-339, base and RAG) they cut broken answers (empty, or a new
+# "Question:"/"Answer:" line) from 70 to 5 of 160 and lifted HotpotQA F1 (base 21.8 -> 25.0, RAG
+# 19.9 -> 26.2); RAG's knowledge_conflicts efficacy fell from 8 to 4 of 40 (5 questions worse, 1
+# better, sign test p = 0.22). results/smollm2-cpu/README.md, "Frame sweep".
+DEMONSTRATIONS = (
+    _demonstration("In which year did the Harlow Bridge open?", "1932",
+                   ["The Harlow Bridge, opened in 1932, crosses the river Stort in three spans."])
+    + _demonstration("Who wrote the novel Pride and Prejudice?", "Jane Austen"))
+DEMOS_ATTR = "dmoe_demonstrations"
+
+
+def use_demonstrations(tokenizer: Any) -> None:
+    """Give a base model's tokenizer (no chat template) the plain frame's ``DEMONSTRATIONS``;
+    ``load_base_model`` does, so training and inference format alike. A chat model is left as is."""
+    if not getattr(tokenizer, "chat_template", None):
+        setattr(tokenizer, DEMOS_ATTR, DEMONSTRATIONS)
 
 
 def encode_prompt(tokenizer: Any, question: str, passages: Sequence[str] = ()) -> list[int]:
