@@ -2,8 +2,9 @@
 
 One function turns (question, optional passages) into the model's input text, through the
 tokenizer's chat template when it has one (instruct models) or a plain "Question:/Answer:" frame
-otherwise (base models). Training and inference must use the same frame, so nothing else in dmoe
-formats prompts by hand.
+otherwise (base models), after two answered questions (``DEMONSTRATIONS``) on a tokenizer that
+``use_demonstrations`` marked (``load_base_model`` marks every base model's). Training and
+inference must use the same frame, so nothing else in dmoe formats prompts by hand.
 """
 
 from __future__ import annotations
