@@ -43,8 +43,8 @@ def _demonstration(question: str, answer: str, passages: Sequence[str] = ()) -> 
 # fact, so only reading answers it), one from memory. On Gemma-3-270M's dev slices (HotpotQA and
 # knowledge_conflicts 300-339, base and RAG) they cut broken answers (empty, or a new
 # "Question:"/"Answer:" line) from 70 to 5 of 160 and lifted HotpotQA F1 (base 21.8 -> 25.0, RAG
-# 19.9 -> 26.2); RAG's knowledge_conflicts efficacy fell from 8 to 4 of 40 (5 questions worse, 1
-# better, sign test p = 0.22). results/smollm2-cpu/README.md, "Frame sweep".
+# 19.9 -> 26.2); knowledge_conflicts efficacy fell by half, RAG's 8 -> 4 and DMoE's 6 -> 3 of 40
+# (together 9 questions worse, 2 better, p = 0.065). results/smollm2-cpu/README.md, "Frame sweep".
 DEMONSTRATIONS = (
     _demonstration("In which year did the Harlow Bridge open?", "1932",
                    ["The Harlow Bridge, opened in 1932, crosses the river Stort in three spans."])
