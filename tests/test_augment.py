@@ -359,7 +359,13 @@ def test_regex_stop_marks_rows_that_closed_the_qa_list(tokenizer):
 def test_base_model_plain_frame_opens_with_demonstrations_in_training_and_inference():
     from conftest import CharTokenizer
 
-    from dmoe.prompts import DEMONSTRATIONS, format_prompt, use_demonstrations, user_message
+    from dmoe.prompts import (
+        DEMONSTRATIONS,
+        DEMOS_ATTR,
+        format_prompt,
+        use_demonstrations,
+        user_message,
+    )
 
     tok = CharTokenizer()  # no chat template: a base model's plain frame
     bare = format_prompt(tok, "Q1?", [CURIE.text])
@@ -379,4 +385,4 @@ def test_base_model_plain_frame_opens_with_demonstrations_in_training_and_infere
 
     chat = Chat()
     use_demonstrations(chat)
-    assert not hasattr(chat, "dmoe_demonstrations")  # instruct models keep their chat template
+    assert not hasattr(chat, DEMOS_ATTR)  # instruct models keep their chat template

@@ -63,7 +63,7 @@ from dmoe.training.experts import (
     mlp_shapes,
 )
 from dmoe.training.experts import TrainConfig as _ExpertConfig
-from dmoe.training.trunk import SupervisedStates, last_layer_parts, trunk_states
+from dmoe.training.trunk import SupervisedStates, last_layer_parts, shares_prefix, trunk_states
 
 # sft_lora: rank 16 (alpha 32, scale 2). One LoRA has to hold a whole corpus instead of one passage;
 # 16 = 4x a per-passage expert's rank 4 = the rank budget of a default Poly pool (m=4 x rank 4), so
@@ -177,7 +177,7 @@ class _States:
         self.model, self.encoded, self.groups = model, encoded, groups
         self.trunk_batch_tokens = trunk_batch_tokens
         self.device = next(model.parameters()).device
-        self.share_prefix = self.device.type == "cpu" if share_prefix is None else share_prefix
+        self.share_prefix = shares_prefix(share_prefix, self.device)
         itemsize = next(model.parameters()).element_size()
         need = sum(len(e.ids) - e.start for e in encoded) * model.config.hidden_size * itemsize
         if states_on == "auto":
@@ -250,8 +250,7 @@ class Budget:
     head_batch_tokens: int = 4096  # supervised positions whose (N, V) logits are alive at once
     chunk_examples: int = 2048  # examples per recomputed chunk ("recompute" only)
     # one unit's examples run their common prefix (the passage) through the trunk once; None: on
-    # CPU only. Exact either way; on CUDA the per-unit passes are launch-bound: 500 units x 5
-    # examples of a SmolLM2-135M-shaped model on an H100 took 31.9 s shared vs 2.1 s plain.
+    # the CPU only (dmoe.training.trunk.shares_prefix)
     share_prefix: bool | None = None
 
 

@@ -59,7 +59,7 @@ from dmoe.training.distill import (
     example_loss,
     teacher_targets,
 )
-from dmoe.training.trunk import stacked_head_logits, trunk_states
+from dmoe.training.trunk import shares_prefix, stacked_head_logits, trunk_states
 
 LOSS_ON = ("answer", "all")
 INITS = ("kaiming", "normal")
@@ -326,10 +326,9 @@ def train_fast(model: Any, tokenizer: Any, jobs: Sequence[Job], config: TrainCon
 
     ``share_prefix``: one expert's examples that start alike (passage + question_i) run their common
     prefix through the trunk once (``trunk_states``): exact, ~2.4x fewer trunk tokens for PRAG
-    examples. ``None`` (default): on the CPU only, as for the corpus LoRAs (``dmoe.training.corpus``).
-    On the idle 2-core CPU (``dmoe bench build``, 8 SQuAD units x 3 QA, 10 epochs) it took 0.41
-    s/expert against 0.87 s without it (28.7x vs 12.6x the reference); on CUDA its two trunk passes
-    per unit are launch-bound (500 units x 5 examples on an H100: 31.9 s shared, 2.1 s plain).
+    examples. ``None`` (default): on the CPU only (``trunk.shares_prefix``, as for the corpus
+    LoRAs). On the idle 2-core CPU (``dmoe bench build``, 8 SQuAD units x 3 QA, 10 epochs) it took
+    0.41 s/expert against 0.87 s without it (28.7x vs 12.6x the reference).
     ``trunk_batch_tokens`` bounds a padded trunk batch and ``head_batch_tokens`` the positions whose
     logits (N, V) are alive at once.
     """
@@ -341,13 +340,11 @@ def train_fast(model: Any, tokenizer: Any, jobs: Sequence[Job], config: TrainCon
     shapes = mlp_shapes(model, 1)
     encoded = _encode_jobs(tokenizer, jobs, config)
     compute = compute_model(model, config.precision)
-    if share_prefix is None:
-        share_prefix = next(model.parameters()).device.type == "cpu"
     # 1) trunk once per sequence, batched across all experts
     flat = [(ex.ids, ex.start) for exs in encoded for ex in exs]
     unit = [i for i, exs in enumerate(encoded) for _ in exs]
-    states_flat = trunk_states(compute, flat, trunk_batch_tokens,
-                               groups=unit if share_prefix else None)
+    share = shares_prefix(share_prefix, next(model.parameters()).device)
+    states_flat = trunk_states(compute, flat, trunk_batch_tokens, groups=unit if share else None)
     teachers = [t for ts in _teachers(model, encoded, config) for t in ts]
     for st, teacher in zip(states_flat, teachers, strict=True):
         st.teacher = teacher
