@@ -14,7 +14,7 @@
 # $CHUNK: experts trained side by side (default 32, as on the CPU; the same experts at any size).
 # $ARM_SHARDS, $FLARE_SHARDS: worker processes for the 7 batched arms (default 2) and FLARE (4).
 # $JOBS: which groups run (default bank,loras,flare; bank = the bank then the 7 batched arms,
-# loras = the corpus LoRAs then the sft_lora and poly_prag answers). The LoRAs (~1 MB) come back
+# loras = the two corpus LoRAs, each then its answers). The LoRAs (~1 MB) come back
 # in $OUT/loras.tgz, so their answers can be finished elsewhere if a deadline cuts them.
 set -u
 DS=$1; BUILD=${1%%,*}; LIMIT=$2; DEADLINE=$3; DEV=${DEV:-cuda}; PY=${PY:-python3}
@@ -53,17 +53,21 @@ wants bank && ( t=$(date +%s)
     arms+=($!)
   done
   wait "${arms[@]}"; stamp arms $? ) & pids+=($!)
-wants loras && ( t=$(date +%s)
+# sft_lora and poly_prag train side by side, each with its own pass of the frozen trunk (both
+# run launch-bound steps, so the two overlap on a GPU), then answer into SFT_LORA/ and POLY_PRAG/
+lora() {  # METHOD FLAG PATH READY (FLAG PATH: the same for the trainer and dmoe eval)
+  local t=$(date +%s)
   timeout "$(left)" $PY scripts/build_eval_bank.py --dataset "$BUILD" --limit "$LIMIT" --no-bank \
-      --device "$DEV" --sft-lora "$W/sft.safetensors" --poly "$W/poly" > "$L/lora.log" 2>&1
-  rc=$?; stamp "loras $(( $(date +%s) - t ))s" $rc
-  # each method whose artefact exists (a deadline may have cut Poly-PRAG's training)
-  [ -s "$W/sft.safetensors" ] && timeout "$(left)" $D eval --methods sft_lora $A --batch-size 16 \
-      --sft-lora "$W/sft.safetensors" --out "$W/SP" > "$L/sp.log" 2>&1
-  stamp sft-answers $?
-  [ -s "$W/poly/manifest.json" ] && timeout "$(left)" $D eval --methods poly_prag $A \
-      --batch-size 16 --poly "$W/poly" --out "$W/SP" >> "$L/sp.log" 2>&1
-  stamp poly-answers $? ) & pids+=($!)
+      --device "$DEV" $2 "$3" > "$L/lora-$1.log" 2>&1
+  rc=$?; stamp "$1 trained $(( $(date +%s) - t ))s" $rc  # rc first: $(date) would reset $?
+  [ -s "$4" ] || return  # a deadline cut the training: nothing to answer with
+  timeout "$(left)" $D eval --methods "$1" $A --batch-size 16 $2 "$3" --out "$W/${1^^}" \
+      > "$L/answers-$1.log" 2>&1
+  stamp "$1 answers" $?
+}
+wants loras && { lora sft_lora --sft-lora "$W/sft.safetensors" "$W/sft.safetensors" &
+  pids+=($!)
+  lora poly_prag --poly "$W/poly" "$W/poly/manifest.json" & pids+=($!); }
 wants flare && for ((s = 0; s < ${FLARE_SHARDS:-4}; s++)); do
   ( timeout "$(left)" $D eval --methods flare $A --shard $s/${FLARE_SHARDS:-4} --out "$W/FL-$s" \
         > "$L/fl-$s.log" 2>&1
@@ -72,7 +76,7 @@ done
 wait "${pids[@]}"  # the jobs by pid: a bare `wait` would also wait on any process substitution
 stamp "all" 0
 (cd "$W" && tar -czf "$OUT/answers.tgz" --exclude=bank --exclude='*.safetensors' --exclude=poly \
-    $(ls -d A-* SP FL-* 2>/dev/null))  # whatever the deadline let finish: rerunning resumes the rest
+    $(ls -d A-* SFT_LORA POLY_PRAG FL-* 2>/dev/null))  # whatever the deadline let finish: rerunning resumes the rest
 tar -C "$W" -czf "$OUT/logs.tgz" logs
 loras=$(cd "$W" && ls -d sft.safetensors poly 2>/dev/null)
 [ -n "$loras" ] && tar -C "$W" -czf "$OUT/loras.tgz" $loras
