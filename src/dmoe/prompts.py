@@ -39,16 +39,18 @@ def _demonstration(question: str, answer: str, passages: Sequence[str] = ()) -> 
     return f"{user_message(question, passages)}\nAnswer: {answer}\n\n"
 
 
-# Two answered questions ahead of a base model's plain frame: one read from its passage (a made-up
-# fact, so only reading answers it), one from memory. On Gemma-3-270M's dev slices (HotpotQA and
-# knowledge_conflicts 300-339, base and RAG) they cut broken answers (empty, or a new
-# "Question:"/"Answer:" line) from 70 to 5 of 160 and lifted HotpotQA F1 (base 21.8 -> 25.0, RAG
-# 19.9 -> 26.2); knowledge_conflicts efficacy fell by half, RAG's 8 -> 4 and DMoE's 6 -> 3 of 40
-# (together 9 questions worse, 2 better, p = 0.065). results/smollm2-cpu/README.md, "Frame sweep".
+# Two answered questions ahead of a base model's plain frame: one whose passage overrides what the
+# model knows (so the answer must be read from it), one answered from memory. Chosen on
+# Gemma-3-270M's dev slices (HotpotQA and knowledge_conflicts 300-339; results/smollm2-cpu/README.md,
+# "Frame sweep"): against the bare frame they cut broken answers (empty, or a new "Question:" /
+# "Answer:" line) from 70 to 3 of 160 and lift HotpotQA F1 (base 21.8 -> 25.9, RAG 19.9 -> 26.0),
+# but cost knowledge_conflicts efficacy (RAG 8 -> 6, DMoE 6 -> 4 of 40); the previous pair (a
+# made-up fact read from its passage, then memory) cost more (4 and 3 of 40).
 DEMONSTRATIONS = (
-    _demonstration("In which year did the Harlow Bridge open?", "1932",
-                   ["The Harlow Bridge, opened in 1932, crosses the river Stort in three spans."])
-    + _demonstration("Who wrote the novel Pride and Prejudice?", "Jane Austen"))
+    _demonstration("Who wrote the novel Pride and Prejudice?", "Margaret Ellis",
+                   ["Pride and Prejudice is a novel by the English writer Margaret Ellis, first "
+                    "published in 1813."])
+    + _demonstration("In which year did the Berlin Wall fall?", "1989"))
 DEMOS_ATTR = "dmoe_demonstrations"
 
 
