@@ -12,13 +12,14 @@
 # earlier calls put them there), its alias and sha256 in .gpu/model, the benchmark files under
 # .gpu/data/, wheels of packages the machine lacks in .gpu/whl/. Every eval is resumable:
 # rerunning finishes what a deadline cut.
+# $OFFSET: the first question (default 0), for a dataset answered in slices over several leases.
 # $CHUNK: experts trained side by side (default 32, as on the CPU; the same experts at any size).
 # $ARM_SHARDS, $FLARE_SHARDS: worker processes for the 7 batched arms (default 2) and FLARE (4).
 # $JOBS: which groups run (default bank,loras,flare; bank = the bank then the 7 batched arms,
 # loras = the two corpus LoRAs, each then its answers). The LoRAs (~1 MB) come back
 # in $OUT/loras.tgz, so their answers can be finished elsewhere if a deadline cuts them.
 set -u
-DS=$1; BUILD=${1%%,*}; LIMIT=$2; DEADLINE=$3; DEV=${DEV:-cuda}; PY=${PY:-python3}
+DS=$1; BUILD=${1%%,*}; LIMIT=$2; DEADLINE=$3; DEV=${DEV:-cuda}; PY=${PY:-python3}; OFFSET=${OFFSET:-0}
 T0=$(date +%s)
 left() { local l=$(( DEADLINE - ($(date +%s) - T0) )); echo $(( l > 1 ? l : 1 )); }
 stamp() { echo "$1 rc=$2 at +$(( $(date +%s) - T0 ))s"; }
@@ -41,7 +42,7 @@ mkdir -p "$(dirname "$GGUF")"
 [ -s "$GGUF" ] || cat $(ls "$STASH"/part* | sort -V) > "$GGUF"
 (cd "$(dirname "$GGUF")" && tail -n +2 "$R/.gpu/model" | sha256sum -c) || { echo "model chunks missing"; exit 3; }
 D="$PY -m dmoe.cli"
-A="--model $MODEL --datasets $DS --limit $LIMIT --device $DEV --weights fp32 --no-progress"
+A="--model $MODEL --datasets $DS --offset $OFFSET --limit $LIMIT --device $DEV --weights fp32 --no-progress"
 # one load first, so the processes below read the dequantised cache instead of racing to build it
 $PY -c "from dmoe.base_model import load_base_model; load_base_model('$MODEL', '$DEV', training=True)"
 stamp "model cached" 0
@@ -49,8 +50,9 @@ JOBS=,${JOBS:-bank,loras,flare},
 wants() { [[ $JOBS == *,$1,* ]]; }
 pids=()
 wants bank && ( t=$(date +%s)
-  timeout "$(left)" $PY scripts/build_eval_bank.py --model "$MODEL" --dataset "$BUILD" --limit "$LIMIT" --bank "$W/bank" \
-      --device "$DEV" --chunk-size "${CHUNK:-32}" > "$L/bank.log" 2>&1
+  timeout "$(left)" $PY scripts/build_eval_bank.py --model "$MODEL" --dataset "$BUILD" \
+      --offset "$OFFSET" --limit "$LIMIT" --bank "$W/bank" --device "$DEV" --chunk-size "${CHUNK:-32}" \
+      > "$L/bank.log" 2>&1
   rc=$?; stamp "bank $(( $(date +%s) - t ))s" $rc  # rc first: $(date) would reset $?
   arms=()
   for ((s = 0; s < ${ARM_SHARDS:-2}; s++)); do
@@ -64,8 +66,8 @@ wants bank && ( t=$(date +%s)
 # run launch-bound steps, so the two overlap on a GPU), then answer into SFT_LORA/ and POLY_PRAG/
 lora() {  # METHOD FLAG PATH READY (FLAG PATH: the same for the trainer and dmoe eval)
   local t=$(date +%s)
-  timeout "$(left)" $PY scripts/build_eval_bank.py --model "$MODEL" --dataset "$BUILD" --limit "$LIMIT" --no-bank \
-      --device "$DEV" $2 "$3" > "$L/lora-$1.log" 2>&1
+  timeout "$(left)" $PY scripts/build_eval_bank.py --model "$MODEL" --dataset "$BUILD" \
+      --offset "$OFFSET" --limit "$LIMIT" --no-bank --device "$DEV" $2 "$3" > "$L/lora-$1.log" 2>&1
   rc=$?; stamp "$1 trained $(( $(date +%s) - t ))s" $rc  # rc first: $(date) would reset $?
   [ -s "$4" ] || return  # a deadline cut the training: nothing to answer with
   timeout "$(left)" $D eval --methods "$1" $A --batch-size 16 $2 "$3" --out "$W/${1^^}" \
