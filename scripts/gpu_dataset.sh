@@ -34,9 +34,9 @@ export PYTHONPATH=$W/site:$R/src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THR
 MODEL=$(head -1 .gpu/model)  # the packaged alias gpu_prepare.sh cut; its chunks are in $STASH
 # where dmoe looks for that alias's GGUF: a chunked package's assembled copy in the cache, else
 # the package's folder (found by importlib, never imported), so `--model $MODEL` resolves as here
-GGUF=$($PY -c "from pathlib import Path; from dmoe.base_model import PACKAGED_MODELS, cache_dir
+GGUF=$($PY -c "from dmoe.base_model import PACKAGED_MODELS, assembled_gguf
 pm = PACKAGED_MODELS['$MODEL']
-print(cache_dir() / 'gguf' / pm.file if pm.parts else Path('$W/site') / pm.package / pm.file)")
+print(assembled_gguf(pm) if pm.parts else f'$W/site/{pm.package}/{pm.file}')")
 mkdir -p "$(dirname "$GGUF")"
 [[ $GGUF == $W/site/* ]] && touch "$(dirname "$GGUF")/__init__.py"  # the packaged layout
 [ -s "$GGUF" ] || cat $(ls "$STASH"/part* | sort -V) > "$GGUF"

@@ -171,10 +171,15 @@ def _package_file(package: str, relative: str, pm: PackagedModel) -> Path:
                              f"{'; '.join(tried)}. Install it with: {pm.install}")
 
 
+def assembled_gguf(pm: PackagedModel) -> Path:
+    """Where a chunked package's GGUF is assembled, and looked for first (``_assemble``)."""
+    return cache_dir() / "gguf" / pm.file
+
+
 def _assemble(pm: PackagedModel) -> Path:
-    """The GGUF of a chunked package, concatenated once into ``cache_dir()/gguf`` (atomically,
+    """The GGUF of a chunked package, concatenated once into ``assembled_gguf`` (atomically,
     checked against its sha256)."""
-    target = cache_dir() / "gguf" / pm.file
+    target = assembled_gguf(pm)
     if target.is_file():
         return target
     chunks = [_package_file(part, f"data/{pm.file}.part{i:02d}", pm)
