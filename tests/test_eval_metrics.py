@@ -1,8 +1,12 @@
 """Scoring against known SQuAD v1.1 evaluation-script cases, yes/no rules and answer extraction."""
 
+import random
+
 import pytest
 
+from dmoe.engine.decode import stop_index
 from dmoe.eval.metrics import (
+    ANSWER_STOPS,
     accuracy,
     contains,
     exact_match,
@@ -90,3 +94,26 @@ def test_span_sample_with_yes_no_gold_scores_the_label():
     assert s["em"] == s["f1"] == 1.0
     assert score("Yes, both are American.", ["no"])["f1"] == 0.0
     assert score("They are both American.", ["yes"])["f1"] == 0.0
+
+
+def test_stopping_at_answer_stops_scores_like_the_full_generation():
+    """The eval protocol stops a generation at the first of ``ANSWER_STOPS`` (after its leading
+    whitespace, ``stop_index``): the cut text must score exactly as the full one, for every kind."""
+    pieces = ["Paris", "the", "Denver Broncos", "no", "Yes", "3.5", "U.S.", "Mr.", "Answer:",
+              "answer -", ".", "!", "?", ",", " ", " ", " ", "\n", "\t", "\u00a0", "\n\n"]
+    golds = [["Paris"], ["Denver Broncos", "Broncos"], ["no"], ["yes"], ["3.5"]]
+    rng = random.Random(0)
+    cut_some = 0
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        at = stop_index(text, ANSWER_STOPS)
+        if at is None:
+            continue
+        cut_some += 1
+        for gold in golds:
+            for kind in ("span", "yesno"):
+                full, cut = score(text, gold, kind), score(text[:at], gold, kind)
+                assert normalize_answer(str(full.pop("answer"))) == \
+                    normalize_answer(str(cut.pop("answer"))), text
+                assert full == cut, (text, gold, kind)
+    assert cut_some > 1000

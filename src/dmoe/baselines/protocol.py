@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 from dmoe.engine.decode import DecodeConfig as _D
 from dmoe.engine.decode import KVPolicy
 from dmoe.engine.triggers import DEFAULT_TAU
+from dmoe.eval.metrics import ANSWER_STOPS
 from dmoe.experts.lora import Composition
 from dmoe.samples import Sample
 
@@ -52,7 +53,8 @@ class MethodConfig:
     """Knobs shared by all methods (set with ``dmoe eval --set key=value``)."""
 
     max_new_tokens: int = 32  # generation cap per (re)generation
-    stop_strings: tuple[str, ...] = ("\n",)  # answers are one line (see eval.metrics)
+    stop_strings: tuple[str, ...] = ANSWER_STOPS  # where the scored answer ends (first line's
+    # first sentence, eval.metrics): what follows is never scored, so it is not generated
     top_k: int = 3  # passages (rag, flare, prag, poly_prag) and, unless dmoe_top_k, dmoe experts
     dmoe_top_k: int = _D.top_k  # experts per dmoe route; 0 = top_k (the paper: 3 for both)
     query_max_tokens: int = 128  # router / retriever query = last this-many tokens

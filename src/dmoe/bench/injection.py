@@ -55,7 +55,7 @@ from dmoe.training.experts import TrainConfig, train_fast
 
 # Generation stops where the eval's answer extraction cuts anyway (first line, first sentence:
 # ``metrics.extract_answer``), so the scores are those of full generations at a fraction of the cost.
-STOPS = ("\n", ". ", "! ", "? ")
+STOPS = metrics.ANSWER_STOPS
 
 
 @dataclass(frozen=True)

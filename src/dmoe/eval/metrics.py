@@ -15,7 +15,9 @@ Scoring follows the official SQuAD v1.1 evaluation script (and the PRAG/DRAGIN/F
 Answer extraction (``extract_answer``) is deliberately simple and uses no LLM: the method's raw
 generation is stripped, cut to its first non-empty line, a leading ``Answer:`` label is removed, and
 the line is cut at the end of its first sentence (``.``/``!``/``?`` followed by whitespace, so
-"3.5" or "U.S.A" survive). Everything a method generates after that is ignored.
+"3.5" or "U.S.A" survive). Everything a method generates after that is ignored, so a generation
+may stop at the first of ``ANSWER_STOPS`` (what the eval protocol does, ``MethodConfig``): cut
+there, it scores the same as the full generation, whatever follows (a tested property).
 
 This module knows nothing about models, methods or datasets.
 """
@@ -32,6 +34,9 @@ _PUNCT = set(string.punctuation)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
 _LABEL = re.compile(r"^\s*(final\s+)?answer\s*[:\-]\s*", re.IGNORECASE)
 YES_NO = ("yes", "no", "noanswer")
+# Where a generation may stop without changing its extracted answer (after SQuAD normalisation):
+# the first line's end, or its first sentence's end (the space after the mark included).
+ANSWER_STOPS = ("\n", ". ", "! ", "? ")
 
 
 def normalize_answer(s: str) -> str:
