@@ -12,8 +12,8 @@ def _rec(qid, latency, tokens, size, triggers=0):
 
 def test_batches_split_on_latency_and_size_and_steps_are_the_slowest_row(tmp_path):
     mod = load_script("batch_steps")
-    # two batches of 2 with the same time (split by size), then a lone last row, then an older
-    # record of q0 superseded at the end of the file
+    # two batches of 2 with the same time (split by size), then a lone last row; in the file, an
+    # older record of q0 ahead of them is superseded
     rows = [_rec("q0", 0.5, 10, 2), _rec("q1", 0.5, 4, 2, triggers=2), _rec("q2", 0.5, 5, 2),
             _rec("q3", 0.5, 5, 2), _rec("q4", 0.9, 3, 2)]
     assert [len(b) for b in mod.batches(rows)] == [2, 2, 1]
