@@ -245,7 +245,19 @@ def test_attribution_spans_follow_the_active_set(tokenizer):
     parts = spans(gen, tokenizer)
     assert [(s.start, s.end, s.experts, s.triggered) for s in parts] == [
         (0, 2, (), False), (2, 5, ("e0", "e1", "e2"), True), (5, 8, ("e3",), True)]
-    assert "".join(s.text for s in parts) == tokenizer.decode(gen.token_ids)
+    assert "".join(s.text for s in parts) == tokenizer.decode(gen.token_ids) == gen.text
+    # cut by a stop string: the spans cover the answer only, not the tokens that made the stop
+    # (a fresh engine: the test router's sets cycle from the start again)
+    model, adapter, bank, router, cache, _ = setup()
+    engine = Engine(model, tokenizer, adapter, cache, router, ScheduleTrigger.at([2, 5]))
+    stop = gen.text[3:5]
+    cut = engine.generate(PROMPT, "q", PaperDecode(max_new_tokens=8, ignore_eos=True,
+                                                   stop_strings=(stop,)))
+    assert cut.finish_reason == "stop" and gen.text.startswith(cut.text) and len(cut.text) <= 3
+    parts = spans(cut, tokenizer)
+    assert "".join(s.text for s in parts) == cut.text
+    assert parts[-1].end <= len(cut.token_ids) - 1  # the token completing the stop is left out
+    assert [s.experts for s in parts] == [(), ("e0", "e1", "e2")][:len(parts)]
 
 
 def test_token_texts_add_up_to_the_answer_and_wait_for_whole_characters(tokenizer):

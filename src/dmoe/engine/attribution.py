@@ -28,15 +28,23 @@ class Span:
 
 
 def spans(gen: Generation, tokenizer: Any) -> list[Span]:
-    """Split the answer wherever the active set changes (or a trigger re-selects the same set)."""
+    """Split the answer wherever the active set changes (or a trigger re-selects the same set).
+
+    Spans cover the answer, ``gen.text``: a generation cut by a stop string generated a token or
+    two past its answer (the ones that completed the stop), and those are left out."""
+    pieces = token_texts(gen.token_ids, tokenizer)
+    n, at = 0, 0  # tokens that start inside the answer; where the next one starts
+    while n < len(pieces) and at < len(gen.text):
+        at += len(pieces[n])
+        n += 1
     out: list[Span] = []
-    start = 0
-    records = gen.records
+    start, at = 0, 0
+    records = gen.records[:n]
     for i in range(1, len(records) + 1):
         if i == len(records) or records[i].triggered or records[i].active != records[start].active:
-            ids = gen.token_ids[start:i]
-            out.append(Span(start, i, str(tokenizer.decode(ids, skip_special_tokens=True)),
-                            records[start].active, records[start].triggered))
+            text = "".join(pieces[start:i])[: max(0, len(gen.text) - at)]
+            out.append(Span(start, i, text, records[start].active, records[start].triggered))
+            at += len(text)
             start = i
     return out
 
