@@ -3,9 +3,9 @@
 A record answered with ``--batch-size B`` carries ``latency_s`` = its batch's wall time / B, shared
 by every row of the batch, and a batch lasts as long as its slowest row. So an arm's mean latency
 is (batch steps) x (cost of one step, the rows' prefills spread over it); this script splits
-the two. Batches are recovered from the
-answer file: consecutive records with the same ``latency_s``, at most ``extra.batch_size`` of them
-(the order ``dmoe eval`` writes; a merged file is its shards' files one after another). For each
+the two. Batches are recovered from the answer file: consecutive records with the same
+``latency_s``, at most ``extra.batch_size`` of them (the order ``dmoe eval`` writes; a merged
+file is its shards' files one after another). For each
 method it prints, as JSON: batches, how many ran to the token cap, the mean batch length in steps
 (its longest row's generated tokens), the median seconds per batch step (batch time / steps,
 prefills included: on a CPU a long RAG prompt shows up here) and the mean triggers per question.
