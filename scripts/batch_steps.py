@@ -22,16 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
-def latest_records(path: Path) -> list[dict[str, Any]]:
-    """The file's records, the last one per question id (as the summary reads them), in order."""
-    by_id: dict[str, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            by_id.pop(r["id"], None)
-            by_id[r["id"]] = r
-    return list(by_id.values())
+from dmoe.eval.runner import latest_records, results_path
 
 
 def batches(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -69,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = {}
     for m in args.methods:
-        path = args.folder / f"{m}.jsonl"
+        path = results_path(args.folder.parent, args.folder.name, m)
         if not path.is_file():
             print(f"no answers for {m!r}: {path} is missing", file=sys.stderr)
             return 2
