@@ -32,19 +32,20 @@ def spans(gen: Generation, tokenizer: Any) -> list[Span]:
 
     Spans cover the answer, ``gen.text``: a generation cut by a stop string generated a token or
     two past its answer (the ones that completed the stop), and those are left out."""
-    pieces = token_texts(gen.token_ids, tokenizer)
-    n, at = 0, 0  # tokens that start inside the answer; where the next one starts
-    while n < len(pieces) and at < len(gen.text):
-        at += len(pieces[n])
-        n += 1
+    pieces: list[str] = []  # the text of each token that starts inside the answer, clipped to it
+    at = 0
+    for piece in token_texts(gen.token_ids, tokenizer):
+        if at >= len(gen.text):
+            break
+        pieces.append(piece[: len(gen.text) - at])
+        at += len(piece)
     out: list[Span] = []
-    start, at = 0, 0
-    records = gen.records[:n]
+    start = 0
+    records = gen.records[: len(pieces)]
     for i in range(1, len(records) + 1):
         if i == len(records) or records[i].triggered or records[i].active != records[start].active:
-            text = "".join(pieces[start:i])[: max(0, len(gen.text) - at)]
-            out.append(Span(start, i, text, records[start].active, records[start].triggered))
-            at += len(text)
+            out.append(Span(start, i, "".join(pieces[start:i]), records[start].active,
+                            records[start].triggered))
             start = i
     return out
 
