@@ -7,7 +7,7 @@ The probe behind the training defaults, run end to end with the real router and 
    each passage has its answer entity swapped, so the base model cannot know the new fact.
 2. Their passages are augmented (extractive), turned into training examples by ``recipe`` and
    trained into one expert each (``dmoe.training.experts``), held in memory.
-3. Arms, all greedy through the shared methods (``dmoe.baselines``):
+3. Arms, all greedy through the shared methods (``dmoe.baselines``, the eval's answer stops):
    ``base`` (no passage), ``rag`` (the passage's BM25 top-1 in the prompt), ``dmoe`` (entropy
    trigger + BM25 over the experts' surrogates, the shipped defaults unless overridden),
    ``dmoe_random`` (same trigger, random experts: the control) on the efficacy questions; ``base``
@@ -53,10 +53,6 @@ from dmoe.samples import Sample
 from dmoe.training.build import BuildConfig, surrogate_text
 from dmoe.training.experts import TrainConfig, train_fast
 
-# Generation stops where the eval's answer extraction cuts anyway (first line, first sentence:
-# ``metrics.extract_answer``), so the scores are those of full generations at a fraction of the cost.
-STOPS = metrics.ANSWER_STOPS
-
 
 @dataclass(frozen=True)
 class InjectionSetting:
@@ -89,7 +85,7 @@ class InjectionSetting:
                            epochs=self.epochs, objective=self.objective, precision=self.precision)
 
     def method_config(self, max_new_tokens: int) -> MethodConfig:
-        return MethodConfig(max_new_tokens=max_new_tokens, stop_strings=STOPS, tau=self.tau,
+        return MethodConfig(max_new_tokens=max_new_tokens, tau=self.tau,
                             dmoe_top_k=self.top_k,
                             top_k=1, route_at_start=self.route_at_start,
                             route_min_relevance=self.min_relevance, composition=self.composition,
@@ -161,7 +157,7 @@ def run(lm: Any, settings: Sequence[InjectionSetting], n: int = 100, offset: int
     retriever = PassageRetriever(units)
     m, tok = lm.model, lm.tokenizer
     adapter = ExpertAdapter(m, LoraSpec())
-    plain = MethodConfig(max_new_tokens=max_new_tokens, stop_strings=STOPS, top_k=1)
+    plain = MethodConfig(max_new_tokens=max_new_tokens, top_k=1)
     b = batch_size
     arms = {"base": lambda: _answers(BaseMethod(m, tok, adapter, plain), samples, b),
             "base_unrelated": lambda: _answers(BaseMethod(m, tok, adapter, plain), unrelated, b),
