@@ -204,3 +204,43 @@ def test_eval_cli_loads_a_saved_pool_into_poly_prag(tmp_path, model, poly):
     mixture = pred.extra["mixture"]
     assert mixture and set(mixture) <= {e.id for e in pool}
     assert sum(mixture.values()) == pytest.approx(2.0, abs=1e-5)  # two passages, each sums to 1
+
+
+def test_candidate_head_over_the_whole_vocabulary_trains_the_same_corpus_loras(model, sft, poly):
+    """K >= V: the candidate head is the full cross-entropy, so sft_lora and the Poly pool land on
+    the same weights (up to summation order); states built for another head_vocab are refused."""
+    import dataclasses
+
+    tok, jobs, v = CharTokenizer(), _jobs(), model.config.vocab_size
+    states = CorpusStates(model, tok, jobs, dataclasses.replace(SFT, head_vocab=v))
+    assert states.candidates is not None and all(len(c) == v for c in states.candidates)
+    whole_sft = train_sft_lora(model, tok, jobs, dataclasses.replace(SFT, head_vocab=v),
+                               Budget(head_batch_tokens=40), states=states)
+    whole_poly = train_poly_prag(model, tok, jobs, dataclasses.replace(POLY, head_vocab=v),
+                                 states=states)
+    assert max((whole_sft.weights[k] - sft.weights[k]).abs().max().item() for k in sft.weights) < 1e-4
+    for mine, theirs in zip(whole_poly.pool, poly.pool, strict=True):
+        assert max((mine.weights[k] - theirs.weights[k]).abs().max().item()
+                   for k in theirs.weights) < 1e-4
+    assert torch.allclose(whole_poly.weights, poly.weights, atol=1e-4)
+    with pytest.raises(ValueError, match="other units or another encoding"):
+        train_sft_lora(model, tok, jobs, SFT, states=states)
+    with pytest.raises(ValueError, match="cached"):
+        CorpusStates(model, tok, jobs, dataclasses.replace(SFT, head_vocab=8),
+                     Budget(states_on="recompute"))
+
+
+def test_candidate_head_fits_corpus_loras_like_the_full_head(model, sft):
+    """A K below V is an approximation: its LoRA must fit the corpus about as well (full V)."""
+    import dataclasses
+
+    tok, jobs = CharTokenizer(), _jobs()
+    # The tiny random model's next-token distribution is nearly flat, so K must cover half of its
+    # 257 tokens here (mean loss 3.567 vs the full head's 3.559; K = 32: 3.716); an LM is peaked.
+    cand = train_sft_lora(model, tok, jobs, dataclasses.replace(SFT, head_vocab=128))
+    base = example_losses_fast(model, tok, jobs, [dataclasses.replace(sft, weights={
+        k: torch.zeros_like(w) if k.endswith("B") else w for k, w in sft.weights.items()})],
+        None, SFT)
+    full, mine = (example_losses_fast(model, tok, jobs, [e], None, SFT) for e in (sft, cand))
+    assert sum(mine) / len(mine) == pytest.approx(sum(full) / len(full), abs=0.1), (full, mine)
+    assert sum(mine) < sum(base) - 0.5 * len(base), (base, mine)

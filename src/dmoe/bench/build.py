@@ -33,6 +33,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ from dmoe.base_model import load_base_model
 from dmoe.experts.format import STORAGE_DTYPES, save_expert
 from dmoe.experts.lora import LoraSpec
 from dmoe.prompts import format_prompt
-from dmoe.training.experts import TrainConfig, train_fast, train_reference
+from dmoe.training.experts import TrainConfig, example_losses, train_fast, train_reference
 
 SQUAD_FILE = "squad/squad_dev_v1.1.json"  # under the benchmark data dir (dmoe.eval.datasets)
 MIXES = ("qa", "passage+qa")
@@ -76,12 +77,14 @@ def squad_jobs(tokenizer: Any, n_units: int, n_questions: int = 3, mix: str = "q
 def bench_training(n_units: int = 8, epochs: int = 10, lr: float = 5e-3, mix: str = "qa",
                    n_questions: int = 3, repeats: int = 2, n_reference: int = 2,
                    share_prefix: bool = True, model: str | None = None,
-                   n_layers: int = 1) -> dict[str, Any]:
+                   n_layers: int = 1, head_vocab: int = 0) -> dict[str, Any]:
     """Train the same units through both paths; timings, weight agreement and expert sizes.
 
     The fast path (``train_fast``; ``train_fast_layers`` for experts on ``n_layers`` > 1) trains
     all ``n_units`` together; the reference (slow) trains the first ``n_reference`` of them, one
-    at a time, and the weight comparison covers those.
+    at a time, and the weight comparison covers those. On one layer the fast path also runs
+    in bf16 and, with ``head_vocab`` K > 0, with the candidate head (``dmoe.training.candidates``),
+    each alternating with fp32.
     """
     from dmoe.training.layers import train_fast_layers
 
@@ -96,20 +99,24 @@ def bench_training(n_units: int = 8, epochs: int = 10, lr: float = 5e-3, mix: st
             return train_fast(lm.model, tok, jobs, config, share_prefix=share_prefix)
         return train_fast_layers(lm.model, tok, jobs, config)
 
-    # fp32 and (one layer: the only path that has it) bf16 compute, alternating, so each pair of
-    # runs shares the machine's conditions
-    precisions = ("fp32", "bf16") if n_layers == 1 else ("fp32",)
-    for precision in precisions:  # warm-up (and the bf16 copy of the weights, made once)
-        fast_path(jobs[:1], dataclasses.replace(config, epochs=1, precision=precision))
-    wall: dict[str, list[float]] = {p: [] for p in precisions}
-    cpu: dict[str, list[float]] = {p: [] for p in precisions}
+    # fp32 and (one layer: the only path that has them) bf16 compute and the candidate head,
+    # alternating, so each pair of runs shares the machine's conditions
+    variants = {"fp32": config}
+    if n_layers == 1:
+        variants["bf16"] = dataclasses.replace(config, precision="bf16")
+        if head_vocab:
+            variants["head_vocab"] = dataclasses.replace(config, head_vocab=head_vocab)
+    for variant in variants.values():  # warm-up (and the bf16 copy of the weights, made once)
+        fast_path(jobs[:1], dataclasses.replace(variant, epochs=1))
+    wall: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
     trained: dict[str, list[Any]] = {}
     for _ in range(repeats):
-        for precision in precisions:
+        for name, variant in variants.items():
             t0, c0 = time.perf_counter(), time.process_time()
-            trained[precision] = fast_path(jobs, dataclasses.replace(config, precision=precision))
-            wall[precision].append((time.perf_counter() - t0) / len(jobs))
-            cpu[precision].append((time.process_time() - c0) / len(jobs))
+            trained[name] = fast_path(jobs, variant)
+            wall[name].append((time.perf_counter() - t0) / len(jobs))
+            cpu[name].append((time.process_time() - c0) / len(jobs))
     fast, fast_s, fast_cpu = trained["fp32"], wall["fp32"], cpu["fp32"]
     ref_s, ref_cpu, ref = [], [], []
     for job in jobs[:n_reference]:
@@ -124,22 +131,27 @@ def bench_training(n_units: int = 8, epochs: int = 10, lr: float = 5e-3, mix: st
     with tempfile.TemporaryDirectory() as d:
         for dtype in STORAGE_DTYPES:
             sizes[dtype] = save_expert(Path(d) / f"{dtype}.safetensors", fast[0], lm.fingerprint, dtype)
-    bf16: dict[str, Any] = {}
-    if "bf16" in trained:  # how far bf16 compute moves the experts, and what it saves
-        bf16 = {"s_per_expert_fast_bf16": round(statistics.median(wall["bf16"]), 4),
-                "bf16_speedup_vs_fp32": round(statistics.median(
-                    f / b for f, b in zip(wall["fp32"], wall["bf16"], strict=True)), 2),
-                "bf16_cpu_speedup_vs_fp32": round(statistics.median(
-                    f / b for f, b in zip(cpu["fp32"], cpu["bf16"], strict=True)), 2),
-                "bf16_max_relative_B_diff": round(max(
-                    float((a.weights[k] - b.weights[k]).norm() / a.weights[k].norm())
-                    for a, b in zip(fast, trained["bf16"], strict=True)
-                    for k in a.weights if k.endswith("B")), 4),
-                "runs_s_per_expert_fast_bf16": [round(x, 3) for x in wall["bf16"]]}
+    against_fp32: dict[str, Any] = {}
+    for name in trained.keys() - {"fp32"}:  # what bf16 / the candidate head save, how far they move
+        against_fp32 |= {
+            f"s_per_expert_fast_{name}": round(statistics.median(wall[name]), 4),
+            f"{name}_speedup_vs_fp32": round(statistics.median(
+                f / b for f, b in zip(wall["fp32"], wall[name], strict=True)), 2),
+            f"{name}_cpu_speedup_vs_fp32": round(statistics.median(
+                f / b for f, b in zip(cpu["fp32"], cpu[name], strict=True)), 2),
+            f"{name}_max_relative_B_diff": round(max(
+                float((a.weights[k] - b.weights[k]).norm() / a.weights[k].norm())
+                for a, b in zip(fast, trained[name], strict=True)
+                for k in a.weights if k.endswith("B")), 4),
+            f"runs_s_per_expert_fast_{name}": [round(x, 3) for x in wall[name]]}
+    if "head_vocab" in trained:  # the candidate head is an approximation: the fit, on all V
+        against_fp32 |= {"head_vocab": head_vocab, **example_loss_ratio(
+            lm.model, tok, jobs, fast, trained["head_vocab"], config)}
     n_tokens = [sum(len(tok(e.prompt + e.target)["input_ids"]) for e in exs) for _, exs in jobs]
     fast_med, ref_med = statistics.median(fast_s), statistics.median(ref_s)
-    bf16_how = (" (fp32 and bf16 compute alternating; bf16 ratios: median of the per-pair "
-                "ratios)" if bf16 else "")
+    others = " and ".join(trained.keys() - {"fp32"})
+    variants_how = (f" (fp32 alternating with {others}; their ratios: median of the per-pair "
+                    f"ratios)" if others else "")
     return {
         "model": lm.source.name, "device": str(lm.device), "threads": torch.get_num_threads(),
         "n_units": len(jobs), "n_reference": len(ref), "n_layers": n_layers,
@@ -154,14 +166,27 @@ def bench_training(n_units: int = 8, epochs: int = 10, lr: float = 5e-3, mix: st
         "runs_s_per_expert": {"fast": [round(x, 3) for x in fast_s],
                               "reference": [round(x, 3) for x in ref_s]},
         "max_abs_weight_diff": diff,
-        "max_abs_B": b_max, "bytes_per_expert": sizes, "n_params": fast[0].n_params, **bf16,
+        "max_abs_B": b_max, "bytes_per_expert": sizes, "n_params": fast[0].n_params, **against_fp32,
         "how": (f"fast: median of {repeats} runs of "
                 f"{'train_fast' if n_layers == 1 else 'train_fast_layers'} over all {len(jobs)} units "
-                f"(after a warm-up), divided by n_units{bf16_how}; reference: median over the first "
+                f"(after a warm-up), divided by n_units{variants_how}; reference: median over the first "
                 f"{len(ref)} units of train_reference on that unit alone (PEFT, batch 1, full "
                 f"forward); wall clock (time.perf_counter) and process CPU time (time.process_time, "
                 f"steadier on a shared machine), {torch.get_num_threads()} torch threads"),
     }
+
+
+def example_loss_ratio(model: Any, tokenizer: Any, jobs: Any, ref: Sequence[Any],
+                       other: Sequence[Any], config: TrainConfig) -> dict[str, Any]:
+    """How well ``other``'s experts fit their examples against ``ref``'s: the mean full-vocabulary
+    cross-entropy of every example (``example_losses``, an adapter forward), and the base model's."""
+    means = {}
+    for name, experts in (("base", [None] * len(jobs)), ("fp32", ref), ("other", other)):
+        losses = [x for e, (_, exs) in zip(experts, jobs, strict=True)
+                  for x in example_losses(model, tokenizer, e, exs, config)]
+        means[name] = statistics.mean(losses)
+    return {"example_loss_base": round(means["base"], 4), "example_loss_fp32": round(means["fp32"], 4),
+            "example_loss_head_vocab": round(means["other"], 4)}
 
 
 def bank_weights(bank_dir: str | Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -246,10 +271,13 @@ def main() -> None:
     ap.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
                     help="run every example's full prompt through the trunk (see train_fast)")
     ap.add_argument("--model", default=None)
+    ap.add_argument("--head-vocab", type=int, default=0, metavar="K",
+                    help="also time the candidate head at this K (0: not timed)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args()
     r = bench_training(args.n_units, args.epochs, args.lr, args.mix, args.questions, args.repeats,
-                       args.n_reference, args.share_prefix, args.model)
+                       args.n_reference, args.share_prefix, args.model,
+                       head_vocab=args.head_vocab)
     if args.json:
         print(json.dumps(r, indent=1))
     else:

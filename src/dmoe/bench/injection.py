@@ -65,6 +65,7 @@ class InjectionSetting:
     lr: float = TrainConfig.lr
     epochs: int = TrainConfig.epochs
     precision: str = TrainConfig.precision  # "fp32" | "bf16" training compute
+    head_vocab: int = TrainConfig.head_vocab  # 0: full output head; K: the candidate head
     rank: int = LoraSpec.rank
     alpha: float = LoraSpec.alpha
     tau: float = MethodConfig.tau
@@ -82,7 +83,8 @@ class InjectionSetting:
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(spec=LoraSpec(rank=self.rank, alpha=self.alpha), lr=self.lr,
-                           epochs=self.epochs, objective=self.objective, precision=self.precision)
+                           epochs=self.epochs, objective=self.objective, precision=self.precision,
+                           head_vocab=self.head_vocab)
 
     def method_config(self, max_new_tokens: int) -> MethodConfig:
         return MethodConfig(max_new_tokens=max_new_tokens, tau=self.tau,
@@ -195,7 +197,8 @@ def run(lm: Any, settings: Sequence[InjectionSetting], n: int = 100, offset: int
             augmented[setting.augmenter] = (augs, BM25Router(index), valid)
         augs, router, valid_units = augmented[setting.augmenter]
         trained_as = (setting.augmenter, setting.recipe, setting.objective, setting.lr,
-                      setting.epochs, setting.rank, setting.alpha, setting.precision)
+                      setting.epochs, setting.rank, setting.alpha, setting.precision,
+                      setting.head_vocab)
         if trained_as not in trained:  # keep one bank in memory
             trained = {trained_as: train_experts(train_lm or lm, units, augs, setting)}
         bank = trained[trained_as]

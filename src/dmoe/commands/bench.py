@@ -94,6 +94,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--augment-units", type=int, default=4,
                    help="units augmented by the base model (0 = skip the augmentation part)")
     b.add_argument("--model", default=None)
+    b.add_argument("--mix", default="qa", choices=["qa", "passage+qa"],
+                   help="examples per unit: PRAG's QA pairs, or the passage text first as well")
+    b.add_argument("--head-vocab", type=int, default=0, metavar="K",
+                   help="also time the candidate output head at this K against the full one, "
+                        "with the experts' fit (0: not timed; dmoe.training.candidates)")
     b.add_argument("--executor", default=None, choices=["ray"],
                    help="instead: time `dmoe build` locally and on Ray over the same --n-units "
                         "paragraphs and compare their experts")
@@ -205,8 +210,9 @@ def run_build(args: argparse.Namespace) -> int:
                               model=args.model), args.json)
         return 0
 
-    result = bench_training(args.n_units, epochs=args.epochs, n_reference=args.n_reference,
-                            model=args.model, n_layers=args.layers)
+    result = bench_training(args.n_units, epochs=args.epochs, mix=args.mix,
+                            n_reference=args.n_reference, model=args.model, n_layers=args.layers,
+                            head_vocab=args.head_vocab)
     if args.augment_units > 0:
         result.update(_bench_augment(args.augment_units, args.model))
     _emit(result, args.json)

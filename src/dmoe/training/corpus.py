@@ -35,6 +35,7 @@ This module knows nothing about files, banks or retrieval; ``poly_format`` store
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ from dmoe.experts.lora import (
     weight_key,
 )
 from dmoe.experts.poly_format import PolyPool
+from dmoe.training.candidates import candidate_ce, candidate_sets
 from dmoe.training.experts import (
     EncodedExample,
     Job,
@@ -87,9 +89,14 @@ class CorpusTrainConfig:
     weight_decay: float = 0.0  # AdamW decoupled weight decay (LoRA weights only)
     seed: int = 0  # shuffling and initialisation
     max_seq_len: int = 1024  # longer examples keep the target and the end of the prompt
+    # 0: the full output head; K > 0: the candidate head (dmoe.training.candidates) over each
+    # example's unit's targets and the frozen top-K at that unit's positions
+    head_vocab: int = 0
 
     def __post_init__(self) -> None:
         check_schedule(self.lr, self.epochs, self.loss_on, self.max_seq_len)
+        if self.head_vocab < 0:
+            raise ValueError(f"head_vocab must be >= 0 (0: the full head), got {self.head_vocab}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.weight_decay < 0:
@@ -121,11 +128,14 @@ Pool = dict[str, tuple[torch.Tensor, torch.Tensor]]  # proj -> (A (m, r, in), B 
 
 
 def mixture_example_ce(model: Any, states: Sequence[SupervisedStates], pool: Pool,
-                       coef: torch.Tensor, scale: float) -> torch.Tensor:
+                       coef: torch.Tensor, scale: float,
+                       candidates: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """Mean CE of each example (n,) under its own mix ``coef[i]`` (n, m) of the pool's LoRAs.
 
     All examples' positions are flattened into one (N, d) block (no padding); each position
     carries its example's coefficients, spread over that LoRA's r columns (module docstring).
+    With ``candidates[i]`` (example i's candidate ids; its state's tail set) the CE is the
+    candidate head's (``dmoe.training.candidates``).
     """
     ffn, mlp, final_norm, lm_head = last_layer_parts(model)
     dtype = ffn.pre.weight.dtype
@@ -143,9 +153,14 @@ def mixture_example_ce(model: Any, states: Sequence[SupervisedStates], pool: Poo
 
     x = ffn.pre(h_mid)  # (N, d)
     h = h_mid + ffn.output(proj("down_proj", mlp.act_fn(proj("gate_proj", x)) * proj("up_proj", x)))
-    logits = lm_head(final_norm(h))  # (N, V)
-    targets = torch.cat([s.targets for s in states]).to(logits.device)  # (N,)
-    ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
+    hidden = final_norm(h)  # (N, d)
+    if candidates is None:
+        targets = torch.cat([s.targets for s in states]).to(hidden.device)  # (N,)
+        ce = F.cross_entropy(lm_head(hidden).float(), targets, reduction="none")  # (N,)
+    else:  # back to one row per example: (n, P, d), valid (n, P) in the same row-major order
+        padded = torch.nn.utils.rnn.pad_sequence(hidden.split(lengths.tolist()), batch_first=True)
+        valid = (torch.arange(padded.shape[1])[None, :] < lengths[:, None]).to(hidden.device)
+        ce = candidate_ce(model, padded, valid, candidates, states)
     total = torch.zeros(len(states), device=ce.device).index_add_(0, row, ce)  # (n,)
     return total / lengths.to(ce.device)
 
@@ -206,8 +221,8 @@ class _States:
         return {i: self.cache[i] for i in idx}
 
     def get(self, chunk: dict[int, SupervisedStates], idx: Sequence[int]) -> list[SupervisedStates]:
-        return [SupervisedStates(chunk[i].h_mid.to(self.device, non_blocking=True),
-                                 chunk[i].targets.to(self.device)) for i in idx]
+        return [dataclasses.replace(chunk[i], h_mid=chunk[i].h_mid.to(self.device, non_blocking=True),
+                                    targets=chunk[i].targets.to(self.device)) for i in idx]
 
 
 # -- training --------------------------------------------------------------------------------------
@@ -268,16 +283,30 @@ class CorpusStates:
                  progress: Progress | None = None) -> None:
         config, self.budget = config or CorpusTrainConfig(), budget or Budget()
         self.encoded, self.unit = _encode(tokenizer, jobs, config)
-        self.key = (config.loss_on, config.max_seq_len, tuple(uid for uid, _ in jobs))
+        self.key = self._key(jobs, config)
         b = self.budget
         self.states = _States(model, self.encoded, self.unit, b.states_on, b.device_bytes,
                               b.cpu_bytes, b.trunk_batch_tokens, b.share_prefix, progress)
+        self.candidates: list[torch.Tensor] | None = None  # per unit, with head_vocab
+        if config.head_vocab:
+            if self.states.mode == "recompute":
+                raise ValueError("head_vocab needs the trunk states cached (states_on 'device' or "
+                                 "'cpu' within the budget), not recomputed per chunk")
+            by_unit: list[list[SupervisedStates]] = [[] for _ in jobs]
+            for i, u in enumerate(self.unit):
+                by_unit[u].append(self.states.cache[i])
+            self.candidates = candidate_sets(model, by_unit, config.head_vocab)
+
+    @staticmethod
+    def _key(jobs: Sequence[Job], config: CorpusTrainConfig) -> tuple[Any, ...]:
+        return (config.loss_on, config.max_seq_len, config.head_vocab, tuple(uid for uid, _ in jobs))
 
     def check(self, jobs: Sequence[Job], config: CorpusTrainConfig) -> None:
         """Raise unless these states were built for ``jobs`` under ``config``'s encoding."""
-        if self.key != (config.loss_on, config.max_seq_len, tuple(uid for uid, _ in jobs)):
+        if self.key != self._key(jobs, config):
             raise ValueError("these CorpusStates were built for other units or another encoding "
-                             "(loss_on, max_seq_len): build them from the same jobs and config")
+                             "(loss_on, max_seq_len, head_vocab): build them from the same jobs "
+                             "and config")
 
 
 def _fit(model: Any, corpus: CorpusStates, pool: Pool,
@@ -289,7 +318,7 @@ def _fit(model: Any, corpus: CorpusStates, pool: Pool,
     opt = torch.optim.AdamW([{"params": [t for pair in pool.values() for t in pair],
                               "weight_decay": config.weight_decay}] + extra_groups,
                             lr=config.lr)
-    encoded, unit, states = corpus.encoded, corpus.unit, corpus.states
+    encoded, unit, states, cands = corpus.encoded, corpus.unit, corpus.states, corpus.candidates
     chunk_examples, head_batch_tokens = corpus.budget.chunk_examples, corpus.budget.head_batch_tokens
     gen = torch.Generator().manual_seed(config.seed)
     # whole minibatches per chunk, so recomputing changes no step (only when states are computed)
@@ -307,7 +336,8 @@ def _fit(model: Any, corpus: CorpusStates, pool: Pool,
                 opt.zero_grad(set_to_none=True)
                 for group in _token_groups(batch, encoded, head_batch_tokens):
                     ce = mixture_example_ce(model, states.get(chunk, group), pool,
-                                            coef_of([unit[i] for i in group]), config.spec.scale)
+                                            coef_of([unit[i] for i in group]), config.spec.scale,
+                                            None if cands is None else [cands[unit[i]] for i in group])
                     (ce.sum() / len(batch)).backward()  # sum over groups = the batch's mean
                     total += float(ce.detach().sum())
                 opt.step()

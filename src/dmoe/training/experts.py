@@ -52,6 +52,7 @@ from dmoe.experts.lora import (
     weight_key,
 )
 from dmoe.prompts import encode_text
+from dmoe.training.candidates import candidate_ce, candidate_sets
 from dmoe.training.distill import (
     TeacherTargets,
     base_only,
@@ -59,7 +60,7 @@ from dmoe.training.distill import (
     example_loss,
     teacher_targets,
 )
-from dmoe.training.trunk import shares_prefix, stacked_head_logits, trunk_states
+from dmoe.training.trunk import head_hidden, shares_prefix, stacked_head_logits, trunk_states
 
 LOSS_ON = ("answer", "all")
 INITS = ("kaiming", "normal")
@@ -106,6 +107,9 @@ class TrainConfig:
     # run on a bfloat16 copy of the frozen weights (AMX/AVX512-bf16 on recent x86 CPUs), while
     # each expert's weights, AdamW state and loss stay fp32 (``compute_model``)
     precision: str = "fp32"
+    # 0: the full output head (exact). K > 0 (one-layer fast path, "ntp"): the candidate head of
+    # dmoe.training.candidates, over each expert's targets and the frozen top-K at its positions
+    head_vocab: int = 0
 
     def __post_init__(self) -> None:
         check_schedule(self.lr, self.epochs, self.loss_on, self.max_seq_len)
@@ -123,14 +127,21 @@ class TrainConfig:
             raise ValueError(f"distill_top_k must be >= 1, got {self.distill_top_k}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.head_vocab < 0:
+            raise ValueError(f"head_vocab must be >= 0 (0: the full head), got {self.head_vocab}")
+        if self.head_vocab and self.objective != "ntp":
+            raise ValueError(f"head_vocab={self.head_vocab} is for objective 'ntp', "
+                             f"got {self.objective!r}")
 
     def settings_hash(self, extra: dict[str, Any] | None = None) -> str:
         """Stable 16-hex id of these settings plus ``extra`` (what else shaped the examples, e.g.
-        the recipe): an expert trained otherwise must be retrained. The default fp32 precision is
-        left out, so banks built before the field existed keep their hashes."""
+        the recipe): an expert trained otherwise must be retrained. Fields added since the first
+        banks (precision, head_vocab) are left out at their defaults, so those banks keep their
+        hashes."""
         settings = dataclasses.asdict(self)
-        if settings["precision"] == "fp32":
-            del settings["precision"]
+        for key, default in (("precision", "fp32"), ("head_vocab", 0)):
+            if settings[key] == default:
+                del settings[key]
         blob = json.dumps({**settings, **(extra or {})}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -217,10 +228,13 @@ def _encode_jobs(tokenizer: Any, jobs: Sequence[Job], config: TrainConfig) -> li
 
 
 def require_fp32_compute(config: TrainConfig, path: str) -> None:
-    """Refuse a precision that ``path`` cannot compute in: only ``train_fast`` has bf16."""
+    """Refuse what ``path`` cannot compute: only ``train_fast`` has bf16 and the candidate head."""
     if config.precision != "fp32":
         raise ValueError(f"precision {config.precision!r} is for the one-layer fast path "
                          f"(train_fast); {path} trains with precision='fp32'")
+    if config.head_vocab:
+        raise ValueError(f"head_vocab={config.head_vocab} is for the one-layer fast path "
+                         f"(train_fast); {path} trains with the full head (head_vocab=0)")
 
 
 def _teachers(model: Any, encoded: Sequence[Sequence[EncodedExample]],
@@ -349,14 +363,17 @@ def train_fast(model: Any, tokenizer: Any, jobs: Sequence[Job], config: TrainCon
     for st, teacher in zip(states_flat, teachers, strict=True):
         st.teacher = teacher
     states = per_job(states_flat, encoded)
+    candidates = candidate_sets(compute, states, config.head_vocab) if config.head_vocab else None
 
     # 2) + 3) every step: the head of each active expert on its current example
     def backward(cur: Sequence[tuple[int, int]], lora: StackedLora) -> None:
         rows = [states[i][j] for i, j in cur]
+        ids = [candidates[i] for i, _ in cur] if candidates is not None else None
         for lo, hi in _row_groups([len(c.targets) for c in rows], head_batch_tokens):
             _head_step(compute, rows[lo:hi],
                        {p: (a[lo:hi], b[lo:hi]) for (_, p), (a, b) in lora.items()},
-                       config.spec.scale, config.distill_temperature)
+                       config.spec.scale, config.distill_temperature,
+                       ids[lo:hi] if ids is not None else None)
 
     return train_stacked(model, jobs, [len(exs) for exs in encoded], shapes, config, backward,
                          progress)
@@ -452,19 +469,23 @@ def _row_groups(tokens: Sequence[int], budget: int) -> list[tuple[int, int]]:
 
 
 def _head_step(model: Any, cur: Sequence[Any], lora: dict[str, tuple[torch.Tensor, torch.Tensor]],
-               scale: float, temperature: float = 1.0) -> None:
+               scale: float, temperature: float = 1.0,
+               candidates: Sequence[torch.Tensor] | None = None) -> None:
     """Backward of Σ_i mean loss_i over a group of experts (row i = expert i's current example);
-    the loss is CE, or the distillation KL on rows whose states carry teacher targets."""
+    the loss is CE (over row i's ``candidates[i]`` when given: ``dmoe.training.candidates``), or
+    the distillation KL on rows whose states carry teacher targets."""
     lengths = torch.tensor([len(c.targets) for c in cur])
     h_mid = torch.nn.utils.rnn.pad_sequence([c.h_mid for c in cur], batch_first=True)  # (n, P, d)
-    valid = torch.arange(h_mid.shape[1])[None, :] < lengths[:, None]  # (n, P)
-    logits = stacked_head_logits(model, h_mid, valid.to(h_mid.device), lora, scale)  # (N, V)
-    targets = torch.cat([c.targets for c in cur])  # (N,)
-    ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
+    valid = (torch.arange(h_mid.shape[1])[None, :] < lengths[:, None]).to(h_mid.device)  # (n, P)
+    if candidates is not None:
+        ce = candidate_ce(model, head_hidden(model, h_mid, lora, scale), valid, candidates, cur)
+    else:
+        logits = stacked_head_logits(model, h_mid, valid, lora, scale)  # (N, V)
+        ce = F.cross_entropy(logits.float(), torch.cat([c.targets for c in cur]), reduction="none")
     if any(c.teacher is not None for c in cur):  # swap in the KL on the distilled rows' spans
         bounds = [0, *torch.cumsum(lengths, 0).tolist()]
         ce = torch.cat([ce[lo:hi] if c.teacher is None else
-                        example_loss(logits[lo:hi], targets[lo:hi], c.teacher, temperature)
+                        example_loss(logits[lo:hi], c.targets, c.teacher, temperature)
                         for c, lo, hi in zip(cur, bounds[:-1], bounds[1:], strict=True)])
     row = torch.repeat_interleave(torch.arange(len(cur)), lengths).to(ce.device)  # (N,)
     per_expert = torch.zeros(len(cur), device=ce.device).index_add_(0, row, ce)  # (n,)

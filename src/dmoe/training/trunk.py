@@ -12,7 +12,8 @@ into a part that no expert can change and a small part that every expert recompu
 and keeps ``h_mid`` only at the positions whose next token is supervised; sequences of one unit that
 start alike (PRAG's ``passage + Q_i``) run their common prefix once, into a KV cache that the
 batched suffixes extend. ``stacked_head_logits``
-is the head for n experts at once, their LoRAs held as stacked tensors and applied with bmm.
+is the head for n experts at once, their LoRAs held as stacked tensors and applied with bmm
+(``dmoe.training.candidates`` the same head over a candidate vocabulary).
 
 This module knows nothing about optimisers, examples or files.
 """
@@ -38,6 +39,8 @@ class SupervisedStates:
     h_mid: torch.Tensor  # (P, d) residual after the last attention at the predicting positions
     targets: torch.Tensor  # (P,) the token each of those positions must predict
     teacher: TeacherTargets | None = None  # distillation targets at those positions, if any
+    tail: torch.Tensor | None = None  # (P,) frozen log-mass outside the expert's candidates
+    target_pos: torch.Tensor | None = None  # (P,) each target's index among those candidates
 
 
 class _StopForward(Exception):
@@ -171,27 +174,38 @@ def trunk_states(model: Any, sequences: Sequence[tuple[torch.Tensor, int]],
     return out
 
 
+def head_hidden(model: Any, h_mid: torch.Tensor,
+                lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None,
+                scale: float) -> torch.Tensor:
+    """The final norm's output (n, P, d) for n experts side by side (``lora`` None: the frozen
+    model), from ``h_mid`` (n, P, d), expert i's positions in row i. Per row i, for each projection::
+
+        y_i = x_i @ W.T + scale * (x_i @ A_i.T) @ B_i.T        # bmm over the n rows
+
+    with ``lora[proj] = (A (n, r, in), B (n, out, r))``, then
+    ``final_norm(h_mid + ffn.output(down(act(gate) * up)))``.
+    """
+    ffn, mlp, final_norm, _ = last_layer_parts(model)
+
+    def proj(name: str, x: torch.Tensor) -> torch.Tensor:
+        if lora is None:
+            return getattr(mlp, name)(x)
+        a, b = (t.to(x.dtype) for t in lora[name])  # fp32 experts on a bf16 compute copy
+        return getattr(mlp, name)(x) + torch.bmm(torch.bmm(x, a.mT), b.mT) * scale  # (n, P, out)
+
+    x = ffn.pre(h_mid)  # (n, P, d)
+    return final_norm(h_mid + ffn.output(proj("down_proj", mlp.act_fn(proj("gate_proj", x))
+                                               * proj("up_proj", x))))
+
+
 def stacked_head_logits(model: Any, h_mid: torch.Tensor, valid: torch.Tensor,
                         lora: dict[str, tuple[torch.Tensor, torch.Tensor]],
                         scale: float) -> torch.Tensor:
     """Logits of the head for n experts side by side, at the valid positions only.
 
-    ``h_mid``: (n, P, d), expert i's positions in row i, right-padded; ``valid``: (n, P) bool.
-    ``lora[proj] = (A (n, r, in), B (n, out, r))``. Per row i, for each projection::
-
-        y_i = x_i @ W.T + scale * (x_i @ A_i.T) @ B_i.T        # bmm over the n rows
-
-    then ``logits = lm_head(norm(h_mid + ffn.output(down(act(gate) * up)))[valid])``, shape (N, V) with
-    N = valid.sum() in row-major order. The MLP runs on the padded block (cheap); the final norm and
-    lm_head (the expensive part: V ≫ d) only on real positions.
+    ``h_mid``: (n, P, d), expert i's positions in row i, right-padded; ``valid``: (n, P) bool;
+    ``lora`` as ``head_hidden``. Returns ``lm_head(head_hidden(...)[valid])``, shape (N, V) with
+    N = valid.sum() in row-major order. The MLP and norm run on the padded block (cheap); lm_head
+    (the expensive part: V ≫ d) only on real positions.
     """
-    ffn, mlp, final_norm, lm_head = last_layer_parts(model)
-
-    def proj(name: str, x: torch.Tensor) -> torch.Tensor:
-        a, b = (t.to(x.dtype) for t in lora[name])  # fp32 experts on a bf16 compute copy
-        return getattr(mlp, name)(x) + torch.bmm(torch.bmm(x, a.mT), b.mT) * scale  # (n, P, out)
-
-    x = ffn.pre(h_mid)  # (n, P, d)
-    h = h_mid + ffn.output(proj("down_proj", mlp.act_fn(proj("gate_proj", x)) * proj("up_proj", x)))
-    return lm_head(final_norm(h[valid]))  # (N, V)
-
+    return last_layer_parts(model)[3](head_hidden(model, h_mid, lora, scale)[valid])  # (N, V)
