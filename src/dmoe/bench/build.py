@@ -132,7 +132,8 @@ def bench_training(n_units: int = 8, epochs: int = 10, lr: float = 5e-3, mix: st
         for dtype in STORAGE_DTYPES:
             sizes[dtype] = save_expert(Path(d) / f"{dtype}.safetensors", fast[0], lm.fingerprint, dtype)
     against_fp32: dict[str, Any] = {}
-    for name in trained.keys() - {"fp32"}:  # what bf16 / the candidate head save, how far they move
+    others = [name for name in trained if name != "fp32"]
+    for name in others:  # what bf16 / the candidate head save, and how far they move the experts
         against_fp32 |= {
             f"s_per_expert_fast_{name}": round(statistics.median(wall[name]), 4),
             f"{name}_speedup_vs_fp32": round(statistics.median(
@@ -145,12 +146,11 @@ def bench_training(n_units: int = 8, epochs: int = 10, lr: float = 5e-3, mix: st
                 for k in a.weights if k.endswith("B")), 4),
             f"runs_s_per_expert_fast_{name}": [round(x, 3) for x in wall[name]]}
     if "head_vocab" in trained:  # the candidate head is an approximation: the fit, on all V
-        against_fp32 |= {"head_vocab": head_vocab, **example_loss_ratio(
+        against_fp32 |= {"head_vocab": head_vocab, **example_fit(
             lm.model, tok, jobs, fast, trained["head_vocab"], config)}
     n_tokens = [sum(len(tok(e.prompt + e.target)["input_ids"]) for e in exs) for _, exs in jobs]
     fast_med, ref_med = statistics.median(fast_s), statistics.median(ref_s)
-    others = " and ".join(trained.keys() - {"fp32"})
-    variants_how = (f" (fp32 alternating with {others}; their ratios: median of the per-pair "
+    variants_how = (f" (fp32 alternating with {' and '.join(others)}; their ratios: median of the per-pair "
                     f"ratios)" if others else "")
     return {
         "model": lm.source.name, "device": str(lm.device), "threads": torch.get_num_threads(),
@@ -176,10 +176,10 @@ def bench_training(n_units: int = 8, epochs: int = 10, lr: float = 5e-3, mix: st
     }
 
 
-def example_loss_ratio(model: Any, tokenizer: Any, jobs: Any, ref: Sequence[Any],
+def example_fit(model: Any, tokenizer: Any, jobs: Any, ref: Sequence[Any],
                        other: Sequence[Any], config: TrainConfig) -> dict[str, Any]:
-    """How well ``other``'s experts fit their examples against ``ref``'s: the mean full-vocabulary
-    cross-entropy of every example (``example_losses``, an adapter forward), and the base model's."""
+    """How well ``other``'s experts fit their examples beside ``ref``'s and the base model's: the
+    mean full-vocabulary cross-entropy over every example (``example_losses``, adapter forwards)."""
     means = {}
     for name, experts in (("base", [None] * len(jobs)), ("fp32", ref), ("other", other)):
         losses = [x for e, (_, exs) in zip(experts, jobs, strict=True)

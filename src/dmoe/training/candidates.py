@@ -1,8 +1,8 @@
 """The output head over a candidate vocabulary: the large-vocabulary part of expert training, cut.
 
 In the one-layer fast path (``dmoe.training.experts.train_fast``) a step computes, for every
-supervised position, the logits over the whole vocabulary and their backward: 2 · V · d FLOPs per
-position and step, against ~6 · d · ffn for the expert's MLP. On Gemma 3 (V = 262,144) the head is
+supervised position, the logits over the whole vocabulary and their input-gradient: 2 · V · d
+multiply-adds per position and step, against ~6 · d · ffn for the expert's MLP. On Gemma 3 (V = 262,144) the head is
 nearly all of an expert's training time. An expert moves the last hidden state a little, so at each
 position nearly all probability stays on few tokens. The candidate head keeps per expert the set
 U of tokens that matter and holds the rest of the vocabulary at the frozen model's mass::
@@ -53,9 +53,9 @@ def candidate_sets(model: Any, states: Sequence[Sequence[SupervisedStates]],
     (Corpus-wide LoRAs: one "expert" per unit, whose examples then use the unit's ids.)"""
     check_head(model)
     lm_head = last_layer_parts(model)[3]
+    device = lm_head.weight.device
     out = []
     for expert_states in states:
-        device = lm_head.weight.device
         h_mid = torch.cat([s.h_mid for s in expert_states]).to(device)  # (P, d), all its positions
         z0 = lm_head(head_hidden(model, h_mid[None], None, 0.0)[0]).float()  # (P, V)
         targets = torch.cat([s.targets for s in expert_states]).to(device)  # (P,)
@@ -81,15 +81,15 @@ def candidate_ce(model: Any, hidden: torch.Tensor, valid: torch.Tensor,
     ``valid``: (n, P) bool; ``ids[i]``: expert i's candidates; ``rows[i]``: its current example,
     with ``tail`` and ``target_pos`` set by ``candidate_sets``. Row-major order, as ``valid``.
     """
+    tails, poss = [r.tail for r in rows], [r.target_pos for r in rows]
+    if any(t is None for t in tails) or any(p is None for p in poss):
+        raise ValueError("candidate_ce needs the states' tail and target_pos: candidate_sets first")
     weight = last_layer_parts(model)[3].weight  # (V, d)
     w = torch.nn.utils.rnn.pad_sequence([weight[i] for i in ids], batch_first=True)  # (n, U, d)
     sizes = torch.tensor([len(i) for i in ids], device=hidden.device)
     real = torch.arange(w.shape[1], device=hidden.device)[None, :] < sizes[:, None]  # (n, U)
     z = torch.bmm(hidden, w.mT).float()  # (n, P, U)
     z = z.masked_fill(~real[:, None, :], float("-inf"))[valid]  # (N, U)
-    tails, poss = [r.tail for r in rows], [r.target_pos for r in rows]
-    if any(t is None for t in tails) or any(p is None for p in poss):
-        raise ValueError("candidate_ce needs the states' tail and target_pos: candidate_sets first")
     tail = torch.cat(tails).to(z.device)  # type: ignore[arg-type]  # (N,)
     pos = torch.cat(poss).to(z.device)  # type: ignore[arg-type]  # (N,)
     lse = torch.cat([z, tail[:, None]], dim=-1).logsumexp(-1)  # (N,)
