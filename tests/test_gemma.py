@@ -67,3 +67,32 @@ def test_gemma_swaps_are_exact(gemma):
     ref = reference_logits(model, adapter, bank, ids, gen)
     assert (torch.stack(gen.logits) - ref).abs().max() <= 1e-3
     adapter.detach()
+
+
+def test_gemma_candidate_head_is_the_full_cross_entropy_at_initialisation(gemma):
+    """On the real 262k-token head: at B = 0 the candidate loss (K = 64) equals the full
+    cross-entropy, and the frozen model's mass outside the candidates is small at most positions."""
+    from dmoe.augment.types import TrainingExample
+    from dmoe.training.candidates import candidate_ce, candidate_sets
+    from dmoe.training.experts import encode_example
+    from dmoe.training.trunk import head_hidden, stacked_head_logits, trunk_states
+
+    model, tok = gemma.model, gemma.tokenizer
+    passage = "The Harlow Bridge, opened in 1932, crosses the river Ure at the town of Ellerby."
+    examples = [TrainingExample("", passage),
+                TrainingExample(format_prompt(tok, "When did the Harlow Bridge open?"), "1932")]
+    encoded = [encode_example(tok, ex, "answer", 1024) for ex in examples]
+    states = trunk_states(model, [(e.ids, e.start) for e in encoded])
+    (ids,) = candidate_sets(model, [states], k=64)
+    assert len(ids) < model.config.vocab_size // 100
+    h_mid = torch.nn.utils.rnn.pad_sequence([s.h_mid for s in states], batch_first=True)
+    lengths = torch.tensor([len(s.targets) for s in states])
+    valid = torch.arange(h_mid.shape[1])[None, :] < lengths[:, None]
+    got = candidate_ce(model, head_hidden(model, h_mid, None, 0.0), valid, [ids, ids], states)
+    logits = stacked_head_logits(model, h_mid, valid, None, 0.0)
+    want = torch.nn.functional.cross_entropy(logits, torch.cat([s.targets for s in states]),
+                                             reduction="none")
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    tail_mass = torch.cat([s.tail for s in states]).exp() / torch.logsumexp(logits, -1).exp()
+    # measured: median 0.03; up to 0.38 where the passage's next word is open ("The Harlow ...")
+    assert float(tail_mass.median()) < 0.1, tail_mass

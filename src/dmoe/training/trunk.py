@@ -199,7 +199,7 @@ def head_hidden(model: Any, h_mid: torch.Tensor,
 
 
 def stacked_head_logits(model: Any, h_mid: torch.Tensor, valid: torch.Tensor,
-                        lora: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                        lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None,
                         scale: float) -> torch.Tensor:
     """Logits of the head for n experts side by side, at the valid positions only.
 
