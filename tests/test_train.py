@@ -12,6 +12,7 @@ from dmoe.training.experts import (
     init_expert,
     masked_adamw_,
     mlp_shapes,
+    per_job,
     train,
     train_fast,
     train_reference,
@@ -300,11 +301,7 @@ def test_candidate_loss_is_the_full_cross_entropy_before_training(model):
     jobs = _jobs(3)
     config = TrainConfig(loss_on="all")
     encoded = [[encode_example(tok, ex, "all", 1024) for ex in exs] for _, exs in jobs]
-    flat = trunk_states(model, [(e.ids, e.start) for exs in encoded for e in exs])
-    states, k = [], 0
-    for exs in encoded:
-        states.append(flat[k:k + len(exs)])
-        k += len(exs)
+    states = per_job(trunk_states(model, [(e.ids, e.start) for exs in encoded for e in exs]), encoded)
     ids = candidate_sets(model, states, k=2)
     assert all(len(i) < model.config.vocab_size for i in ids), "K = 2 must leave a tail"
     rows = [s[0] for s in states]

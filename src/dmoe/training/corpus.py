@@ -63,6 +63,7 @@ from dmoe.training.experts import (
     encode_example,
     init_expert,
     mlp_shapes,
+    per_job,
 )
 from dmoe.training.experts import TrainConfig as _ExpertConfig
 from dmoe.training.trunk import SupervisedStates, last_layer_parts, shares_prefix, trunk_states
@@ -292,9 +293,7 @@ class CorpusStates:
             if self.states.mode == "recompute":
                 raise ValueError("head_vocab needs the trunk states cached (states_on 'device' or "
                                  "'cpu' within the budget), not recomputed per chunk")
-            by_unit: list[list[SupervisedStates]] = [[] for _ in jobs]
-            for i, u in enumerate(self.unit):
-                by_unit[u].append(self.states.cache[i])
+            by_unit = per_job(self.states.cache, [exs for _, exs in jobs])  # _encode's order
             self.candidates = candidate_sets(model, by_unit, config.head_vocab)
 
     @staticmethod
