@@ -121,11 +121,13 @@ def main() -> None:
                                pool_size=args.poly_pool_size, **common)
     states = None
     if args.sft_lora or args.poly:  # the frozen trunk runs over the corpus once, for both
-        bar = tqdm(total=n_examples, desc=f"trunk states ({len(jobs)} units)", unit="example")
+        phases = "trunk states + candidate sets" if args.head_vocab else "trunk states"
+        bar = tqdm(total=n_examples * (2 if args.head_vocab else 1),
+                   desc=f"{phases} ({len(jobs)} units)", unit="example")
         t0 = time.perf_counter()
         states = CorpusStates(lm.model, lm.tokenizer, corpus_jobs, sft_cfg, progress=bar.update)
         bar.close()
-        print(f"trunk states in {time.perf_counter() - t0:.1f}s", flush=True)
+        print(f"{phases} in {time.perf_counter() - t0:.1f}s", flush=True)
     if args.sft_lora:
         bar = tqdm(total=sft_cfg.epochs * n_examples, desc="train sft_lora", unit="example")
         t0 = time.perf_counter()

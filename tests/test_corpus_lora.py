@@ -212,8 +212,11 @@ def test_candidate_head_over_the_whole_vocabulary_trains_the_same_corpus_loras(m
     import dataclasses
 
     tok, jobs, v = CharTokenizer(), _jobs(), model.config.vocab_size
-    states = CorpusStates(model, tok, jobs, dataclasses.replace(SFT, head_vocab=v))
+    seen: list[int] = []
+    states = CorpusStates(model, tok, jobs, dataclasses.replace(SFT, head_vocab=v),
+                          progress=seen.append)
     assert states.candidates is not None and all(len(c) == v for c in states.candidates)
+    assert sum(seen) == 2 * len(states.encoded)  # the trunk pass, then the candidate sets
     whole_sft = train_sft_lora(model, tok, jobs, dataclasses.replace(SFT, head_vocab=v),
                                Budget(head_batch_tokens=40), states=states)
     whole_poly = train_poly_prag(model, tok, jobs, dataclasses.replace(POLY, head_vocab=v),

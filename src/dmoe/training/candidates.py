@@ -25,7 +25,7 @@ This module knows nothing about optimisers, examples or files.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -46,11 +46,13 @@ def check_head(model: Any) -> None:
 
 
 @torch.no_grad()
-def candidate_sets(model: Any, states: Sequence[Sequence[SupervisedStates]],
-                   k: int) -> list[torch.Tensor]:
+def candidate_sets(model: Any, states: Sequence[Sequence[SupervisedStates]], k: int,
+                   progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
     """Each expert's candidate ids (sorted, (U,)) from its examples' trunk states; sets every
     state's ``tail`` (P,) and ``target_pos`` (P,), the index of its target in those ids.
-    (Corpus-wide LoRAs: one "expert" per unit, whose examples then use the unit's ids.)"""
+    (Corpus-wide LoRAs: one "expert" per unit, whose examples then use the unit's ids.)
+    ``progress(n)``: called after each expert with its n examples. One frozen full-vocabulary
+    pass per position, so on a large vocabulary this costs about as much as the trunk pass."""
     check_head(model)
     lm_head = last_layer_parts(model)[3]
     device = lm_head.weight.device
@@ -70,6 +72,8 @@ def candidate_sets(model: Any, states: Sequence[Sequence[SupervisedStates]],
             s.tail, s.target_pos = tail[lo:hi], pos[lo:hi]
             lo = hi
         out.append(ids)
+        if progress is not None:
+            progress(len(expert_states))
     return out
 
 

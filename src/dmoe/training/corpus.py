@@ -273,7 +273,8 @@ class Budget:
 class CorpusStates:
     """A corpus's examples, encoded, each with its unit, and their trunk states (computed once, or
     per chunk past the budget): what one training run needs before its first step. ``progress(n)``
-    follows the trunk pass when the states are cached (the examples just computed).
+    follows the trunk pass when the states are cached (the examples just computed), then, with
+    ``head_vocab``, the candidate sets (the examples whose unit's set is done): 2 x n_examples.
 
     Both trainers build one when not given one; ``build_eval_bank`` builds it once and passes it to
     both, so the frozen trunk runs over the corpus once for sft_lora and Poly-PRAG together (their
@@ -294,7 +295,7 @@ class CorpusStates:
                 raise ValueError("head_vocab needs the trunk states cached (states_on 'device' or "
                                  "'cpu' within the budget), not recomputed per chunk")
             by_unit = per_job(self.states.cache, [exs for _, exs in jobs])  # _encode's order
-            self.candidates = candidate_sets(model, by_unit, config.head_vocab)
+            self.candidates = candidate_sets(model, by_unit, config.head_vocab, progress)
 
     @staticmethod
     def _key(jobs: Sequence[Job], config: CorpusTrainConfig) -> tuple[Any, ...]:
