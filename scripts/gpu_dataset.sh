@@ -14,6 +14,8 @@
 # rerunning finishes what a deadline cut.
 # $OFFSET: the first question (default 0), for a dataset answered in slices over several leases.
 # $CHUNK: experts trained side by side (default 32, as on the CPU; the same experts at any size).
+# $HEAD_VOCAB: the experts' and corpus LoRAs' candidate output head (--head-vocab; default unset,
+# the full head); the Gemma tables use 64 (results/gemma3-270m-cpu/README.md).
 # $ARM_SHARDS, $FLARE_SHARDS: worker processes for the 7 batched arms (default 2) and FLARE (4).
 # $JOBS: which groups run (default bank,loras,flare; bank = the bank then the 7 batched arms,
 # loras = the two corpus LoRAs, each then its answers). The LoRAs (~1 MB) come back
@@ -51,7 +53,8 @@ wants() { [[ $JOBS == *,$1,* ]]; }
 pids=()
 wants bank && ( t=$(date +%s)
   timeout "$(left)" $PY scripts/build_eval_bank.py --model "$MODEL" --dataset "$BUILD" \
-      --offset "$OFFSET" --limit "$LIMIT" --bank "$W/bank" --device "$DEV" --chunk-size "${CHUNK:-32}" \
+      --offset "$OFFSET" --limit "$LIMIT" ${HEAD_VOCAB:+--head-vocab "$HEAD_VOCAB"} \
+      --bank "$W/bank" --device "$DEV" --chunk-size "${CHUNK:-32}" \
       > "$L/bank.log" 2>&1
   rc=$?; stamp "bank $(( $(date +%s) - t ))s" $rc  # rc first: $(date) would reset $?
   arms=()
@@ -67,7 +70,8 @@ wants bank && ( t=$(date +%s)
 lora() {  # METHOD FLAG PATH READY (FLAG PATH: the same for the trainer and dmoe eval)
   local t=$(date +%s)
   timeout "$(left)" $PY scripts/build_eval_bank.py --model "$MODEL" --dataset "$BUILD" \
-      --offset "$OFFSET" --limit "$LIMIT" --no-bank --device "$DEV" $2 "$3" > "$L/lora-$1.log" 2>&1
+      --offset "$OFFSET" --limit "$LIMIT" ${HEAD_VOCAB:+--head-vocab "$HEAD_VOCAB"} \
+      --no-bank --device "$DEV" $2 "$3" > "$L/lora-$1.log" 2>&1
   rc=$?; stamp "$1 trained $(( $(date +%s) - t ))s" $rc  # rc first: $(date) would reset $?
   [ -s "$4" ] || return  # a deadline cut the training: nothing to answer with
   timeout "$(left)" $D eval --methods "$1" $A --batch-size 16 $2 "$3" --out "$W/${1^^}" \
