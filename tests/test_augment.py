@@ -331,17 +331,18 @@ def test_training_examples_follow_prag(tokenizer):
     aug = type(aug)(paraphrase="PARA", qa=(QAPair("Q1?", "A1", "Full A1."), QAPair("Q2?", "A2"),
                                            QAPair("Q3?", "A3", "Full A3.")))
     ex = training_examples(CURIE, aug, tokenizer, include_passage_lm=False)
+    # the plain frame (this tokenizer has no chat template) writes "Answer: A1", space included
     assert [(e.prompt, e.target) for e in ex] == [
-        (format_prompt(tokenizer, "Q1?", [CURIE.text]), "A1"),
-        (format_prompt(tokenizer, "Q1?", ["PARA"]), "A1"),
-        (format_prompt(tokenizer, "Q2?", [CURIE.text]), "A2"),
-        (format_prompt(tokenizer, "Q2?", ["PARA"]), "A2"),
-        (format_prompt(tokenizer, "Q3?"), "A3")]
+        (format_prompt(tokenizer, "Q1?", [CURIE.text]), " A1"),
+        (format_prompt(tokenizer, "Q1?", ["PARA"]), " A1"),
+        (format_prompt(tokenizer, "Q2?", [CURIE.text]), " A2"),
+        (format_prompt(tokenizer, "Q2?", ["PARA"]), " A2"),
+        (format_prompt(tokenizer, "Q3?"), " A3")]
     assert ex[0].prompt.startswith("Context:\nPassage 1: Marie Curie") and ex[0].prompt.endswith(
         "Question: Q1?\nAnswer:")
     full = training_examples(CURIE, aug, tokenizer, target="full_answer")
     assert [(e.prompt, e.target) for e in full[:2]] == [("", CURIE.text), ("", "PARA")]
-    assert [e.target for e in full[2:]] == ["Full A1.", "Full A1.", "A2", "A2", "Full A3."]
+    assert [e.target for e in full[2:]] == [" Full A1.", " Full A1.", " A2", " A2", " Full A3."]
     with pytest.raises(ValueError, match="target style"):
         training_examples(CURIE, aug, tokenizer, target="long")  # type: ignore[arg-type]
 
@@ -386,3 +387,34 @@ def test_base_model_plain_frame_opens_with_demonstrations_in_training_and_infere
     chat = Chat()
     use_demonstrations(chat)
     assert not hasattr(chat, DEMOS_ATTR)  # instruct models keep their chat template
+
+
+def test_targets_are_written_as_the_frame_continues_them():
+    """A plain frame's targets open with the space its "Answer:" / "Assistant:" is followed by
+    (DEMONSTRATIONS write "Answer: 1989"); a chat template's open the reply as they are. Runs of
+    spaces in a passage are written as one, in every frame."""
+    from conftest import CharTokenizer
+
+    from dmoe.augment.training import written
+    from dmoe.prompts import reply_text
+
+    assert written("  Scotland.  The breed\t\tis  old. ") == "Scotland. The breed is old."
+    assert written("line one.\nline two") == "line one.\nline two"  # newlines stay
+    unit = KnowledgeUnit(id="u", text="Scotland.  The breed is old.", title="T")
+    aug = ExtractiveAugmenter().augment([unit])[0]
+    plain = CharTokenizer()
+
+    class Chat(CharTokenizer):
+        chat_template = "{{ messages }}"
+
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+            return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+    for tok, lead in ((plain, " "), (Chat(), "")):
+        assert reply_text(tok, "x") == lead + "x"
+        ex = training_examples(unit, aug, tok, recipe="recite_qa")
+        chat_recite, bos_recite, *qa = ex
+        assert chat_recite.target == lead + "Scotland. The breed is old."
+        assert bos_recite.target == "Scotland. The breed is old."  # a document opens bare
+        assert qa and all(e.target.startswith(lead) and "  " not in e.target for e in qa)
+        assert all(e.target[len(lead):] == e.target[len(lead):].lstrip() for e in qa)

@@ -35,6 +35,15 @@ def format_prompt(tokenizer: Any, question: str, passages: Sequence[str] = ()) -
     return f"{getattr(tokenizer, DEMOS_ATTR, '')}{message}\nAnswer:"
 
 
+def reply_text(tokenizer: Any, text: str) -> str:
+    """``text`` as the frame writes it right after ``format_prompt`` or ``format_chat``, for a
+    training target tokenized on its own. A chat template starts the reply itself; the plain frame
+    puts a space after "Answer:" / "Assistant:" (as ``DEMONSTRATIONS`` do), and a SentencePiece
+    tokenizer folds that space into the first word's token (Gemma: "▁The", not "The"), so a target
+    without it teaches a first token the model never writes there."""
+    return text if getattr(tokenizer, "chat_template", None) else f" {text}"
+
+
 def _demonstration(question: str, answer: str, passages: Sequence[str] = ()) -> str:
     return f"{user_message(question, passages)}\nAnswer: {answer}\n\n"
 

@@ -23,23 +23,39 @@ on the passage text injected facts where QA-only training at the paper's setting
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, get_args
 
 from dmoe.augment.types import Augmentation, QAPair, TrainingExample
 from dmoe.corpus.units import KnowledgeUnit
-from dmoe.prompts import format_chat, format_prompt
+from dmoe.prompts import format_chat, format_prompt, reply_text
 
 TargetStyle = Literal["answer", "full_answer"]
 Recipe = Literal["prag", "recite", "recite_qa"]
 RECIPES: tuple[str, ...] = get_args(Recipe)
 RECITE_INSTRUCTION = "Recite the passage."
+# How targets are written; it enters every expert's settings hash, so a bank built before a
+# change retrains on resume. 2 (2026-12-05): as the frame continues them (``reply_text``) and
+# with single spaces (``written``); 1: the unit's text as stored, no leading space.
+TARGET_FORM = 2
+
+
+_SPACES = re.compile(r"[ \t]{2,}")
+
+
+def written(text: str) -> str:
+    """A target as a model writes it: runs of spaces or tabs as one space, no outer whitespace.
+    Corpora carry double spaces after full stops (HotpotQA's paragraphs); Gemma's tokenizer
+    turns "  The" into "▁▁" + "The", so an expert reciting them learns to end a sentence with a
+    word token no generation uses, and the answer's end (". ") is never written."""
+    return _SPACES.sub(" ", text).strip()
 
 
 def _target(qa: QAPair, target: TargetStyle) -> str:
     if target == "answer":
-        return qa.answer
+        return written(qa.answer)
     if target == "full_answer":
-        return qa.full_answer or qa.answer
+        return written(qa.full_answer or qa.answer)
     raise ValueError(f"unknown target style {target!r}; choose 'answer' or 'full_answer'")
 
 
@@ -47,7 +63,9 @@ def recite_examples(text: str, tokenizer: Any) -> list[TrainingExample]:
     """``text`` as the answer to "Recite the passage." (chat frame) and as a continuation of BOS."""
     chat = format_chat(tokenizer, [{"role": "user", "content": RECITE_INSTRUCTION}])
     bos = getattr(tokenizer, "bos_token", None) or ""
-    return [TrainingExample(prompt=chat, target=text), TrainingExample(prompt=bos, target=text)]
+    text = written(text)
+    return [TrainingExample(prompt=chat, target=reply_text(tokenizer, text)),
+            TrainingExample(prompt=bos, target=text)]
 
 
 def training_examples(unit: KnowledgeUnit, aug: Augmentation, tokenizer: Any, *,
@@ -63,18 +81,19 @@ def training_examples(unit: KnowledgeUnit, aug: Augmentation, tokenizer: Any, *,
         examples = recite_examples(unit.text, tokenizer)
         if recipe == "recite_qa":  # the teacher prompt serves objective="distill"
             examples += [TrainingExample(
-                prompt=format_prompt(tokenizer, qa.question), target=_target(qa, "full_answer"),
+                prompt=format_prompt(tokenizer, qa.question),
+                target=reply_text(tokenizer, _target(qa, "full_answer")),
                 teacher_prompt=format_prompt(tokenizer, qa.question, [unit.text]))
                 for qa in aug.qa]
         return examples
     examples = []
     if include_passage_lm:
-        examples.append(TrainingExample(prompt="", target=unit.text))
+        examples.append(TrainingExample(prompt="", target=written(unit.text)))
         if aug.paraphrase and aug.paraphrase != unit.text:
-            examples.append(TrainingExample(prompt="", target=aug.paraphrase))
+            examples.append(TrainingExample(prompt="", target=written(aug.paraphrase)))
     with_context = (len(aug.qa) + 1) // 2
     for i, qa in enumerate(aug.qa):
-        answer = _target(qa, target)
+        answer = reply_text(tokenizer, _target(qa, target))
         if i < with_context:
             for context in (unit.text, aug.paraphrase):
                 examples.append(TrainingExample(

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dmoe.augment.training import TARGET_FORM
 from dmoe.augment.types import TrainingExample
 from dmoe.experts.lora import (
     PROJECTIONS,
@@ -135,14 +136,15 @@ class TrainConfig:
 
     def settings_hash(self, extra: dict[str, Any] | None = None) -> str:
         """Stable 16-hex id of these settings plus ``extra`` (what else shaped the examples, e.g.
-        the recipe): an expert trained otherwise must be retrained. Fields added since the first
-        banks (precision, head_vocab) are left out at their defaults, so those banks keep their
-        hashes."""
+        the recipe, and ``dmoe.augment.training.TARGET_FORM``): an expert trained otherwise must
+        be retrained. Fields added since the first banks (precision, head_vocab) are left out at
+        their defaults, so a field's arrival alone does not retrain a bank."""
         settings = dataclasses.asdict(self)
         for key, default in (("precision", "fp32"), ("head_vocab", 0)):
             if settings[key] == default:
                 del settings[key]
-        blob = json.dumps({**settings, **(extra or {})}, sort_keys=True, default=str)
+        blob = json.dumps({**settings, "targets": TARGET_FORM, **(extra or {})}, sort_keys=True,
+                          default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
