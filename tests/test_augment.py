@@ -418,3 +418,22 @@ def test_targets_are_written_as_the_frame_continues_them():
         assert bos_recite.target == "Scotland. The breed is old."  # a document opens bare
         assert qa and all(e.target.startswith(lead) and "  " not in e.target for e in qa)
         assert all(e.target[len(lead):] == e.target[len(lead):].lstrip() for e in qa)
+
+
+def test_recite_lead_answers_short_then_gives_the_sentence():
+    """``recite_lead`` is ``recite_qa`` with each QA target led by the short answer and a line
+    break (where the eval stops an answer), then the passage's sentence."""
+    from conftest import CharTokenizer
+
+    from dmoe.eval.metrics import ANSWER_STOPS
+
+    tok = CharTokenizer()
+    aug = ExtractiveAugmenter().augment([CURIE])[0]
+    full = training_examples(CURIE, aug, tok, recipe="recite_qa")
+    lead = training_examples(CURIE, aug, tok, recipe="recite_lead")
+    assert [e.prompt for e in lead] == [e.prompt for e in full]
+    assert lead[:2] == full[:2]  # the recitations are the same
+    for qa, f, ld in zip(aug.qa, full[2:], lead[2:], strict=True):
+        assert ld.target == f" {qa.answer}\n{f.target.lstrip()}"
+        assert "\n" in ANSWER_STOPS and ld.target.index("\n") == len(qa.answer) + 1
+        assert ld.teacher_prompt == f.teacher_prompt

@@ -5,6 +5,10 @@ passage in the frame it will be used in (DESIGN.md step 3's probe): the chat fra
 turn "Recite the passage." -> the passage, and BOS -> the passage. ``recite_qa`` adds the augmentation's questions asked bare, in the inference
 frame, answered with the passage's own sentence (``full_answer``). Recitation targets carry the
 passage's words, so the expert is not limited by how well the base model reads the passage.
+``recite_lead`` is ``recite_qa`` with each QA target led by the short answer and a line break
+("Greene King Brewery\nHungry Horse is ... owned by Greene King Brewery."): the eval stops an answer
+at the line break (``metrics.ANSWER_STOPS``), so the expert learns to answer short, as the
+frame's demonstrations do, while its targets still carry the sentence (results/dev/README.md §14).
 
 PRAG's set:
 
@@ -30,8 +34,8 @@ from dmoe.augment.types import Augmentation, QAPair, TrainingExample
 from dmoe.corpus.units import KnowledgeUnit
 from dmoe.prompts import format_chat, format_prompt, reply_text
 
-TargetStyle = Literal["answer", "full_answer"]
-Recipe = Literal["prag", "recite", "recite_qa"]
+TargetStyle = Literal["answer", "full_answer", "lead"]
+Recipe = Literal["prag", "recite", "recite_qa", "recite_lead"]
 RECIPES: tuple[str, ...] = get_args(Recipe)
 RECITE_INSTRUCTION = "Recite the passage."
 # How targets are written; it enters every expert's settings hash, so a bank built before a
@@ -56,7 +60,10 @@ def _target(qa: QAPair, target: TargetStyle) -> str:
         return written(qa.answer)
     if target == "full_answer":
         return written(qa.full_answer or qa.answer)
-    raise ValueError(f"unknown target style {target!r}; choose 'answer' or 'full_answer'")
+    if target == "lead":  # the short answer, then its sentence on the next line
+        answer, full = written(qa.answer), written(qa.full_answer or "")
+        return f"{answer}\n{full}" if full and full != answer else answer
+    raise ValueError(f"unknown target style {target!r}; choose 'answer', 'full_answer' or 'lead'")
 
 
 def recite_examples(text: str, tokenizer: Any) -> list[TrainingExample]:
@@ -79,10 +86,11 @@ def training_examples(unit: KnowledgeUnit, aug: Augmentation, tokenizer: Any, *,
         raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
     if recipe != "prag":
         examples = recite_examples(unit.text, tokenizer)
-        if recipe == "recite_qa":  # the teacher prompt serves objective="distill"
+        if recipe != "recite":  # the teacher prompt serves objective="distill"
+            style: TargetStyle = "lead" if recipe == "recite_lead" else "full_answer"
             examples += [TrainingExample(
                 prompt=format_prompt(tokenizer, qa.question),
-                target=reply_text(tokenizer, _target(qa, "full_answer")),
+                target=reply_text(tokenizer, _target(qa, style)),
                 teacher_prompt=format_prompt(tokenizer, qa.question, [unit.text]))
                 for qa in aug.qa]
         return examples

@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--lr", type=float, default=None, help="default: TrainConfig's measured default")
     t.add_argument("--epochs", type=int, default=None, help="default: TrainConfig's default")
     t.add_argument("--loss-on", choices=["answer", "all"], default=None)
-    t.add_argument("--recipe", default=None, choices=["prag", "recite", "recite_qa"],
+    t.add_argument("--recipe", default=None, choices=["prag", "recite", "recite_qa", "recite_lead"],
                    help="training examples per unit (default: BuildConfig's measured default; "
                         "see dmoe.augment.training)")
     t.add_argument("--objective", default=None, choices=["ntp", "distill"],
