@@ -437,3 +437,14 @@ def test_recite_lead_answers_short_then_gives_the_sentence():
         assert ld.target == f" {qa.answer}\n{f.target.lstrip()}"
         assert "\n" in ANSWER_STOPS and ld.target.index("\n") == len(qa.answer) + 1
         assert ld.teacher_prompt == f.teacher_prompt
+
+
+def test_dmoe_build_offers_every_recipe():
+    """``dmoe build --recipe`` lists its choices literally (importing the training modules would
+    slow every ``dmoe`` command's start-up); they must stay ``RECIPES``."""
+    from dmoe.augment.training import RECIPES
+    from dmoe.cli import build_parser
+
+    sub = next(a for a in build_parser()._subparsers._group_actions)  # type: ignore[union-attr]
+    choices = next(a.choices for a in sub.choices["build"]._actions if a.dest == "recipe")
+    assert tuple(choices) == RECIPES
