@@ -187,10 +187,10 @@ def test_diagnostics_from_handmade_records(tmp_path):
     d = tmp_path / "knowledge_conflicts"
     d.mkdir()
 
-    def rec(i, split, contains, answer="x", active=(), latency=1.0):
+    def rec(i, split, contains, answer="x", active=(), latency=1.0, tokens=1):
         return {"id": f"{split[0]}{i}", "kind": "span", "split": split, "em": 0.0, "f1": 0.0,
                 "contains": contains, "answer": answer, "latency_s": latency,
-                "generated_tokens": 1, "prefill_tokens": 1, "triggers": 0,
+                "generated_tokens": tokens, "prefill_tokens": 1, "triggers": 0,
                 "active_experts": list(active), "gold_unit_ids": [f"u{i}"] if split == "efficacy"
                 else []}
 
@@ -199,8 +199,8 @@ def test_diagnostics_from_handmade_records(tmp_path):
         "rag": [rec(i, "efficacy", float(i == 3)) for i in range(4)]
                + [rec(0, "locality", 0.0, latency=3.0)],
         # own expert on e0, e1; a wrong one on e2; none on e3; an expert on the locality question
-        "dmoe": [rec(0, "efficacy", 1.0, active=["u0"], latency=2.0),
-                 rec(1, "efficacy", 0.0, active=["u9", "u1"], latency=3.0),
+        "dmoe": [rec(0, "efficacy", 1.0, active=["u0"], latency=2.0, tokens=5),
+                 rec(1, "efficacy", 0.0, active=["u9", "u1"], latency=3.0, tokens=3),
                  rec(2, "efficacy", 1.0, active=["u5"], latency=2.0), rec(3, "efficacy", 0.0),
                  rec(0, "locality", 0.0, answer="y", active=["u2"], latency=0.5)],
     }
@@ -210,6 +210,8 @@ def test_diagnostics_from_handmade_records(tmp_path):
     dm = s["dmoe"]
     assert dm["expert_active"] == 0.75 and dm["own_expert_active"] == 0.5 and dm["n_own_expert"] == 2
     assert dm["score_own_expert"] == 0.5 and dm["score_no_own_expert"] == 0.5
+    assert dm["base_score_own_expert"] == 0.0  # base on e0 and e1
+    assert dm["tokens_own_expert"] == 4.0 and dm["base_tokens_own_expert"] == 1.0
     assert dm["locality_expert_active"] == 1.0 and dm["locality"] == 0.0
     assert dm["paired"]["base"] == {"n": 4, "better": 2, "worse": 0, "sign_test_p": 0.5}
     assert dm["paired"]["rag"] == {"n": 4, "better": 2, "worse": 1, "sign_test_p": 1.0}
@@ -217,8 +219,8 @@ def test_diagnostics_from_handmade_records(tmp_path):
     assert "own_expert_active" not in s["rag"] and "base" not in s["base"]["paired"]
     assert s["rag"]["latency_vs_base_p50"] == 1.0
     table = diagnostics_table(summarize(tmp_path))
-    assert "| knowledge_conflicts | dmoe | 75.0 | 50.0 | 50.0 / 50.0 | 100.0 | 2/0, 0.5 | 2/1, 1 | 2.00 |" \
-        in table
+    assert ("| knowledge_conflicts | dmoe | 75.0 | 50.0 | 50.0 (0.0) / 50.0 | 4.0 (1.0) | 100.0 "
+            "| 2/0, 0.5 | 2/1, 1 | 2.00 |") in table
 
 
 def test_sign_test():

@@ -21,7 +21,9 @@ Diagnostics, from the same files:
   ``gold_unit_ids`` among its active experts (eval banks name each expert after its unit);
   ``score_own_expert`` / ``score_no_own_expert``, the headline score over each group; on
   ``knowledge_conflicts`` also ``locality_expert_active``, the share of locality samples with an
-  expert active.
+  expert active. Where ``base`` answered them: ``base_score_own_expert``, base's headline score on
+  the same own-expert samples, and ``tokens_own_expert`` / ``base_tokens_own_expert``, the mean
+  generated tokens of each there (does the expert change what is said, or how long it runs?).
 - ``paired``: against ``base`` and ``rag``, on the samples both answered, how many this method
   scores higher / lower on the headline metric (efficacy, ACC on yes/no sets, else F1) and the
   two-sided exact sign-test p-value of that split (ties dropped).
@@ -128,7 +130,8 @@ def paired(records: list[dict[str, Any]], anchor: list[dict[str, Any]]) -> dict[
 UNIT_EXPERT_METHODS = ("prag", "prag_combine", "dmoe", "dmoe_random", "dmoe_shuffled", "dmoe_oracle")
 
 
-def routing(records: list[dict[str, Any]]) -> dict[str, Any]:
+def routing(records: list[dict[str, Any]], base: list[dict[str, Any]] | None = None
+            ) -> dict[str, Any]:
     """Which experts were active, against the samples' own units (see the module docstring)."""
     quality = [r for r in records if r.get("split") != "locality"]
     own = [r for r in quality if set(r.get("active_experts") or ()) & set(r.get("gold_unit_ids") or ())]
@@ -139,6 +142,12 @@ def routing(records: list[dict[str, Any]]) -> dict[str, Any]:
          "n_own_expert": len(own),
          "score_own_expert": _mean([headline(r) for r in own]),
          "score_no_own_expert": _mean([headline(r) for r in rest])}
+    theirs = {r["id"]: r for r in base or ()}
+    if own and all(r["id"] in theirs for r in own):
+        s["base_score_own_expert"] = _mean([headline(theirs[r["id"]]) for r in own])
+        s["tokens_own_expert"] = _mean([float(r["generated_tokens"]) for r in own])
+        s["base_tokens_own_expert"] = _mean([float(theirs[r["id"]]["generated_tokens"])
+                                             for r in own])
     loc = [r for r in records if r.get("split") == "locality"]
     if loc:
         s["locality_expert_active"] = _mean([float(bool(r.get("active_experts"))) for r in loc])
@@ -167,7 +176,7 @@ def summarize(out: str | Path) -> dict[str, Any]:
             s = methods[m]
             s["latency_vs_base_p50"] = _latency_vs(recs, base) if base else None
             if m in UNIT_EXPERT_METHODS:
-                s.update(routing(recs))
+                s.update(routing(recs, base))
             s["paired"] = {a: paired(recs, files[a]) for a in ("base", "rag")
                            if a in files and a != m}
         datasets[ddir.name] = methods
@@ -245,8 +254,9 @@ def counts_table(summary: dict[str, Any]) -> str:
 def diagnostics_table(summary: dict[str, Any]) -> str:
     """Per (dataset, method): routing shares, headline score with / without the own expert, the
     paired split against base and rag, and the median latency ratio to base."""
-    head = ["Dataset", "Method", "expert active", "own expert active", "score: own / not",
-            "loc. expert active", "vs base (+/-, p)", "vs rag (+/-, p)", "latency / base"]
+    head = ["Dataset", "Method", "expert active", "own expert active", "score: own (base) / not",
+            "tokens: own (base)", "loc. expert active", "vs base (+/-, p)", "vs rag (+/-, p)",
+            "latency / base"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def vs(s: dict[str, Any], anchor: str) -> str:
@@ -260,8 +270,10 @@ def diagnostics_table(summary: dict[str, Any]) -> str:
             ratio = s.get("latency_vs_base_p50")
             lines.append("| " + " | ".join([
                 d, m, _fmt(s.get("expert_active"), 100), _fmt(s.get("own_expert_active"), 100),
-                f"{_fmt(s.get('score_own_expert'), 100)} / {_fmt(s.get('score_no_own_expert'), 100)}"
-                if "own_expert_active" in s else "–",
+                f"{_fmt(s.get('score_own_expert'), 100)} ({_fmt(s.get('base_score_own_expert'), 100)})"
+                f" / {_fmt(s.get('score_no_own_expert'), 100)}" if "own_expert_active" in s else "–",
+                f"{_fmt(s.get('tokens_own_expert'))} ({_fmt(s.get('base_tokens_own_expert'))})"
+                if "tokens_own_expert" in s else "–",
                 _fmt(s.get("locality_expert_active"), 100), vs(s, "base"), vs(s, "rag"),
                 "–" if ratio is None else f"{ratio:.2f}"]) + " |")
     return "\n".join(lines)
@@ -277,8 +289,9 @@ def write_tables(summary: dict[str, Any], path: Path) -> None:
             "## Table 2 — efficiency (mean wall latency per question, mean per-sample peak RSS; "
             "token counts and triggers averaged over datasets)\n\n" + efficiency_table(summary)
             + "\n\n## Table 3 — diagnostics (%: share of quality samples with any expert / their "
-            "own expert active, headline score over each group, share of locality samples with an "
-            "expert active; paired against base and rag on the headline metric: samples better / "
+            "own expert active, headline score over each group (base's on the own-expert group in "
+            "brackets), mean generated tokens on the own-expert group (base's), share of locality "
+            "samples with an expert active; paired against base and rag on the headline metric: samples better / "
             "worse, two-sided exact sign-test p; median per-sample latency ratio to base)\n\n"
             + diagnostics_table(summary)
             + "\n\n## Samples per cell\n\n" + counts_table(summary) + "\n")
