@@ -145,9 +145,8 @@ def routing(records: list[dict[str, Any]], base: list[dict[str, Any]] | None = N
     theirs = {r["id"]: r for r in base or ()}
     if own and all(r["id"] in theirs for r in own):
         s["base_score_own_expert"] = _mean([headline(theirs[r["id"]]) for r in own])
-        s["tokens_own_expert"] = _mean([float(r["generated_tokens"]) for r in own])
-        s["base_tokens_own_expert"] = _mean([float(theirs[r["id"]]["generated_tokens"])
-                                             for r in own])
+        s["tokens_own_expert"] = _mean([r["generated_tokens"] for r in own])
+        s["base_tokens_own_expert"] = _mean([theirs[r["id"]]["generated_tokens"] for r in own])
     loc = [r for r in records if r.get("split") == "locality"]
     if loc:
         s["locality_expert_active"] = _mean([float(bool(r.get("active_experts"))) for r in loc])
@@ -270,8 +269,9 @@ def diagnostics_table(summary: dict[str, Any]) -> str:
             ratio = s.get("latency_vs_base_p50")
             lines.append("| " + " | ".join([
                 d, m, _fmt(s.get("expert_active"), 100), _fmt(s.get("own_expert_active"), 100),
-                f"{_fmt(s.get('score_own_expert'), 100)} ({_fmt(s.get('base_score_own_expert'), 100)})"
-                f" / {_fmt(s.get('score_no_own_expert'), 100)}" if "own_expert_active" in s else "–",
+                f"{_fmt(s.get('score_own_expert'), 100)} "
+                f"({_fmt(s.get('base_score_own_expert'), 100)}) / "
+                f"{_fmt(s.get('score_no_own_expert'), 100)}" if "own_expert_active" in s else "–",
                 f"{_fmt(s.get('tokens_own_expert'))} ({_fmt(s.get('base_tokens_own_expert'))})"
                 if "tokens_own_expert" in s else "–",
                 _fmt(s.get("locality_expert_active"), 100), vs(s, "base"), vs(s, "rag"),
@@ -291,8 +291,9 @@ def write_tables(summary: dict[str, Any], path: Path) -> None:
             + "\n\n## Table 3 — diagnostics (%: share of quality samples with any expert / their "
             "own expert active, headline score over each group (base's on the own-expert group in "
             "brackets), mean generated tokens on the own-expert group (base's), share of locality "
-            "samples with an expert active; paired against base and rag on the headline metric: samples better / "
-            "worse, two-sided exact sign-test p; median per-sample latency ratio to base)\n\n"
+            "samples with an expert active; paired against base and rag on the headline metric: "
+            "samples better / worse, two-sided exact sign-test p; median per-sample latency ratio "
+            "to base)\n\n"
             + diagnostics_table(summary)
             + "\n\n## Samples per cell\n\n" + counts_table(summary) + "\n")
     path.write_text(text, encoding="utf-8")

@@ -42,8 +42,9 @@ class BuildConfig:
     augment_batch: int = 8  # units per augmentation batch
     target: str = "answer"  # prag recipe's QA target style: answer | full_answer | lead
     include_passage_lm: bool = True  # prag recipe: also train on the passage/paraphrase text
-    # training examples per unit: prag | recite | recite_qa | recite_lead (dmoe.augment.training). recite_qa won
-    # the dev sweep (results/dev/README.md): the expert learns to say its passage in the answer frame
+    # training examples per unit: prag | recite | recite_qa | recite_lead (dmoe.augment.training).
+    # recite_qa won the dev sweep (results/dev/README.md): the expert learns to say its passage in
+    # the answer frame
     recipe: Recipe = "recite_qa"
     chunk_size: int = 32  # experts trained and stored together
     storage_dtype: str = "float32"  # float32 | float16 | bfloat16
