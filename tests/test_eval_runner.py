@@ -9,7 +9,14 @@ from dmoe.baselines import MethodConfig, PassageRetriever, Prediction, Resources
 from dmoe.cli import main
 from dmoe.corpus.units import KnowledgeUnit
 from dmoe.eval.datasets import Sample, Task
-from dmoe.eval.report import diagnostics_table, quality_table, sign_test_p, summarize, write_report
+from dmoe.eval.report import (
+    diagnostics_table,
+    quality_table,
+    sign_test_p,
+    spread_labels,
+    summarize,
+    write_report,
+)
 from dmoe.eval.runner import (
     latest_records,
     merge_results,
@@ -227,6 +234,17 @@ def test_sign_test():
     assert sign_test_p(0, 0) == 1.0 and sign_test_p(3, 3) == 1.0
     assert sign_test_p(10, 0) == sign_test_p(0, 10) == 2 / 2 ** 10
     assert abs(sign_test_p(50, 29) - 0.0238) < 1e-4  # the knowledge_conflicts dmoe-vs-rag split
+
+
+def test_spread_labels_moves_only_overlapping_labels_up():
+    boxes = [(0, 0, 10, 2), (5, 1, 15, 3), (6, 1.5, 9, 2.5), (20, 0, 30, 2), (0, 9, 4, 10)]
+    shifts = spread_labels(boxes, gap=0.5)
+    assert shifts[0] == 0 and shifts[3] == 0 and shifts[4] == 0  # lowest, or apart from the rest
+    assert shifts[1] == 1.5 and shifts[2] == 3.5  # above box 0, then above box 1 (+ gap)
+    moved = [(x0, y0 + d, x1, y1 + d) for (x0, y0, x1, y1), d in zip(boxes, shifts, strict=True)]
+    for i, a in enumerate(moved):
+        for b in moved[i + 1:]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
 
 
 def test_merge_puts_shards_together_idempotently(tmp_path, capsys):

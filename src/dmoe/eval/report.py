@@ -299,8 +299,35 @@ def write_tables(summary: dict[str, Any], path: Path) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+def spread_labels(boxes: Sequence[tuple[float, float, float, float]],
+                  gap: float = 0.0) -> list[float]:
+    """How far up to move each label box ``(x0, y0, x1, y1)`` so that no two overlap.
+
+    Boxes are placed from the lowest up; a box that overlaps one already placed (both in x and
+    in y) moves to sit ``gap`` above it, until it overlaps none. Returns the upward shift of each
+    box, in the boxes' units (0 for a box that stays).
+    """
+    placed: list[tuple[float, float, float, float]] = []
+    shifts = [0.0] * len(boxes)
+    for i in sorted(range(len(boxes)), key=lambda i: (boxes[i][1], boxes[i][0])):
+        x0, y0, x1, y1 = boxes[i]
+        y, moved = y0, True
+        while moved:
+            moved = False
+            for px0, py0, px1, py1 in placed:
+                if x0 < px1 and px0 < x1 and y < py1 + gap and py0 < y + (y1 - y0) + gap:
+                    y, moved = py1 + gap, True
+        placed.append((x0, y, x1, y + (y1 - y0)))
+        shifts[i] = y - y0
+    return shifts
+
+
 def plot_quality_vs_latency(summary: dict[str, Any], path: Path) -> bool:
-    """One panel per dataset: headline quality vs mean latency per method. False without matplotlib."""
+    """One panel per dataset: headline quality vs mean latency per method. False without matplotlib.
+
+    Methods that land close together keep legible labels: each label that would overlap another
+    moves up (``spread_labels``, measured in rendered pixels) with a thin line to its point.
+    """
     try:
         import matplotlib
 
@@ -312,21 +339,42 @@ def plot_quality_vs_latency(summary: dict[str, Any], path: Path) -> bool:
     if not ds:
         return False
     fig, axes = plt.subplots(1, len(ds), figsize=(4.2 * len(ds), 3.8), squeeze=False)
+    panels = []
     for ax, (d, methods) in zip(axes[0], ds.items(), strict=True):
         key = "efficacy" if d == KC else "acc" if "acc" in next(iter(methods.values())) else "f1"
+        points = []
         for m, s in methods.items():
             if s.get(key) is None or s.get("latency_s_mean") is None:
                 continue
             color = f"C{METHOD_NAMES.index(m) % 10}" if m in METHOD_NAMES else "k"
-            ax.scatter(s["latency_s_mean"], 100 * s[key], s=36, color=color)
-            ax.annotate(m, (s["latency_s_mean"], 100 * s[key]), fontsize=8,
-                        xytext=(3, 3), textcoords="offset points")
+            xy = (s["latency_s_mean"], 100 * s[key])
+            ax.scatter(*xy, s=36, color=color)
+            points.append((m, xy))
         ax.set_title(d)
         ax.set_xlabel("latency (s / question)")
         ax.set_ylabel(f"{key.upper()} (%)")
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(bottom=0, top=1.25 * max([xy[1] for _, xy in points] + [1.0]))
         ax.grid(alpha=0.3)
+        panels.append((ax, points))
     fig.tight_layout()
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    pt_per_px = 72 / fig.dpi
+    for ax, points in panels:
+        # labels of points in the right quarter of a panel go to their left, inside the figure
+        right = [ax.transLimits.transform(xy)[0] > 0.75 for _, xy in points]
+        texts = [ax.annotate(m, xy, fontsize=8, xytext=(-3 if r else 3, 3),
+                             textcoords="offset points", ha="right" if r else "left")
+                 for (m, xy), r in zip(points, right, strict=True)]
+        boxes = [tuple(t.get_window_extent(renderer).bounds) for t in texts]
+        shifts = spread_labels([(x, y, x + w, y + h) for x, y, w, h in boxes], gap=1.0)
+        for t, (m, xy), r, shift in zip(texts, points, right, shifts, strict=True):
+            if shift > 0:
+                t.remove()
+                ax.annotate(m, xy, fontsize=8, xytext=(-3 if r else 3, 3 + shift * pt_per_px),
+                            textcoords="offset points", ha="right" if r else "left",
+                            annotation_clip=False,
+                            arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5",
+                                        "shrinkA": 0, "shrinkB": 3})
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
