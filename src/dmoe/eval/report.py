@@ -359,22 +359,24 @@ def plot_quality_vs_latency(summary: dict[str, Any], path: Path) -> bool:
     fig.tight_layout()
     renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
     pt_per_px = 72 / fig.dpi
+    leader = {"arrowstyle": "-", "lw": 0.5, "color": "0.5", "shrinkA": 0, "shrinkB": 3}
+
+    def label(ax: Any, m: str, xy: tuple[float, float], r: bool, up: float = 0.0,
+              **kw: Any) -> Any:
+        return ax.annotate(m, xy, fontsize=8, xytext=(-3 if r else 3, 3 + up),
+                           textcoords="offset points", ha="right" if r else "left", **kw)
+
     for ax, points in panels:
         # labels of points in the right quarter of a panel go to their left, inside the figure
         right = [ax.transLimits.transform(xy)[0] > 0.75 for _, xy in points]
-        texts = [ax.annotate(m, xy, fontsize=8, xytext=(-3 if r else 3, 3),
-                             textcoords="offset points", ha="right" if r else "left")
-                 for (m, xy), r in zip(points, right, strict=True)]
+        texts = [label(ax, m, xy, r) for (m, xy), r in zip(points, right, strict=True)]
         boxes = [tuple(t.get_window_extent(renderer).bounds) for t in texts]
         shifts = spread_labels([(x, y, x + w, y + h) for x, y, w, h in boxes], gap=1.0)
         for t, (m, xy), r, shift in zip(texts, points, right, shifts, strict=True):
-            if shift > 0:
+            if shift > 0:  # an annotation gets its leader line only when made, so make it again
                 t.remove()
-                ax.annotate(m, xy, fontsize=8, xytext=(-3 if r else 3, 3 + shift * pt_per_px),
-                            textcoords="offset points", ha="right" if r else "left",
-                            annotation_clip=False,
-                            arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5",
-                                        "shrinkA": 0, "shrinkB": 3})
+                label(ax, m, xy, r, shift * pt_per_px, annotation_clip=False,
+                      arrowprops=leader)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
